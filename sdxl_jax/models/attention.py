@@ -1,0 +1,157 @@
+"""Attention: one kernel entry point, and the transformer blocks built on it.
+
+Every attention in the project goes through `dot_product_attention`, whose implementation is chosen
+by name from `ATTENTION_IMPLS` ('xla' everywhere, 'cudnn' flash attention on NVIDIA GPUs). A TPU
+kernel (Pallas splash/flash attention) plugs in with `register_attention` — nothing else changes.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdxl_jax.models.layers import Dtype, GroupNorm, LayerNorm, dense, maybe_remat
+
+# fn(q, k, v, is_causal) with q `[B, T, N, H]`, k/v `[B, S, N, H]` -> `[B, T, N, H]`,
+# softmax in fp32, scale 1/sqrt(H).
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {
+    "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
+    "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"
+    ),
+}
+
+
+def register_attention(name: str, fn: AttentionFn) -> None:
+    """Adds an attention implementation selectable by `name` in model configs."""
+    ATTENTION_IMPLS[name] = fn
+
+
+def dot_product_attention(q, k, v, *, implementation: str = "xla", causal: bool = False) -> jax.Array:
+    """Softmax(q k^T / sqrt(H)) v. q: `[B, T, N, H]`, k, v: `[B, S, N, H]` -> `[B, T, N, H]`."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLS)}")
+    return ATTENTION_IMPLS[implementation](q, k, v, causal)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v projections and a biased output projection.
+
+    Self-attention when `context` is None, cross-attention otherwise.
+    """
+
+    num_heads: int
+    head_dim: int
+    implementation: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """x: `[B, T, C]`, context: `[B, S, D]` or None -> `[B, T, C]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.num_heads * self.head_dim
+        kv_axis = "embed" if context is None else "context"
+        context = x if context is None else context
+        split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731
+        q = split(dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kw)(x))
+        k = split(dense(inner, (kv_axis, "heads"), use_bias=False, name="to_k", **kw)(context))
+        v = split(dense(inner, (kv_axis, "heads"), use_bias=False, name="to_v", **kw)(context))
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=self.implementation)
+        out = out.reshape(*out.shape[:2], inner)
+        return dense(x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(out)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: Linear C -> 2*mult*C, split, `a * gelu(b)` (exact erf gelu), Linear -> C."""
+
+    mult: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: `[B, T, C]` -> `[B, T, C]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = self.mult * x.shape[-1]
+        a, gate = jnp.split(dense(2 * hidden, ("embed", "mlp"), name="proj_in", **kw)(x), 2, axis=-1)
+        return dense(x.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(a * nn.gelu(gate, approximate=False))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: LN -> self-attention, LN -> cross-attention, LN -> GEGLU feed-forward, residuals."""
+
+    num_heads: int
+    head_dim: int
+    layer_norm_eps: float
+    implementation: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: `[B, T, C]`, context: `[B, S, D]` -> `[B, T, C]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: Attention(self.num_heads, self.head_dim, self.implementation, name=name, **kw)  # noqa: E731
+        norm = lambda name: LayerNorm(self.layer_norm_eps, name=name, **kw)  # noqa: E731
+        x = x + attn("attn1")(norm("norm1")(x))
+        x = x + attn("attn2")(norm("norm2")(x), context)
+        x = x + FeedForward(4, name="ff", **kw)(norm("norm3")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class _ScannedTransformerBlock(TransformerBlock):
+    """`TransformerBlock` with the `(carry, x) -> (carry, y)` signature `nn.scan` needs."""
+
+    def __call__(self, x, context):
+        return super().__call__(x, context), None
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> proj_in -> `depth` x TransformerBlock -> proj_out, added to the input.
+
+    proj_in/proj_out are per-pixel linear maps (a 1x1 conv in older checkpoints: the same maths, and
+    the converter reshapes the kernel). With `scan_layers`, the blocks' parameters are stacked along a
+    leading 'layers' axis under `transformer_blocks` and run with `nn.scan` (one compiled body).
+    """
+
+    depth: int
+    num_heads: int
+    head_dim: int
+    norm_groups: int
+    norm_eps: float
+    layer_norm_eps: float
+    implementation: str
+    remat: str
+    scan_layers: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: `[B, H, W, C]`, context: `[B, S, D]` -> `[B, H, W, C]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        inner = self.num_heads * self.head_dim
+        y = GroupNorm(self.norm_groups, self.norm_eps, name="norm", **kw)(x).reshape(b, h * w, c)
+        y = dense(inner, ("embed", "heads"), name="proj_in", **kw)(y)
+        block_args = (self.num_heads, self.head_dim, self.layer_norm_eps, self.implementation)
+        if self.scan_layers:
+            scanned = nn.scan(
+                maybe_remat(_ScannedTransformerBlock, self.remat),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            y, _ = scanned(*block_args, name="transformer_blocks", **kw)(y, context)
+        else:
+            block_cls = maybe_remat(TransformerBlock, self.remat)
+            for i in range(self.depth):
+                y = block_cls(*block_args, name=f"transformer_blocks_{i}", **kw)(y, context)
+        y = dense(c, ("heads", "embed"), name="proj_out", **kw)(y)
+        return x + y.reshape(b, h, w, c)

@@ -1,0 +1,194 @@
+"""Building blocks shared by the UNet (and later the VAE): norms, convolutions, resnets, embeddings.
+
+All tensors are channels-last: images `[B, H, W, C]`, sequences `[B, L, C]`. Every parameter is
+annotated with logical axis names from `sdxl_jax.parallel.LOGICAL_AXES`.
+"""
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+# Remat policies by name; `None` means no rematerialisation.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def maybe_remat(module_cls, policy_name: str):
+    """`module_cls` wrapped in `nn.remat` with the named policy (unchanged for "none")."""
+    if REMAT_POLICIES[policy_name] is None:
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=True)
+
+
+def dense(features: int, names: tuple[str, str], *, use_bias=True, dtype, param_dtype, name=None):
+    """nn.Dense with kernel `[in, features]` annotated `names` and bias annotated `names[1]`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, *, dtype, param_dtype, name=None):
+    """nn.Conv with symmetric 'same' padding (PyTorch's `padding=kernel // 2`), kernel `[k, k, in, out]`."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("conv_window", "conv_window", "conv_in", "conv_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+    """The per-channel `scale` and `bias` of a norm, as fp32 `[C]`."""
+    init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))  # noqa: E731
+    scale = module.param("scale", init(nn.initializers.ones_init()), (channels,), module.param_dtype)
+    bias = module.param("bias", init(nn.initializers.zeros_init()), (channels,), module.param_dtype)
+    return scale.astype(jnp.float32), bias.astype(jnp.float32)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis, statistics and affine in fp32, output in `dtype`.
+
+    Matches `torch.nn.GroupNorm` (biased variance, eps inside the square root).
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: `[B, ..., C]` -> same shape."""
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+        scale, bias = _affine(self, c)
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all spatial axes + channels in group
+        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (normed * scale + bias).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, computed in fp32, output in `dtype` (matches `torch.nn.LayerNorm`)."""
+
+    epsilon: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: `[..., C]` -> same shape."""
+        c = x.shape[-1]
+        scale, bias = _affine(self, c)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding `cat[cos, sin]` of `t` `[B]` (float or int) -> fp32 `[B, dim]`.
+
+    Frequencies `exp(-ln(max_period) * i / (dim // 2))`, the convention of sgm and of diffusers with
+    `flip_sin_to_cos=True, freq_shift=0`. Used for the UNet timestep and for SDXL's micro-conditioning.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class EmbeddingMLP(nn.Module):
+    """Linear -> SiLU -> Linear (the timestep embedding and SDXL's `add_embedding`)."""
+
+    features: int
+    in_axis: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: `[B, D_in]` -> `[B, features]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.features, (self.in_axis, "time_embed"), name="linear_1", **kw)(x.astype(self.dtype))
+        x = dense(self.features, ("mlp", "time_embed"), name="linear_2", **kw)(nn.silu(x))
+        return x
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 (+ timestep projection) -> GroupNorm -> SiLU -> conv3x3, residual.
+
+    A 1x1 conv maps the skip path when the channel count changes.
+    """
+
+    out_channels: int
+    norm_groups: int
+    norm_eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        """x: `[B, H, W, C_in]`, temb: `[B, D_t]` -> `[B, H, W, out_channels]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, name=name, **kw)  # noqa: E731
+        h = conv(self.out_channels, name="conv1", **kw)(nn.silu(norm("norm1")(x)))
+        t = dense(self.out_channels, ("time_embed", "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))
+        h = h + t[:, None, None, :]
+        h = conv(self.out_channels, name="conv2", **kw)(nn.silu(norm("norm2")(h)))
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, kernel=1, name="conv_shortcut", **kw)(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """conv3x3 with stride 2 and padding 1: `[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
+
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv(x.shape[-1], stride=2, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then conv3x3: `[B, H, W, C]` -> `[B, 2H, 2W, C]`."""
+
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
