@@ -70,7 +70,7 @@ def torch_to_flax(
         if value.shape != want.shape:
             mismatched.append(f"{key}: {tuple(state_dict[key].shape)} -> {value.shape}, expected {want.shape}")
             continue
-        out[path] = value.astype(dtype or want.dtype)
+        out[path] = value.astype(dtype or want.dtype, copy=False)
     used = {key for key, _ in table.values()}
     unexpected = [k for k in state_dict if k not in used and not k.endswith(tuple(ignorable))]
     if missing or unexpected or mismatched:

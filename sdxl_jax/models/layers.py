@@ -52,7 +52,7 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, dtype, param_dtype,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("conv_window", "conv_window", "conv_in", "conv_out")
+            nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,

@@ -7,6 +7,7 @@ resnet and the text context to every transformer.
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -259,7 +260,7 @@ class UNet(nn.Module):
 def unet_param_count(cfg: UNetConfig) -> int:
     """Exact parameter count from `jax.eval_shape` (nothing is allocated)."""
     params = abstract_params(cfg)
-    return sum(int(jnp.size(p)) for p in jax.tree.leaves(nn.meta.unbox(params)))
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nn.meta.unbox(params)))
 
 
 def abstract_params(cfg: UNetConfig, batch: int = 1, latent: tuple[int, int] | None = None):
