@@ -17,7 +17,7 @@ LOGICAL_AXES = {
     "batch": "examples in a batch (activations)",
     "height": "spatial rows (activations)",
     "width": "spatial columns (activations)",
-    "length": "token or pixel sequence (activations)",
+    "length": "token or pixel sequence (activations; rows of a position-embedding table)",
     "embed": "feature width of a transformer or the input side of a channel Dense",
     "heads": "attention heads x head width (q/k/v output, attention output input)",
     "context": "width of the cross-attention context (text tokens)",
@@ -31,6 +31,7 @@ LOGICAL_AXES = {
     "vector": "the assembled vector conditioning y (pooled text + micro-conditioning)",
     "time_embed": "width of the timestep / vector embedding",
     "layers": "stacked layers of an nn.scan",
+    "vocab": "rows of a token embedding table",
 }
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -55,6 +56,7 @@ FSDP_RULES = (
     ("vector", None),
     ("time_embed", "fsdp"),
     ("layers", None),
+    ("vocab", None),  # the embedding's wide axis is already split over fsdp
 )
 
 

@@ -2,12 +2,22 @@
 
 from sdxl_jax.convert.load import load_unet, read_safetensors
 from sdxl_jax.convert.mapping import ConversionError
+from sdxl_jax.convert.text_encoder import (
+    load_text_encoder,
+    text_encoder_config_from_transformers,
+    text_encoder_params_from_transformers,
+    text_encoder_params_to_transformers,
+)
 from sdxl_jax.convert.unet import unet_config_from_diffusers, unet_params_from_diffusers, unet_params_to_diffusers
 
 __all__ = [
     "ConversionError",
+    "load_text_encoder",
     "load_unet",
     "read_safetensors",
+    "text_encoder_config_from_transformers",
+    "text_encoder_params_from_transformers",
+    "text_encoder_params_to_transformers",
     "unet_config_from_diffusers",
     "unet_params_from_diffusers",
     "unet_params_to_diffusers",

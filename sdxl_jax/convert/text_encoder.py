@@ -1,0 +1,125 @@
+"""The CLIP text encoders between transformers' layout and `sdxl_jax.models.clip.CLIPTextModel`.
+
+transformers' `CLIPTextModel` (SDXL's `text_encoder`) and `CLIPTextModelWithProjection`
+(`text_encoder_2`) share one key layout: `embeddings.*`, `encoder.layers.{i}.*`, `final_layer_norm.*`,
+plus a bias-free `text_projection.weight` for the latter. The released SDXL files (transformers 4.x)
+prefix all but `text_projection` with `text_model.`; since transformers 5.6 `CLIPTextModel.state_dict()`
+has no prefix, while `CLIPTextModelWithProjection` keeps it. Both forms are read (the form is detected),
+and transformers 5.23 loads either. The `position_ids` buffer of older files is ignored.
+"""
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax.linen import meta
+
+from sdxl_jax.convert.load import _component_weights, read_safetensors
+from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
+from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
+from sdxl_jax.models.clip import ACTIVATIONS, CLIPTextConfig, abstract_params
+
+TEXT_MODEL_PREFIX = "text_model."
+_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+_EMBEDDING: LeafRule = ("weight", lambda a: a, lambda a: a)  # nn.Embedding and nn.Embed: both `[rows, D]`
+_LEAF_RULES = {"kernel": _LINEAR, "bias": _IDENTITY, "scale": _NORM_SCALE, "embedding": _EMBEDDING}
+_LAYER = re.compile(r"^layers_(\d+)$")
+# transformers' CLIPTextConfig default; an `eos_token_id` of 2 selects its legacy argmax rule.
+_TRANSFORMERS_DEFAULT_EOS = 49407
+_LEGACY_ARGMAX_EOS = 2
+
+
+def transformers_key(path: tuple[str, ...], flax_ndim: int, prefixed: bool) -> tuple[str, LeafRule]:
+    """Flax path -> (transformers state-dict key, layout rule).
+
+    ('layers_3', 'self_attn', 'q_proj', 'kernel') -> 'text_model.encoder.layers.3.self_attn.q_proj.weight'.
+    """
+    if path[-1] not in _LEAF_RULES or (path[-1] == "kernel" and flax_ndim != 2):
+        raise KeyError(f"no layout rule for text-encoder parameter {'/'.join(path)} (rank {flax_ndim})")
+    rule = _LEAF_RULES[path[-1]]
+    module = [f"encoder.layers.{m.group(1)}" if (m := _LAYER.match(seg)) else seg for seg in path[:-1]]
+    key = ".".join(module + [rule[0]])
+    # text_projection sits beside `text_model`, never inside it.
+    return (TEXT_MODEL_PREFIX + key if prefixed and path[0] != "text_projection" else key), rule
+
+
+def _key_fn(prefixed: bool):
+    return lambda path, ndim: transformers_key(path, ndim, prefixed)
+
+
+def text_encoder_config_from_transformers(config: Mapping, **overrides) -> CLIPTextConfig:
+    """A `CLIPTextConfig` from a transformers CLIP text `config.json` dict.
+
+    `architectures` decides the projection: CLIP-L's config carries `projection_dim: 768` too, but
+    `CLIPTextModel` has no projection layer. overrides: CLIPTextConfig fields (dtype, remat, ...).
+    Dropout settings are ignored (the Flax model has none; evaluation is unaffected).
+    """
+    if config.get("model_type", "clip_text_model") != "clip_text_model":
+        raise ConversionError(
+            f"model_type={config['model_type']!r}: expected a 'clip_text_model' config "
+            "(for a full CLIPModel config pass its 'text_config')"
+        )
+    architectures = config.get("architectures")
+    if not architectures or len(architectures) != 1 or architectures[0] not in _ARCHITECTURES:
+        raise ConversionError(f"architectures={architectures!r}: expected exactly one of {list(_ARCHITECTURES)}")
+    activation = config.get("hidden_act", "quick_gelu")
+    if activation not in ACTIVATIONS:
+        raise ConversionError(f"hidden_act={activation!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    eos = config.get("eos_token_id", _TRANSFORMERS_DEFAULT_EOS)
+    if isinstance(eos, (list, tuple)):
+        raise ConversionError(f"eos_token_id={eos!r}: a list of end tokens is not supported")
+    fields = dict(
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        activation=activation,
+        layer_norm_eps=config["layer_norm_eps"],
+        projection_dim=config["projection_dim"] if architectures[0] == "CLIPTextModelWithProjection" else None,
+        eos_token_id=None if eos == _LEGACY_ARGMAX_EOS else eos,
+    )
+    return CLIPTextConfig(**(fields | overrides))
+
+
+def text_encoder_params_from_transformers(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig):
+    """Flax params (numpy, `cfg.param_dtype`) from a transformers CLIP text state dict, strictly.
+
+    The key form (`text_model.`-prefixed or not) is detected; keys of the other form are then reported
+    as unexpected, like any other stray tensor.
+    """
+    prefixed = any(k.startswith(TEXT_MODEL_PREFIX) for k in state_dict)
+    target = meta.unbox(abstract_params(cfg))
+    form = "prefixed" if prefixed else "unprefixed"
+    return torch_to_flax(state_dict, target, _key_fn(prefixed), what=f"transformers CLIP text state dict ({form} keys)")
+
+
+def text_encoder_params_to_transformers(params, cfg: CLIPTextConfig, prefixed: bool = True) -> dict[str, np.ndarray]:
+    """A transformers state dict from Flax params (the exact inverse of the import).
+
+    prefixed=True writes the released SDXL files' `text_model.` keys, which every transformers version
+    loads into both classes; False writes what transformers >= 5.6 `CLIPTextModel.state_dict()` has.
+    """
+    params = jax.tree.map(np.asarray, meta.unbox(params))
+    has_projection = "text_projection" in params
+    if has_projection != (cfg.projection_dim is not None):
+        raise ConversionError(f"params have text_projection={has_projection}, but projection_dim={cfg.projection_dim}")
+    return flax_to_torch(params, _key_fn(prefixed))
+
+
+def load_text_encoder(path: str | Path, **config_overrides) -> tuple[CLIPTextConfig, dict]:
+    """(config, params) of a diffusers `text_encoder/` or `text_encoder_2/` folder.
+
+    The folder holds transformers' `config.json` and `model.safetensors` (or a sharded
+    `model.safetensors.index.json`). config_overrides: CLIPTextConfig fields (dtype, param_dtype, remat, ...).
+    """
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a transformers text-encoder folder: no config.json")
+    cfg = text_encoder_config_from_transformers(json.loads((folder / "config.json").read_text()), **config_overrides)
+    state = read_safetensors(_component_weights(folder, "model"))
+    return cfg, text_encoder_params_from_transformers(state, cfg)
