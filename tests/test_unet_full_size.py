@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -95,7 +94,7 @@ def torch_reference(out_file: str) -> None:
 def test_full_sdxl_base_matches_diffusers(tmp_path):
     from sdxl_jax.convert import unet_config_from_diffusers, unet_params_from_diffusers
     from sdxl_jax.models import UNet
-    from sdxl_jax.models.layers import timestep_embedding
+    from sdxl_jax.conditioning import vector_conditioning
 
     ref_file = tmp_path / "reference.npy"
     subprocess.run([sys.executable, __file__, str(ref_file)], check=True)
@@ -115,8 +114,7 @@ def test_full_sdxl_base_matches_diffusers(tmp_path):
     del leaves
 
     x = inputs()
-    time_features = timestep_embedding(jnp.asarray(x["time_ids"]).reshape(-1), 256).reshape(BATCH, -1)
-    y = jnp.concatenate([x["text_embeds"], time_features], axis=-1)  # [B, 2816]
+    y = vector_conditioning(x["text_embeds"], x["time_ids"])  # [B, 2816]
     out = np.asarray(jax.jit(UNet(cfg).apply)({"params": params}, x["x"], x["t"], x["context"], y))
 
     scale = float(np.abs(expected).max())

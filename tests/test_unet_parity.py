@@ -1,16 +1,15 @@
 """The Flax UNet computes what diffusers' UNet2DConditionModel computes (CPU, fp32, copied weights)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from torch_reference import from_nchw, perturb_, state_dict_numpy, to_nchw
 
+from sdxl_jax.conditioning import vector_conditioning
 from sdxl_jax.convert import load_unet, unet_config_from_diffusers, unet_params_from_diffusers, unet_params_to_diffusers
 from sdxl_jax.models import UNet
-from sdxl_jax.models.layers import timestep_embedding
 
 TIME_ID_DIM = 8  # addition_time_embed_dim of the tiny text_time configs
 
@@ -79,7 +78,7 @@ def reference_forward(model, x, t, ctx, text, ids) -> np.ndarray:
 def flax_forward(cfg, params, x, t, ctx, text, ids) -> np.ndarray:
     y = None
     if text is not None:  # SDXL's vector conditioning: pooled text, then each time id embedded
-        y = jnp.concatenate([text, timestep_embedding(ids.reshape(-1), TIME_ID_DIM).reshape(len(ids), -1)], -1)
+        y = vector_conditioning(text, ids, dim=TIME_ID_DIM)
     return np.asarray(jax.jit(UNet(cfg).apply)({"params": params}, x, t, ctx, y))
 
 
