@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax.convert.load import _component_weights, read_safetensors
+from sdxl_jax.convert.files import component_weights, read_state_dict
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
 from sdxl_jax.models.clip import ACTIVATIONS, CLIPTextConfig, abstract_params
@@ -111,15 +111,15 @@ def text_encoder_params_to_transformers(params, cfg: CLIPTextConfig, prefixed: b
     return flax_to_torch(params, _key_fn(prefixed))
 
 
-def load_text_encoder(path: str | Path, **config_overrides) -> tuple[CLIPTextConfig, dict]:
+def load_text_encoder(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[CLIPTextConfig, dict]:
     """(config, params) of a diffusers `text_encoder/` or `text_encoder_2/` folder.
 
-    The folder holds transformers' `config.json` and `model.safetensors` (or a sharded
-    `model.safetensors.index.json`). config_overrides: CLIPTextConfig fields (dtype, param_dtype, remat, ...).
+    The folder holds transformers' `config.json` and `model[.variant].safetensors` (or a sharded
+    index, or legacy `.bin`). config_overrides: CLIPTextConfig fields (dtype, param_dtype, remat, ...).
     """
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a transformers text-encoder folder: no config.json")
     cfg = text_encoder_config_from_transformers(json.loads((folder / "config.json").read_text()), **config_overrides)
-    state = read_safetensors(_component_weights(folder, "model"))
+    state = read_state_dict(component_weights(folder, "model", variant))
     return cfg, text_encoder_params_from_transformers(state, cfg)

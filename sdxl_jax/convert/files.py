@@ -1,0 +1,100 @@
+"""Reading PyTorch weight files into `{key: np.ndarray}`: safetensors (no torch needed), sharded sets,
+and legacy pickles loaded safely (`torch.load(weights_only=True)`; torch required only for those).
+
+A diffusers component folder holds `{stem}[.{variant}].safetensors`, a sharded
+`{stem}[.{variant}].safetensors.index.json`, or the legacy `.bin` equivalents; `component_weights` finds
+the one file to read, preferring safetensors.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from sdxl_jax.convert.mapping import ConversionError
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def _read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e}); truncated or corrupt?") from e
+    except TypeError as e:  # a dtype numpy has no type for, e.g. float8
+        raise ConversionError(f"{path}: holds a tensor type this loader cannot read ({e})") from e
+
+
+def read_torch_pickle(path: str | Path) -> dict[str, np.ndarray]:
+    """A `.bin`/`.ckpt`/`.pt` state dict, unpickled with `weights_only=True`: tensors and plain containers only.
+
+    A pickle that needs arbitrary code to load is refused. Lightning-style `{"state_dict": ...}`
+    wrappers are unwrapped. bf16 tensors come back as fp32 numpy (numpy has no bfloat16 of its own in
+    torch's export), which the caller may cast back.
+    """
+    path = Path(path)
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        raise ConversionError(f"{path}: reading a PyTorch pickle needs torch (pip install torch); "
+                              "safetensors files need no torch") from e  # fmt: skip
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ConversionError(f"{path}: refused or unreadable as a weights-only PyTorch pickle "
+                              f"(code payloads are never executed): {str(e).splitlines()[0]}") from e  # fmt: skip
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: expected a state dict, found a {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # step counters and the like in training checkpoints
+        value = value.detach()
+        out[key] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one weights file or sharded set (its `*.index.json`), by suffix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            part = read_state_dict(path.parent / shard)
+            if overlap := state.keys() & part.keys():
+                raise ConversionError(f"{shard}: tensors present in two shards: {sorted(overlap)[:5]}")
+            state.update(part)
+        if missing := set(weight_map) - state.keys():
+            raise ConversionError(f"{path}: index names tensors no shard holds: {sorted(missing)[:5]}")
+        return state
+    if path.suffix == ".safetensors":
+        return _read_safetensors_file(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_torch_pickle(path)
+    raise ConversionError(f"{path}: unknown weights format (expected .safetensors or one of {PICKLE_SUFFIXES})")
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one `.safetensors` file, or of a sharded set given its `*.safetensors.index.json`."""
+    path = Path(path)
+    if not (path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")):
+        raise ConversionError(f"{path}: not a .safetensors file")
+    return read_state_dict(path)
+
+
+def component_weights(folder: str | Path, stem: str, variant: str | None = None) -> Path:
+    """The weights file of a diffusers component folder: safetensors first, then legacy `.bin`."""
+    folder = Path(folder)
+    infix = f".{variant}" if variant else ""
+    for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
+        if (folder / f"{stem}{infix}{suffix}").exists():
+            return folder / f"{stem}{infix}{suffix}"
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "nothing (not a folder)"
+    raise FileNotFoundError(f"no {stem}{infix}.safetensors / .bin (or sharded index) in {folder}; it holds {found}")

@@ -1,0 +1,83 @@
+"""Reading weight files: safetensors (single, sharded), safe pickles, variants, and loud refusals."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from sdxl_jax.convert import ConversionError, read_state_dict
+from sdxl_jax.convert.files import component_weights
+
+TENSORS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b.bias": np.ones(4, np.float16)}
+
+
+def assert_same(state, expected=TENSORS):
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        assert state[k].dtype == v.dtype
+        np.testing.assert_array_equal(state[k], v)
+
+
+def test_safetensors_single_and_sharded(tmp_path):
+    save_file(TENSORS, tmp_path / "model.safetensors")
+    assert_same(read_state_dict(tmp_path / "model.safetensors"))
+    save_file({"a.weight": TENSORS["a.weight"]}, tmp_path / "m-1.safetensors")
+    save_file({"b.bias": TENSORS["b.bias"]}, tmp_path / "m-2.safetensors")
+    index = {"weight_map": {"a.weight": "m-1.safetensors", "b.bias": "m-2.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    assert_same(read_state_dict(tmp_path / "m.safetensors.index.json"))
+
+
+def test_sharded_index_naming_a_missing_tensor_is_refused(tmp_path):
+    save_file({"a.weight": TENSORS["a.weight"]}, tmp_path / "m-1.safetensors")
+    index = {"weight_map": {"a.weight": "m-1.safetensors", "ghost": "m-1.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match="index names tensors no shard holds: \\['ghost'\\]"):
+        read_state_dict(tmp_path / "m.safetensors.index.json")
+
+
+def test_weights_only_pickle_and_lightning_wrapper(tmp_path):
+    torch.save({k: torch.from_numpy(v) for k, v in TENSORS.items()}, tmp_path / "model.bin")
+    assert_same(read_state_dict(tmp_path / "model.bin"))
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in TENSORS.items()}, "global_step": 7}, tmp_path / "x.ckpt")
+    assert_same(read_state_dict(tmp_path / "x.ckpt"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this code must never run",))
+
+
+def test_pickle_with_a_code_payload_is_refused(tmp_path, capsys):
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"a": Payload()}, f)
+    with pytest.raises(ConversionError, match="refused or unreadable as a weights-only PyTorch pickle"):
+        read_state_dict(tmp_path / "evil.ckpt")
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_truncated_and_unknown_files_are_refused(tmp_path):
+    save_file(TENSORS, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="truncated or corrupt"):
+        read_state_dict(tmp_path / "cut.safetensors")
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(ConversionError, match="unknown weights format"):
+        read_state_dict(tmp_path / "w.npz")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_component_weights_prefers_safetensors_and_finds_variants(tmp_path):
+    for name in ("model.bin", "model.safetensors", "model.fp16.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert component_weights(tmp_path, "model").name == "model.safetensors"
+    assert component_weights(tmp_path, "model", "fp16").name == "model.fp16.safetensors"
+    (tmp_path / "model.safetensors").unlink()
+    assert component_weights(tmp_path, "model").name == "model.bin"
+    with pytest.raises(FileNotFoundError, match=r"no model.bf16.safetensors / .bin .* it holds \['model.bin', 'model.fp16.safetensors'\]"):
+        component_weights(tmp_path, "model", "bf16")
