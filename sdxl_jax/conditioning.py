@@ -9,6 +9,7 @@ max period 10000), height before width — the order of diffusers' `add_time_ids
 batched and traceable: sizes, crops and scores may be traced values, so changing them never recompiles.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -157,13 +158,16 @@ def negative_is_zero(negative_prompts, batch: int, refiner: bool) -> np.ndarray:
     return np.array([not p.strip() for p in negative_prompts], bool)
 
 
-def condition(encoders: TextEncoders, tokens: TokenPair, time_ids: jax.Array, drop: jax.Array | None = None) -> Conditioning:
+def condition(
+    encoders: TextEncoders, tokens: TokenPair, time_ids: jax.Array, drop: jax.Array | None = None, dim: int = SCALAR_EMBED_DIM
+) -> Conditioning:
     """Conditioning for one branch; `drop` `[B]` bool zeroes the text of those examples (CFG training,
-    and the base's empty negative prompt). time_ids: `base_time_ids` or `refiner_time_ids`, `[B, 6|5]`."""
+    and the base's empty negative prompt). time_ids: `base_time_ids` or `refiner_time_ids`, `[B, 6|5]`;
+    dim: the UNet's `time_id_embed_dim`."""
     context, pooled = encode_text(encoders, tokens)
     if drop is not None:
         context, pooled = drop_text(context, pooled, drop)
-    return Conditioning(context, vector_conditioning(pooled, time_ids))
+    return Conditioning(context, vector_conditioning(pooled, time_ids, dim))
 
 
 def encode_prompt(
@@ -179,12 +183,14 @@ def encode_prompt(
     aesthetic_score: float = 6.0,
     negative_aesthetic_score: float = 2.5,
     mode: str = "truncate",
+    time_id_embed_dim: int = SCALAR_EMBED_DIM,
 ) -> tuple[Conditioning, Conditioning]:
     """Prompts -> (conditional, unconditional) `Conditioning`, both `[B, ...]`, on the host's default device.
 
     original_size and target_size default to (height, width) and crop to (0, 0), SDXL's inference
     defaults; the unconditional branch copies the size/crop conditioning and, for the refiner, takes
     `negative_aesthetic_score`. In chunked mode the negative prompts get as many chunks as the prompts.
+    time_id_embed_dim: the UNet config's (256 for SDXL).
     """
     tokens = tokenize_pair(prompts, mode=mode)
     batch = tokens.ids_g.shape[0]
@@ -202,9 +208,9 @@ def encode_prompt(
         negative_ids = refiner_time_ids(size, crop_top_left, negative_aesthetic_score, batch)
     else:
         ids = negative_ids = base_time_ids(size, crop_top_left, target_size or (height, width), batch)
-    return _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero)
+    return _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero, time_id_embed_dim)
 
 
-@jax.jit
-def _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero) -> tuple[Conditioning, Conditioning]:
-    return condition(encoders, tokens, ids), condition(encoders, negative_tokens, negative_ids, zero)
+@functools.partial(jax.jit, static_argnums=6)
+def _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero, dim) -> tuple[Conditioning, Conditioning]:
+    return condition(encoders, tokens, ids, dim=dim), condition(encoders, negative_tokens, negative_ids, zero, dim)

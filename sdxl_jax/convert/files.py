@@ -7,10 +7,11 @@ the one file to read, preferring safetensors.
 """
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 from sdxl_jax.convert.mapping import ConversionError
@@ -98,3 +99,48 @@ def component_weights(folder: str | Path, stem: str, variant: str | None = None)
             return folder / f"{stem}{infix}{suffix}"
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "nothing (not a folder)"
     raise FileNotFoundError(f"no {stem}{infix}.safetensors / .bin (or sharded index) in {folder}; it holds {found}")
+
+
+def stored_dtype(state) -> str:
+    """The floating dtype holding most of a state dict's parameters ("float16", "bfloat16", "float32")."""
+    counts: dict[str, int] = {}
+    for value in state.values():
+        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
+            counts[value.dtype.name] = counts.get(value.dtype.name, 0) + int(np.prod(value.shape))
+    if not counts:
+        raise ConversionError("the state dict holds no floating-point tensors")
+    return max(counts, key=counts.get)
+
+
+class LazySafetensors(Mapping):
+    """A `.safetensors` file as a read-only mapping that reads each tensor only when asked for it.
+
+    Lets a conversion stream a multi-GB checkpoint: keys come from the header, and a tensor's memory can
+    be dropped as soon as its converted form exists.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = safe_open(self.path, framework="np")
+            self._keys = list(self._file.keys())
+            self._key_set = set(self._keys)
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{self.path}: not a readable safetensors file ({e}); truncated or corrupt?") from e
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._key_set:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{self.path}: cannot read tensor {key} ({e}); truncated or corrupt?") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata() or {}

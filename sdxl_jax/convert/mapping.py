@@ -26,8 +26,8 @@ def _problems(missing, unexpected, mismatched) -> str:
     parts = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
-            shown = "\n    ".join(sorted(items)[:40])
-            more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
+            shown = "\n    ".join(sorted(items)[:20])
+            more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
             parts.append(f"  {title} ({len(items)}):\n    {shown}{more}")
     return "\n".join(parts)
 

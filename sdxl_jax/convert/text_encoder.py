@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax.convert.files import component_weights, read_state_dict
+from sdxl_jax.convert.files import component_weights, read_state_dict, stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
 from sdxl_jax.models.clip import ACTIVATIONS, CLIPTextConfig, abstract_params
@@ -120,6 +120,38 @@ def load_text_encoder(path: str | Path, variant: str | None = None, **config_ove
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a transformers text-encoder folder: no config.json")
-    cfg = text_encoder_config_from_transformers(json.loads((folder / "config.json").read_text()), **config_overrides)
     state = read_state_dict(component_weights(folder, "model", variant))
+    overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
+    cfg = text_encoder_config_from_transformers(json.loads((folder / "config.json").read_text()), **overrides)
     return cfg, text_encoder_params_from_transformers(state, cfg)
+
+
+def text_encoder_config_to_transformers(cfg: CLIPTextConfig) -> dict:
+    """The transformers CLIP text `config.json` dict of `cfg` (inverse of `text_encoder_config_from_transformers`).
+
+    `architectures` carries the projection (CLIPTextModelWithProjection iff projection_dim); a config
+    without one gets `projection_dim = hidden_size`, which CLIPTextModel ignores (SDXL's CLIP-L: 768).
+    The pooling rule None is transformers' legacy `eos_token_id: 2`. Token ids other than the end token,
+    dropout and init settings are SDXL's values and do not change what the model computes.
+    """
+    architecture = _ARCHITECTURES[1] if cfg.projection_dim is not None else _ARCHITECTURES[0]
+    return dict(
+        architectures=[architecture],
+        model_type="clip_text_model",
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        hidden_act=cfg.activation,
+        layer_norm_eps=cfg.layer_norm_eps,
+        projection_dim=cfg.projection_dim if cfg.projection_dim is not None else cfg.hidden_size,
+        eos_token_id=_LEGACY_ARGMAX_EOS if cfg.eos_token_id is None else cfg.eos_token_id,
+        bos_token_id=0,
+        pad_token_id=1,
+        attention_dropout=0.0,
+        dropout=0.0,
+        initializer_factor=1.0,
+        initializer_range=0.02,
+    )

@@ -109,6 +109,7 @@ def unet_config_from_diffusers(config: Mapping, **overrides) -> UNetConfig:
         transformer_depth_middle=depths[-1],
         context_dim=cross_dim,
         adm_in_channels=config["projection_class_embeddings_input_dim"] if add_type == "text_time" else None,
+        time_id_embed_dim=config.get("addition_time_embed_dim") or 256,
         use_linear_projection=bool(config.get("use_linear_projection", False)),
         norm_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5),
@@ -161,3 +162,62 @@ def unet_params_to_diffusers(params, cfg: UNetConfig) -> dict[str, np.ndarray]:
     return flax_to_torch(jax.tree.map(np.asarray, params), _key_fn(cfg))
 
 
+# Norms diffusers builds with a fixed eps: each spatial transformer's opening GroupNorm and the
+# transformer blocks' LayerNorms. A UNetConfig with other values has no diffusers config.
+_DIFFUSERS_FIXED_EPS = {"transformer_norm_eps": 1e-6, "layer_norm_eps": 1e-5}
+
+
+def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 128) -> dict:
+    """The diffusers `UNet2DConditionModel` config.json dict of `cfg` (inverse of `unet_config_from_diffusers`).
+
+    sample_size: the latent side diffusers pipelines default to (SDXL: 1024 px / 8 = 128); UNetConfig
+    has no such field. Runtime fields (dtype, param_dtype, attention, remat, scan_layers) are not part
+    of a diffusers config. Heads are written as diffusers' per-level `attention_head_dim` (the number of
+    heads), so a `num_heads` config whose attention levels all have one width reads back as the
+    equivalent `head_dim` config. Raises ConversionError for what diffusers cannot express.
+    """
+    levels = len(cfg.channel_mult)
+    fixed = _DIFFUSERS_FIXED_EPS.items()
+    problems = [f"{k}={getattr(cfg, k)} (diffusers: {v})" for k, v in fixed if getattr(cfg, k) != v]
+    if cfg.transformer_depth_middle < 1:
+        problems.append(f"transformer_depth_middle={cfg.transformer_depth_middle} (diffusers' mid block has attention)")
+    last = cfg.transformer_depth[-1]
+    if last and last != cfg.transformer_depth_middle:
+        problems.append(f"transformer_depth[-1]={last} != transformer_depth_middle={cfg.transformer_depth_middle} "
+                        "(diffusers' mid block takes the last level's depth)")  # fmt: skip
+    if problems:
+        raise ConversionError("UNet config has no diffusers equivalent: " + "; ".join(problems))
+    # One int when every transformer has the same depth (the refiner's `4`), else per level; a level
+    # without attention ignores its entry (1, as in SDXL's [1, 2, 10]), the last entry is the middle's.
+    depths = {d for d in cfg.transformer_depth if d} | {cfg.transformer_depth_middle}
+    if len(depths) == 1:
+        layers_per_block = depths.pop()
+    else:
+        layers_per_block = [d or 1 for d in cfg.transformer_depth[:-1]] + [cfg.transformer_depth_middle]
+    has_attention = [d > 0 for d in cfg.transformer_depth]
+    down_names, up_names = {v: k for k, v in _DOWN.items()}, {v: k for k, v in _UP.items()}
+    add_time = cfg.adm_in_channels is not None
+    return dict(
+        _REQUIRED,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=list(cfg.level_channels),
+        down_block_types=[down_names[a] for a in has_attention],
+        up_block_types=[up_names[a] for a in reversed(has_attention)],
+        layers_per_block=cfg.num_res_blocks,
+        transformer_layers_per_block=layers_per_block,
+        attention_head_dim=[cfg.heads(ch)[0] for ch in cfg.level_channels],
+        num_attention_heads=None,
+        cross_attention_dim=cfg.context_dim,
+        use_linear_projection=cfg.use_linear_projection,
+        addition_embed_type="text_time" if add_time else None,
+        addition_time_embed_dim=cfg.time_id_embed_dim,
+        addition_embed_type_num_heads=64,  # diffusers' default; used only by the "text" embedding type
+        projection_class_embeddings_input_dim=cfg.adm_in_channels,
+        class_embeddings_concat=False,
+        mid_block_only_cross_attention=None,
+        upcast_attention=None,
+        norm_num_groups=cfg.norm_groups,
+        norm_eps=cfg.norm_eps,
+        sample_size=sample_size,
+    )

@@ -42,6 +42,7 @@ class UNetConfig:
     num_heads: int | None = None
     context_dim: int = 2048
     adm_in_channels: int | None = 2816  # width of the vector conditioning y; None = no y
+    time_id_embed_dim: int = 256  # sinusoid width per micro-conditioning scalar inside y (diffusers' addition_time_embed_dim)
     use_linear_projection: bool = True  # checkpoint layout of proj_in/out: Linear (True) or 1x1 conv
     norm_groups: int = 32
     norm_eps: float = 1e-5  # resnets and the output norm
@@ -120,7 +121,8 @@ class UNetConfig:
             transformer_depth_middle=3,
             head_dim=16,
             context_dim=48,
-            adm_in_channels=40,
+            adm_in_channels=40,  # 16 pooled + 6 scalars x 4
+            time_id_embed_dim=4,
             norm_groups=8,
         )
         return cls(**(fields | overrides))
