@@ -1,0 +1,69 @@
+"""Training objective of a discrete DDPM model: noised inputs, eps / v targets, per-timestep weights.
+
+Training works in the variance-preserving form the model sees, `x_t = sqrt(ab) x0 + sqrt(1 - ab) noise`
+with `ab = alphas_cumprod[t]` (the same input as sigma space's `(x0 + sigma noise) / sqrt(sigma² + 1)`),
+`snr = ab / (1 - ab) = 1 / sigma²`.
+
+Weights (multiply the per-example MSE):
+    "none"       1
+    "min_snr"    Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v
+    "debiased"   debiased estimation (Yu et al. 2024): 1 / sqrt(snr), snr clipped at 1000
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from sdxl_jax.diffusion.denoisers import Prediction
+
+Weighting = Literal["none", "min_snr", "debiased"]
+WEIGHTINGS = ("none", "min_snr", "debiased")
+DEBIASED_MAX_SNR = 1000.0
+
+
+def _per_example(value, x):
+    value = jnp.asarray(value, jnp.float32)
+    return value.reshape(value.shape + (1,) * (x.ndim - value.ndim))
+
+
+def noisy_latents(x0, noise, alphas_cumprod_t):
+    """The model input at timesteps with alphabar `alphas_cumprod_t` `[B]`."""
+    ab = _per_example(alphas_cumprod_t, x0)
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+
+
+def target(x0, noise, alphas_cumprod_t, prediction: Prediction):
+    """eps: the noise; v: sqrt(ab) noise - sqrt(1 - ab) x0."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        ab = _per_example(alphas_cumprod_t, x0)
+        return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
+    raise ValueError(f"unknown prediction type {prediction!r}; valid: epsilon, v_prediction")
+
+
+def snr(alphas_cumprod_t):
+    ab = jnp.asarray(alphas_cumprod_t, jnp.float32)
+    return ab / (1 - ab)
+
+
+def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: float = 5.0) -> jax.Array:
+    snr_t = jnp.asarray(snr_t, jnp.float32)
+    if weighting == "none":
+        return jnp.ones_like(snr_t)
+    if weighting == "min_snr":
+        clipped = jnp.minimum(snr_t, gamma)
+        return clipped / (snr_t + 1) if prediction == "v_prediction" else clipped / snr_t
+    if weighting == "debiased":
+        return jax.lax.rsqrt(jnp.minimum(snr_t, DEBIASED_MAX_SNR))
+    raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+
+
+def diffusion_loss(prediction_out, target_out, weights=None) -> jax.Array:
+    """Mean over the batch of the (weighted) per-example mean squared error, in float32."""
+    err = (prediction_out.astype(jnp.float32) - target_out.astype(jnp.float32)) ** 2
+    per_example = err.reshape(err.shape[0], -1).mean(axis=1)
+    if weights is not None:
+        per_example = per_example * weights
+    return per_example.mean()
