@@ -3,6 +3,22 @@
 from sdxl_jax.convert.files import read_safetensors, read_state_dict
 from sdxl_jax.convert.load import load_unet
 from sdxl_jax.convert.mapping import ConversionError
+from sdxl_jax.convert.pipeline_weights import (
+    PipelineWeights,
+    load_diffusers,
+    load_pipeline_weights,
+    load_project,
+    load_single_file,
+    save_project,
+)
+from sdxl_jax.convert.single_file import (
+    SingleFileLayout,
+    diffusers_to_single_file,
+    iter_single_file_to_diffusers,
+    single_file_plan,
+    single_file_to_diffusers,
+)
+from sdxl_jax.convert.single_file_keys import detect_model
 from sdxl_jax.convert.text_encoder import (
     load_text_encoder,
     text_encoder_config_from_transformers,
@@ -10,17 +26,34 @@ from sdxl_jax.convert.text_encoder import (
     text_encoder_params_to_transformers,
 )
 from sdxl_jax.convert.unet import unet_config_from_diffusers, unet_params_from_diffusers, unet_params_to_diffusers
+from sdxl_jax.convert.vae import load_vae, vae_config_from_diffusers, vae_params_from_diffusers, vae_params_to_diffusers
 
 __all__ = [
     "ConversionError",
+    "PipelineWeights",
+    "SingleFileLayout",
+    "detect_model",
+    "diffusers_to_single_file",
+    "iter_single_file_to_diffusers",
+    "load_diffusers",
+    "load_pipeline_weights",
+    "load_project",
+    "load_single_file",
     "load_text_encoder",
     "load_unet",
+    "load_vae",
     "read_safetensors",
     "read_state_dict",
+    "save_project",
+    "single_file_plan",
+    "single_file_to_diffusers",
     "text_encoder_config_from_transformers",
     "text_encoder_params_from_transformers",
     "text_encoder_params_to_transformers",
     "unet_config_from_diffusers",
     "unet_params_from_diffusers",
     "unet_params_to_diffusers",
+    "vae_config_from_diffusers",
+    "vae_params_from_diffusers",
+    "vae_params_to_diffusers",
 ]

@@ -1,0 +1,191 @@
+"""The VAE between diffusers' `AutoencoderKL` layout and `sdxl_jax.models.vae.AutoencoderKL`.
+
+`vae_config_from_diffusers` reads a diffusers `config.json` dict (refusing what the Flax model does
+not implement), `vae_params_from_diffusers` / `vae_params_to_diffusers` convert strictly in both
+directions, and `load_vae` reads a diffusers `vae/` folder.
+
+The Flax tree mirrors diffusers' module tree, so keys translate segment by segment; only the names
+of the mid-block attention's projections depend on the checkpoint's vintage (`ATTENTION_LAYOUTS`).
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+from flax.linen import meta
+
+from sdxl_jax.convert.files import component_weights, read_state_dict, stored_dtype
+from sdxl_jax.convert.mapping import ConversionError, _problems, flax_to_torch, torch_to_flax
+from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule, diffusers_module_name
+from sdxl_jax.models.vae import VAEConfig, abstract_params
+
+# diffusers' `AutoencoderKL.__init__` defaults (diffusers 0.42): a config.json may omit any of these.
+# Note scaling_factor: a file without one means SD 1.x's 0.18215, not SDXL's 0.13025.
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,  # a pipeline hint (decode in fp32); here `VAEConfig.dtype` decides
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+# Fields whose value must be this for the Flax VAE to compute the same function.
+_REQUIRED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
+
+# Flax segment -> torch segment inside `mid_block/attentions_0`, per checkpoint vintage. "legacy" is
+# diffusers' pre-0.14 attention block (diffusers itself still renames it on load). A layout whose
+# projections are 1x1 convs (the original single-file checkpoints) needs its own leaf rules too.
+ATTENTION_LAYOUTS: dict[str, dict[str, str]] = {
+    "diffusers": {"group_norm": "group_norm", "to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out_0": "to_out_0"},
+    "legacy": {"group_norm": "group_norm", "to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"},
+}
+
+
+def vae_config_from_diffusers(config: Mapping, **overrides) -> VAEConfig:
+    """A `VAEConfig` from a diffusers AutoencoderKL `config.json` dict; `overrides` set dtype etc."""
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConversionError(f"not an AutoencoderKL config: _class_name={config['_class_name']!r}")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    full = _DIFFUSERS_DEFAULTS | dict(config)
+    problems = [f"unknown field {k}={config[k]!r}" for k in unknown]
+    problems += [f"{k}={full[k]!r} (supported: {v!r})" for k, v in _REQUIRED.items() if full[k] != v]
+    levels = len(full["block_out_channels"])
+    for name, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = list(full[name])
+        if len(types) != levels:
+            problems.append(f"{name} has {len(types)} entries for {levels} levels of block_out_channels")
+        problems += [f"{name} entry {t!r} (supported: {block!r})" for t in types if t != block]
+    if not isinstance(full["layers_per_block"], int):
+        problems.append(f"layers_per_block={full['layers_per_block']!r} (supported: one int)")
+    if problems:
+        raise ConversionError("unsupported diffusers VAE config: " + "; ".join(problems))
+    fields = dict(
+        in_channels=full["in_channels"],
+        out_channels=full["out_channels"],
+        latent_channels=full["latent_channels"],
+        block_out_channels=tuple(full["block_out_channels"]),
+        layers_per_block=full["layers_per_block"],
+        norm_groups=full["norm_num_groups"],
+        mid_block_attention=bool(full["mid_block_add_attention"]),
+        use_quant_conv=bool(full["use_quant_conv"]),
+        use_post_quant_conv=bool(full["use_post_quant_conv"]),
+        scaling_factor=float(full["scaling_factor"]),
+        shift_factor=None if full["shift_factor"] is None else float(full["shift_factor"]),
+        sample_size=full["sample_size"],
+    )
+    return VAEConfig(**(fields | overrides))
+
+
+def _leaf_rule(path: tuple[str, ...], flax_ndim: int) -> LeafRule:
+    leaf = path[-1]
+    if leaf == "bias":
+        return _IDENTITY
+    if leaf == "scale":
+        return _NORM_SCALE
+    if leaf == "kernel":
+        return _CONV if flax_ndim == 4 else _LINEAR
+    raise KeyError(f"no layout rule for parameter {'/'.join(path)}")
+
+
+def vae_torch_key(path: tuple[str, ...], flax_ndim: int, attention_layout: str = "diffusers") -> tuple[str, LeafRule]:
+    """Flax VAE parameter path -> (PyTorch state-dict key, layout rule).
+
+    ('decoder', 'mid_block', 'attentions_0', 'to_out_0', 'kernel') -> 'decoder.mid_block.attentions.0.to_out.0.weight'
+    """
+    if attention_layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"unknown attention layout {attention_layout!r}; known: {sorted(ATTENTION_LAYOUTS)}")
+    module = list(path[:-1])
+    if len(module) > 3 and module[1:3] == ["mid_block", "attentions_0"]:
+        module[3] = ATTENTION_LAYOUTS[attention_layout][module[3]]
+    rule = _leaf_rule(path, flax_ndim)
+    return f"{diffusers_module_name(tuple(module))}.{rule[0]}", rule
+
+
+def _key_fn(attention_layout: str):
+    return lambda path, ndim: vae_torch_key(path, ndim, attention_layout)
+
+
+def vae_params_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, attention_layout: str = "diffusers"):
+    """Flax VAE params (numpy, `cfg.param_dtype`) from a diffusers AutoencoderKL state dict, strictly."""
+    target = meta.unbox(abstract_params(cfg))
+    return torch_to_flax(state_dict, target, _key_fn(attention_layout), what="diffusers VAE state dict")
+
+
+def vae_params_to_diffusers(params, cfg: VAEConfig, *, attention_layout: str = "diffusers") -> dict[str, np.ndarray]:
+    """A diffusers AutoencoderKL state dict from Flax VAE params (the exact inverse of the import)."""
+    params = jax.tree.map(np.asarray, meta.unbox(params))
+    _check_tree(params, cfg)
+    return flax_to_torch(params, _key_fn(attention_layout))
+
+
+def _check_tree(params, cfg: VAEConfig) -> None:
+    """Raises naming every parameter that is missing, unexpected or mis-shaped for `cfg`."""
+    have = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
+    want = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(meta.unbox(abstract_params(cfg))).items()}
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    mismatched = [f"{k}: {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    if missing or unexpected or mismatched:
+        raise ConversionError(f"Flax VAE params do not match the config:\n{_problems(missing, unexpected, mismatched)}")
+
+
+def load_vae(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[VAEConfig, dict]:
+    """(config, params) of a diffusers `vae/` folder (`config.json` + `diffusion_pytorch_model[.variant].safetensors`,
+    sharded or `.bin`). config_overrides: VAEConfig fields to set on top (dtype, attention, ...)."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a diffusers VAE folder: no config.json")
+    state = read_state_dict(component_weights(folder, "diffusion_pytorch_model", variant))
+    overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
+    cfg = vae_config_from_diffusers(json.loads((folder / "config.json").read_text()), **overrides)
+    return cfg, vae_params_from_diffusers(state, cfg)
+
+
+_DIFFUSERS_NORM_EPS = 1e-6  # diffusers builds every GroupNorm of AutoencoderKL with this eps
+
+
+def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
+    """The diffusers `AutoencoderKL` config.json dict of `cfg` (the inverse of `vae_config_from_diffusers`).
+
+    Runtime fields (dtype, param_dtype, attention) are not part of a diffusers config; `force_upcast`
+    (decode in fp32 under an fp16 pipeline) is written True, as SDXL's VAE needs.
+    """
+    if cfg.norm_eps != _DIFFUSERS_NORM_EPS:
+        what = f"norm_eps={cfg.norm_eps} (diffusers: {_DIFFUSERS_NORM_EPS})"
+        raise ConversionError(f"VAE config has no diffusers equivalent: {what}")
+    levels = len(cfg.block_out_channels)
+    return dict(
+        _class_name="AutoencoderKL",
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        act_fn="silu",
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_groups,
+        sample_size=cfg.sample_size,
+        scaling_factor=cfg.scaling_factor,
+        shift_factor=cfg.shift_factor,
+        latents_mean=None,
+        latents_std=None,
+        force_upcast=True,
+        use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
+        mid_block_add_attention=cfg.mid_block_attention,
+    )
