@@ -1,0 +1,326 @@
+"""The original single-file SDXL checkpoint (sgm / "ldm" layout) <-> per-component diffusers state dicts.
+
+`single_file_plan` lists one `Op` per single-file tensor: its component, its diffusers key(s), the op
+kind and both sides' shapes. Import (`single_file_to_diffusers`) runs every op forward and export
+(`diffusers_to_single_file`) runs the same ops backward, so export is the exact inverse of import.
+Both are strict: every source tensor is consumed once (apart from named ignorable buffers), every
+expected tensor produced once, every shape checked, and an error names the offenders.
+
+The expected diffusers tensors are those of this project's Flax models (`diffusers_shapes`), or any
+table the caller passes (a manifest, a torch model's state-dict shapes). The per-component converters
+(`unet_params_from_diffusers`, ...) take the import's result from there. Tensors pass through as numpy
+views where the op allows (copy, squeeze, split), so nothing is copied twice; the import can be
+iterated component by component (`iter_single_file_to_diffusers`) from a lazy mapping of the file.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import flax
+import numpy as np
+from flax.linen import meta
+
+from sdxl_jax.convert.mapping import ConversionError, _problems, key_table
+from sdxl_jax.convert.single_file_keys import (
+    POSITION_IDS,
+    NameTable,
+    bigg_names,
+    clip_l_names,
+    component_prefixes,
+    detect_model,
+    ignorable_keys,
+    single_file_name,
+    unet_names,
+    vae_names,
+)
+from sdxl_jax.convert.text_encoder import TEXT_MODEL_PREFIX, transformers_key
+from sdxl_jax.convert.torch_layouts import unet_torch_key
+from sdxl_jax.convert.vae import vae_torch_key
+from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.models.vae import VAEConfig
+
+Shape = tuple[int, ...]
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleFileLayout:
+    """The models one single file holds; their configs fix every tensor name and shape."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: CLIPTextConfig | None  # CLIP-L: base only
+    text_encoder_2: CLIPTextConfig  # OpenCLIP bigG (with its projection)
+
+    def __post_init__(self):
+        if self.text_encoder_2.projection_dim is None:
+            raise ValueError("text_encoder_2 (OpenCLIP bigG) needs its projection: projection_dim is None")
+
+    @property
+    def model(self) -> str:
+        """The model kind: "base" (two text encoders) or "refiner" (bigG only)."""
+        return "refiner" if self.text_encoder is None else "base"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(component_prefixes(self.model))
+
+    def name_tables(self) -> dict[str, NameTable]:
+        tables = {"unet": unet_names(self.unet), "vae": vae_names(self.vae), "text_encoder": clip_l_names()}
+        tables["text_encoder_2"] = bigg_names(self.text_encoder_2.num_layers)
+        return {c: tables[c] for c in self.components}
+
+    @classmethod
+    def sdxl_base(cls) -> "SingleFileLayout":
+        clip_l, bigg = CLIPTextConfig.clip_vit_l14(), CLIPTextConfig.openclip_vit_bigg14()
+        return cls(UNetConfig.sdxl_base(), VAEConfig.sdxl(), clip_l, bigg)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "SingleFileLayout":
+        return cls(UNetConfig.sdxl_refiner(), VAEConfig.sdxl(), None, CLIPTextConfig.openclip_vit_bigg14())
+
+
+LAYOUTS: dict[str, Callable[[], SingleFileLayout]] = {
+    "base": SingleFileLayout.sdxl_base,
+    "refiner": SingleFileLayout.sdxl_refiner,
+}
+
+
+def _layout(model: str | SingleFileLayout) -> SingleFileLayout:
+    if isinstance(model, SingleFileLayout):
+        return model
+    if model not in LAYOUTS:
+        raise ValueError(f"unknown single-file model {model!r}; known: {sorted(LAYOUTS)} or a SingleFileLayout")
+    return LAYOUTS[model]()
+
+
+# --- ops ------------------------------------------------------------------------------------------
+
+
+def _stacked(shapes: tuple[Shape, ...]) -> Shape:
+    if len(set(shapes)) != 1:
+        raise ConversionError(f"the parts of a stacked tensor differ in shape: {shapes}")
+    return (len(shapes) * shapes[0][0], *shapes[0][1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class OpKind:
+    """How one single-file tensor becomes `parts` diffusers tensors, and back."""
+
+    forward: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    inverse: Callable[[Sequence[np.ndarray]], np.ndarray]
+    single_file_shape: Callable[[tuple[Shape, ...]], Shape]  # from the diffusers shapes
+    parts: int = 1
+
+
+OP_KINDS: dict[str, OpKind] = {
+    "copy": OpKind(lambda a: (a,), lambda xs: xs[0], lambda s: s[0]),
+    # a 1x1 conv weight [out, in, 1, 1] <-> a Linear weight [out, in] (the VAE's mid attention)
+    "squeeze": OpKind(lambda a: (a[:, :, 0, 0],), lambda xs: xs[0][:, :, None, None], lambda s: (*s[0], 1, 1)),
+    # `x @ P` <-> a Linear weight P.T (bigG's text_projection)
+    "transpose": OpKind(
+        lambda a: (np.ascontiguousarray(a.T),), lambda xs: np.ascontiguousarray(xs[0].T), lambda s: s[0][::-1]
+    ),
+    # q, k, v stacked by rows (bigG's attn.in_proj_weight / in_proj_bias) <-> q_proj, k_proj, v_proj
+    "split": OpKind(lambda a: tuple(np.split(a, 3)), lambda xs: np.concatenate(xs), _stacked, parts=3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One single-file tensor and the diffusers tensor(s) of `component` it holds."""
+
+    component: str
+    kind: str  # a key of OP_KINDS
+    single_file: str
+    single_file_shape: Shape
+    diffusers: tuple[str, ...]  # in part order (q, k, v for a split)
+    diffusers_shapes: tuple[Shape, ...]
+
+    def forward(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The single-file tensor -> {diffusers key: tensor}."""
+        return dict(zip(self.diffusers, OP_KINDS[self.kind].forward(tensor), strict=True))
+
+    def inverse(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
+        """The diffusers tensors, in `self.diffusers` order -> the single-file tensor."""
+        return OP_KINDS[self.kind].inverse(tensors)
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def _placeholder(shape: Shape) -> np.ndarray:
+    return np.broadcast_to(np.float32(0), shape)  # zero strides: nothing allocated
+
+
+def _torch_shapes(abstract, key_fn) -> dict[str, Shape]:
+    abstract = meta.unbox(abstract)
+    flat = flax.traverse_util.flatten_dict(abstract)
+    return {
+        key: to_torch(_placeholder(flat[path].shape)).shape
+        for path, (key, (_, _, to_torch)) in key_table(abstract, key_fn).items()
+    }
+
+
+def diffusers_shapes(model: str | SingleFileLayout) -> dict[str, dict[str, Shape]]:
+    """Component -> {diffusers key: PyTorch shape} of this project's Flax models for `model`.
+
+    Uses `jax.eval_shape` (nothing is allocated); the full-size UNet takes a few seconds of tracing.
+    Text-encoder keys are in the `text_model.`-prefixed form.
+    """
+    layout = _layout(model)
+    flat_unet = layout.unet.replace(scan_layers=False)
+    text = lambda path, ndim: transformers_key(path, ndim, prefixed=True)  # noqa: E731
+    models = {
+        "unet": lambda: (
+            unet.abstract_params(flat_unet),
+            lambda path, ndim: unet_torch_key(path, ndim, flat_unet.use_linear_projection),
+        ),
+        "vae": lambda: (vae.abstract_params(layout.vae), vae_torch_key),
+        "text_encoder": lambda: (clip.abstract_params(layout.text_encoder), text),
+        "text_encoder_2": lambda: (clip.abstract_params(layout.text_encoder_2), text),
+    }
+    return {c: _torch_shapes(*models[c]()) for c in layout.components}
+
+
+def _canonical_names(component: str, keys) -> dict[str, str]:
+    """Canonical diffusers key -> the key as given. Text-encoder keys without `text_model.` (transformers
+    >= 5.6 `CLIPTextModel`) get it; `text_projection` sits beside `text_model` in either form."""
+    keys = list(keys)
+    if component not in TEXT_COMPONENTS or any(k.startswith(TEXT_MODEL_PREFIX) for k in keys):
+        return {k: k for k in keys}
+    return {(k if k.startswith("text_projection.") else TEXT_MODEL_PREFIX + k): k for k in keys}
+
+
+def single_file_plan(
+    model: str | SingleFileLayout, shapes: Mapping[str, Mapping[str, Sequence[int]]] | None = None
+) -> list[Op]:
+    """One `Op` per single-file tensor of `model` ("base", "refiner" or a `SingleFileLayout`).
+
+    shapes: component -> {diffusers key: PyTorch shape}, the expected tensors (default:
+    `diffusers_shapes(model)`, the plan then cached per layout); text-encoder keys in either form,
+    `position_ids` buffers skipped.
+    """
+    layout = _layout(model)
+    if shapes is None:
+        return list(_default_plan(layout))
+    if set(shapes) != set(layout.components):
+        have = sorted(shapes)
+        raise ConversionError(f"an SDXL {layout.model} single file has {layout.components}; shapes for {have}")
+    prefixes, tables = component_prefixes(layout.model), layout.name_tables()
+    groups: dict[str, tuple[str, str, dict[int, tuple[str, Shape]]]] = {}
+    problems = []
+    for component in layout.components:
+        for key, given in _canonical_names(component, shapes[component]).items():
+            if component in TEXT_COMPONENTS and key == POSITION_IDS:
+                continue
+            try:
+                name, kind, part = single_file_name(tables[component], key)
+            except ConversionError as e:
+                problems.append(f"{component}: {e}")
+                continue
+            name = prefixes[component] + name
+            _, first_kind, parts = groups.setdefault(name, (component, kind, {}))
+            if first_kind != kind or part in parts:
+                problems.append(f"{name} claimed by {component} {key} and {[k for k, _ in parts.values()]}")
+            parts[part] = (key, tuple(shapes[component][given]))
+    ops = []
+    for name, (component, kind, parts) in groups.items():
+        if sorted(parts) != list(range(OP_KINDS[kind].parts)):
+            problems.append(f"{name}: {kind} needs {OP_KINDS[kind].parts} diffusers tensors, found {parts}")
+            continue
+        keys, part_shapes = zip(*(parts[i] for i in range(len(parts))))
+        try:
+            ops.append(Op(component, kind, name, OP_KINDS[kind].single_file_shape(part_shapes), keys, part_shapes))
+        except ConversionError as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise ConversionError(f"no single-file plan for these diffusers tensors:\n{_problems([], problems, [])}")
+    return ops
+
+
+@functools.lru_cache(maxsize=4)
+def _default_plan(layout: SingleFileLayout) -> tuple[Op, ...]:
+    return tuple(single_file_plan(layout, diffusers_shapes(layout)))
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+
+def _check(what: str, missing, unexpected, mismatched) -> None:
+    if missing or unexpected or mismatched:
+        raise ConversionError(f"{what}:\n{_problems(missing, unexpected, mismatched)}")
+
+
+def iter_single_file_to_diffusers(
+    state: Mapping[str, np.ndarray], model: str | SingleFileLayout | None = None, *, shapes=None
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(component, diffusers state dict) for each component of a single-file state dict, strictly.
+
+    state: single-file key -> array; may be lazy (each tensor is read once, when its component is
+    built; key membership is taken from `state.keys()` only). model: "base", "refiner" or a
+    `SingleFileLayout`; default: detected from the keys (and checked against them when given).
+    Missing and unexpected tensors are reported before any is read; wrong shapes at the end of their
+    component. Text-encoder keys come out `text_model.`-prefixed, as in the released diffusers files.
+    """
+    keys = set(state.keys())
+    detected = detect_model(keys)
+    layout = _layout(detected if model is None else model)
+    if layout.model != detected:
+        raise ConversionError(f"this is an SDXL {detected} single file, but a {layout.model} layout was given")
+    plan = single_file_plan(layout, shapes)
+    expected = {op.single_file for op in plan}
+    what = f"SDXL {layout.model} single file does not match the model"
+    _check(what, sorted(expected - keys), sorted(keys - expected - ignorable_keys(layout.model)), [])
+    for component in layout.components:
+        out, mismatched = {}, []
+        for op in (op for op in plan if op.component == component):
+            tensor = np.asarray(state[op.single_file])
+            if tensor.shape != op.single_file_shape:
+                expected_shape = f"expected {op.single_file_shape} (for {component} {', '.join(op.diffusers)})"
+                mismatched.append(f"{op.single_file}: {tensor.shape}, {expected_shape}")
+                continue
+            out.update(op.forward(tensor))
+        _check(what, [], [], mismatched)
+        yield component, out
+
+
+def single_file_to_diffusers(
+    state: Mapping[str, np.ndarray], model: str | SingleFileLayout | None = None, *, shapes=None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Component -> diffusers state dict, from a single-file state dict (see `iter_single_file_to_diffusers`)."""
+    return dict(iter_single_file_to_diffusers(state, model, shapes=shapes))
+
+
+def diffusers_to_single_file(
+    components: Mapping[str, Mapping[str, np.ndarray]], model: str | SingleFileLayout, *, shapes=None
+) -> dict[str, np.ndarray]:
+    """The single-file state dict of per-component diffusers state dicts (the exact inverse of the import).
+
+    Text-encoder dicts may be `text_model.`-prefixed or not; their `position_ids` buffers are ignored.
+    The single file gets no ignorable buffers (`denoiser.sigmas`, `logit_scale`, `position_ids`).
+    """
+    layout = _layout(model)
+    if set(components) != set(layout.components):
+        raise ConversionError(f"an SDXL {layout.model} single file holds {layout.components}, got {sorted(components)}")
+    plan = single_file_plan(layout, shapes)
+    given = {c: _canonical_names(c, components[c].keys()) for c in layout.components}
+    expected = {f"{op.component}: {k}" for op in plan for k in op.diffusers}
+    present = {f"{c}: {k}" for c, names in given.items() for k in names}
+    ignorable = {f"{c}: {POSITION_IDS}" for c in TEXT_COMPONENTS}
+    what = f"diffusers state dicts do not match the SDXL {layout.model} model"
+    _check(what, sorted(expected - present), sorted(present - expected - ignorable), [])
+    out, mismatched = {}, []
+    for op in plan:
+        tensors = [np.asarray(components[op.component][given[op.component][k]]) for k in op.diffusers]
+        shapes_ = zip(op.diffusers, tensors, op.diffusers_shapes)
+        bad = [f"{op.component}: {k}: {t.shape}, expected {s}" for k, t, s in shapes_ if t.shape != s]
+        if bad:
+            mismatched += bad
+            continue
+        out[op.single_file] = op.inverse(tensors)
+    _check(what, [], [], mismatched)
+    return out
