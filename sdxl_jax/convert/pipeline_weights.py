@@ -1,0 +1,248 @@
+"""A whole SDXL pipeline's weights (per component: config + params), and this project's own format.
+
+    PipelineWeights.components = {"unet": (UNetConfig, params), "vae": (VAEConfig, params),
+                                  "text_encoder": (CLIPTextConfig, params),      # CLIP-L, base only
+                                  "text_encoder_2": (CLIPTextConfig, params)}    # bigG
+
+The project format is a folder: `sdxl_jax.json` (model type, every component's config, metadata) and
+one Orbax checkpoint per component (`unet/`, `vae/`, ...). It is written to a temporary sibling and
+renamed into place, so a failed or interrupted save never leaves something that looks valid.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from sdxl_jax.convert.mapping import ConversionError, _problems
+from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.models.vae import VAEConfig
+
+FORMAT_NAME = "sdxl_jax"
+FORMAT_VERSION = 1
+INDEX_FILE = "sdxl_jax.json"
+CONFIG_TYPES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig, "text_encoder_2": CLIPTextConfig}
+MODEL_COMPONENTS = {
+    "base": ("unet", "vae", "text_encoder", "text_encoder_2"),
+    "refiner": ("unet", "vae", "text_encoder_2"),
+}
+ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params, "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclasses.dataclass
+class PipelineWeights:
+    """model: "base" | "refiner"; components: name -> (config, params as a numpy/jax tree); metadata: str -> str."""
+
+    model: str
+    components: dict[str, tuple[Any, Any]]
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.model not in MODEL_COMPONENTS:
+            raise ValueError(f"model must be one of {sorted(MODEL_COMPONENTS)}, got {self.model!r}")
+        want, have = set(MODEL_COMPONENTS[self.model]), set(self.components)
+        if want != have:
+            raise ValueError(f"an SDXL {self.model} has components {sorted(want)}, got {sorted(have)}")
+
+    def config(self, name: str):
+        return self.components[name][0]
+
+    def params(self, name: str):
+        return self.components[name][1]
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(x.shape)) for _, p in self.components.values() for x in jax.tree_util.tree_leaves(p))
+
+    def num_bytes(self) -> int:
+        return sum(x.nbytes for _, p in self.components.values() for x in jax.tree_util.tree_leaves(p))
+
+
+def param_dtype_overrides(dtype: str | None) -> dict:
+    """`--dtype fp32|bf16|fp16` (or None: keep the source's) as config overrides for the loaders."""
+    if dtype is None:
+        return {}
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return dict(param_dtype=DTYPES[dtype])
+
+
+def check_params(name: str, cfg, params) -> None:
+    """Raise ConversionError naming every parameter whose presence or shape disagrees with `cfg`."""
+    abstract = flax.linen.meta.unbox(ABSTRACT_PARAMS[name](cfg))
+    want = {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract).items()}
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    mismatched = [f"{k}: {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    if missing or unexpected or mismatched:
+        raise ConversionError(f"{name} params do not match its config:\n{_problems(missing, unexpected, mismatched)}")
+
+
+# ---- configs <-> JSON --------------------------------------------------------------------------------
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(name: str, fields: dict):
+    """The component's config dataclass from its JSON dict (lists back to tuples); unknown fields are errors."""
+    cls = CONFIG_TYPES[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(fields) - known:
+        raise ValueError(f"{name} config has fields {cls.__name__} does not know: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+# ---- the project format ------------------------------------------------------------------------------
+
+
+def save_project(weights: PipelineWeights, path: str | Path) -> Path:
+    """Write `weights` as the project format at `path` (must not exist), atomically."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite a checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            for name, (_, params) in weights.components.items():
+                checkpointer.save(tmp / name, jax.tree_util.tree_map(np.asarray, params))
+            checkpointer.wait_until_finished()
+        index = dict(
+            format=FORMAT_NAME,
+            version=FORMAT_VERSION,
+            model=weights.model,
+            configs={name: config_to_dict(cfg) for name, (cfg, _) in weights.components.items()},
+            metadata=dict(weights.metadata, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+        )
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_project(path: str | Path) -> bool:
+    return (Path(path) / INDEX_FILE).is_file()
+
+
+def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
+    """Read the project format; dtype (fp32|bf16|fp16) casts the params and sets each config's param_dtype."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    index = json.loads((path / INDEX_FILE).read_text())
+    if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} checkpoint (found {index.get('format')} v{index.get('version')})")
+    overrides = param_dtype_overrides(dtype)
+    components = {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        for name, fields in index["configs"].items():
+            cfg = config_from_dict(name, fields).replace(**overrides)
+            params = checkpointer.restore(path / name)
+            check_params(name, cfg, params)
+            params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(cfg.param_dtype, copy=False), params)
+            components[name] = (cfg, params)
+    return PipelineWeights(index["model"], components, dict(index.get("metadata", {})))
+
+
+# ---- diffusers folders -------------------------------------------------------------------------------
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | None = None) -> PipelineWeights:
+    """A diffusers SDXL repository folder (`model_index.json` + component folders); base vs refiner from
+    which text encoders it has. variant: e.g. "fp16" for `*.fp16.safetensors`; dtype casts (fp32|bf16|fp16)."""
+    from sdxl_jax.convert.load import load_unet
+    from sdxl_jax.convert.text_encoder import load_text_encoder
+    from sdxl_jax.convert.vae import load_vae
+
+    folder = Path(path)
+    index = json.loads((folder / "model_index.json").read_text())
+    present = {name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0]}
+    model = "base" if "text_encoder" in present else "refiner"
+    if missing := set(MODEL_COMPONENTS[model]) - present:
+        raise ConversionError(f"{folder}: an SDXL {model} folder needs {sorted(missing)} (model_index.json lists {sorted(present)})")
+    loaders = dict(unet=load_unet, vae=load_vae, text_encoder=load_text_encoder, text_encoder_2=load_text_encoder)
+    overrides = param_dtype_overrides(dtype)
+    components = {}
+    for name in MODEL_COMPONENTS[model]:
+        components[name] = loaders[name](folder / name, variant=variant, **overrides)
+    metadata = dict(source=str(folder), source_format="diffusers", pipeline=str(index.get("_class_name")))
+    return PipelineWeights(model, components, metadata)
+
+
+# ---- original single files -----------------------------------------------------------------------------
+
+
+def load_single_file(path: str | Path, model: str | None = None, dtype: str | None = None, layout=None) -> PipelineWeights:
+    """An original (sgm) SDXL single-file checkpoint: `.safetensors` (read lazily, no torch needed) or a
+    weights-only `.ckpt`/`.pt` pickle. Base vs refiner is detected from the keys; `model` only checks it.
+    dtype casts (fp32|bf16|fp16); default: the stored dtype. layout: a `SingleFileLayout` for files of
+    non-standard shapes (default: SDXL's base or refiner, as detected)."""
+    from sdxl_jax.convert.files import PICKLE_SUFFIXES, LazySafetensors, read_torch_pickle, stored_dtype
+    from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers
+    from sdxl_jax.convert.single_file_keys import detect_model
+    from sdxl_jax.convert.text_encoder import text_encoder_params_from_transformers
+    from sdxl_jax.convert.unet import unet_params_from_diffusers
+    from sdxl_jax.convert.vae import vae_params_from_diffusers
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        state = LazySafetensors(path)
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = read_torch_pickle(path)
+    else:
+        raise ConversionError(f"{path}: a single-file checkpoint is .safetensors or one of {PICKLE_SUFFIXES}")
+    found = detect_model(state.keys())
+    if model is not None and model != found:
+        raise ConversionError(f"{path} is an SDXL {found} checkpoint, not a {model}")
+    layout = layout or LAYOUTS[found]()
+    converters = dict(unet=unet_params_from_diffusers, vae=vae_params_from_diffusers,
+                      text_encoder=text_encoder_params_from_transformers, text_encoder_2=text_encoder_params_from_transformers)  # fmt: skip
+    overrides = param_dtype_overrides(dtype)
+    components = {}
+    for name, diffusers_state in iter_single_file_to_diffusers(state, layout):
+        cfg = getattr(layout, name).replace(**(overrides or {"param_dtype": stored_dtype(diffusers_state)}))
+        components[name] = (cfg, converters[name](diffusers_state, cfg))
+        del diffusers_state  # drop this component's source tensors before reading the next
+    metadata = dict(source=str(path), source_format="single-file")
+    return PipelineWeights(found, components, metadata)
+
+
+def load_pipeline_weights(path: str | Path, model: str | None = None, dtype: str | None = None, variant: str | None = None) -> PipelineWeights:
+    """Weights from anything users have: this project's checkpoint folder, a diffusers repository folder,
+    or an original single-file checkpoint. model ("base"|"refiner") is checked when given."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        if is_project(path):
+            weights = load_project(path, dtype)
+        elif is_diffusers_folder(path):
+            weights = load_diffusers(path, variant, dtype)
+        else:
+            raise ConversionError(f"{path} is neither an {FORMAT_NAME} checkpoint ({INDEX_FILE}) nor a diffusers folder (model_index.json)")
+        if model is not None and weights.model != model:
+            raise ConversionError(f"{path} holds an SDXL {weights.model}, not a {model}")
+        return weights
+    return load_single_file(path, model, dtype)
