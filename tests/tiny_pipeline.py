@@ -12,7 +12,7 @@ from torch_reference import perturb_
 
 from sdxl_jax.tokenizer import ASSETS_DIR
 
-WIDTH_L, WIDTH_G, POOLED = 32, 32, 24  # encoder widths and bigG's projection
+WIDTH_L, WIDTH_G, POOLED = 32, 40, 24  # encoder widths (distinct: diffusers' from_single_file tells them apart by width)
 TIME_ID_DIM = 8  # addition_time_embed_dim (256 in SDXL)
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

@@ -1,5 +1,6 @@
 """Checkpoint conversion between PyTorch layouts (diffusers, original single-file) and this project."""
 
+from sdxl_jax.convert.export import export_diffusers, export_single_file
 from sdxl_jax.convert.files import read_safetensors, read_state_dict
 from sdxl_jax.convert.load import load_unet
 from sdxl_jax.convert.mapping import ConversionError
@@ -33,6 +34,8 @@ __all__ = [
     "PipelineWeights",
     "SingleFileLayout",
     "detect_model",
+    "export_diffusers",
+    "export_single_file",
     "diffusers_to_single_file",
     "iter_single_file_to_diffusers",
     "load_diffusers",

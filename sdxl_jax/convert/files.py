@@ -112,35 +112,51 @@ def stored_dtype(state) -> str:
     return max(counts, key=counts.get)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
 class LazySafetensors(Mapping):
     """A `.safetensors` file as a read-only mapping that reads each tensor only when asked for it.
 
     Lets a conversion stream a multi-GB checkpoint: keys come from the header, and a tensor's memory can
-    be dropped as soon as its converted form exists.
+    be dropped as soon as its converted form exists. Tensors are read with plain file reads rather than
+    through a memory map, whose pages would otherwise stay resident (a second copy of the file).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._file = safe_open(self.path, framework="np")
-            self._keys = list(self._file.keys())
-            self._key_set = set(self._keys)
-        except (SafetensorError, OSError) as e:
+            with safe_open(self.path, framework="np") as f:  # validates the header
+                self._metadata = f.metadata() or {}
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (SafetensorError, OSError, ValueError) as e:
             raise ConversionError(f"{self.path}: not a readable safetensors file ({e}); truncated or corrupt?") from e
+        header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._entries = header
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._key_set:
-            raise KeyError(key)
-        try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ConversionError(f"{self.path}: cannot read tensor {key} ({e}); truncated or corrupt?") from e
+        entry = self._entries[key]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{self.path}: tensor {key} has dtype {entry['dtype']}, which this loader cannot read")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        array = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
+        if array.size != count:
+            raise ConversionError(f"{self.path}: tensor {key} is cut short; truncated file?")
+        return array.reshape(entry["shape"])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
     def metadata(self) -> dict[str, str]:
-        return self._file.metadata() or {}
+        return self._metadata

@@ -111,16 +111,21 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
     """Write `weights` as the project format at `path` (must not exist), atomically."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax wants absolute paths
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite a checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            for name, (_, params) in weights.components.items():
-                checkpointer.save(tmp / name, jax.tree_util.tree_map(np.asarray, params))
-            checkpointer.wait_until_finished()
+        # Orbax's default numpy handler deep-copies every array before writing; a full UNet would be
+        # held twice. Save synchronously, without the copy.
+        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        for name, (_, params) in weights.components.items():
+            checkpointer.save(tmp / name, args=ocp.args.PyTreeSave(jax.tree_util.tree_map(np.asarray, params)))
         index = dict(
             format=FORMAT_NAME,
             version=FORMAT_VERSION,
@@ -144,7 +149,7 @@ def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
     """Read the project format; dtype (fp32|bf16|fp16) casts the params and sets each config's param_dtype."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).absolute()
     index = json.loads((path / INDEX_FILE).read_text())
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} checkpoint (found {index.get('format')} v{index.get('version')})")

@@ -176,7 +176,6 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 128) -> dict:
     heads), so a `num_heads` config whose attention levels all have one width reads back as the
     equivalent `head_dim` config. Raises ConversionError for what diffusers cannot express.
     """
-    levels = len(cfg.channel_mult)
     fixed = _DIFFUSERS_FIXED_EPS.items()
     problems = [f"{k}={getattr(cfg, k)} (diffusers: {v})" for k, v in fixed if getattr(cfg, k) != v]
     if cfg.transformer_depth_middle < 1:

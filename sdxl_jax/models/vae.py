@@ -204,8 +204,8 @@ class _NearestX2Conv3x3(nn.Module):
 
     The four output phases (row parity a, column parity b) are 2x2 convs of the input padded by 1,
     computed as one conv with 4x the output channels; phase (a, b) is that output shifted by (a, b).
-    2.25x fewer FLOPs than upsample-then-conv (16 vs 36 taps per input pixel and channel pair), and
-    XLA's CPU convolution is far faster on it (the upsampler is ~28% of the SDXL decoder's FLOPs).
+    2.25x fewer FLOPs than upsample-then-conv (16 vs 36 taps per input pixel and channel pair): the
+    SDXL decoder at 512x512 drops from 2.51 to 2.12 TFLOP, and its CPU time by ~16%.
     The parameters are a plain conv3x3's, `kernel` `[3, 3, C, out]` and `bias` `[out]`.
     """
 
