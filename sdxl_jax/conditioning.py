@@ -170,6 +170,51 @@ def condition(
     return Conditioning(context, vector_conditioning(pooled, time_ids, dim))
 
 
+class PromptBatch(NamedTuple):
+    """A batch of prompts made ready on the host for one model: both branches' tokens, which negative
+    texts are zeros, and both branches' micro-conditioning (`[B, 6]` base, `[B, 5]` refiner)."""
+
+    tokens: TokenPair
+    negative_tokens: TokenPair
+    negative_zero: np.ndarray
+    time_ids: jax.Array
+    negative_time_ids: jax.Array
+
+
+def prepare_prompts(
+    prompts,
+    negative_prompts=None,
+    *,
+    refiner: bool,
+    height: int = 1024,
+    width: int = 1024,
+    original_size=None,
+    crop_top_left=(0, 0),
+    target_size=None,
+    aesthetic_score: float = 6.0,
+    negative_aesthetic_score: float = 2.5,
+    mode: str = "truncate",
+) -> PromptBatch:
+    """Tokenize prompts and negatives and build both branches' time ids (see `encode_prompt`)."""
+    tokens = tokenize_pair(prompts, mode=mode)
+    batch = tokens.ids_g.shape[0]
+    chunks = {} if mode == "truncate" else dict(min_chunks=tokens.ids_g.shape[1], max_chunks=tokens.ids_g.shape[1])
+    negatives = negative_prompts if negative_prompts is not None else [""] * batch
+    if isinstance(negatives, str):
+        negatives = [negatives] * batch
+    negative_tokens = tokenize_pair(negatives, mode=mode, **chunks)
+    if negative_tokens.ids_g.shape != tokens.ids_g.shape:
+        raise ValueError(f"negative prompts tokenize to {negative_tokens.ids_g.shape}, prompts to {tokens.ids_g.shape}")
+    zero = negative_is_zero(negative_prompts, batch, refiner)
+    size = original_size or (height, width)
+    if refiner:
+        ids = refiner_time_ids(size, crop_top_left, aesthetic_score, batch)
+        negative_ids = refiner_time_ids(size, crop_top_left, negative_aesthetic_score, batch)
+    else:
+        ids = negative_ids = base_time_ids(size, crop_top_left, target_size or (height, width), batch)
+    return PromptBatch(tokens, negative_tokens, zero, ids, negative_ids)
+
+
 def encode_prompt(
     encoders: TextEncoders,
     prompts,
@@ -192,25 +237,13 @@ def encode_prompt(
     `negative_aesthetic_score`. In chunked mode the negative prompts get as many chunks as the prompts.
     time_id_embed_dim: the UNet config's (256 for SDXL).
     """
-    tokens = tokenize_pair(prompts, mode=mode)
-    batch = tokens.ids_g.shape[0]
-    chunks = {} if mode == "truncate" else dict(min_chunks=tokens.ids_g.shape[1], max_chunks=tokens.ids_g.shape[1])
-    negatives = negative_prompts if negative_prompts is not None else [""] * batch
-    if isinstance(negatives, str):
-        negatives = [negatives] * batch
-    negative_tokens = tokenize_pair(negatives, mode=mode, **chunks)
-    if negative_tokens.ids_g.shape != tokens.ids_g.shape:
-        raise ValueError(f"negative prompts tokenize to {negative_tokens.ids_g.shape}, prompts to {tokens.ids_g.shape}")
-    zero = negative_is_zero(negative_prompts, batch, encoders.is_refiner)
-    size = original_size or (height, width)
-    if encoders.is_refiner:
-        ids = refiner_time_ids(size, crop_top_left, aesthetic_score, batch)
-        negative_ids = refiner_time_ids(size, crop_top_left, negative_aesthetic_score, batch)
-    else:
-        ids = negative_ids = base_time_ids(size, crop_top_left, target_size or (height, width), batch)
-    return _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero, time_id_embed_dim)
+    batch = prepare_prompts(
+        prompts, negative_prompts, refiner=encoders.is_refiner, height=height, width=width,
+        original_size=original_size, crop_top_left=crop_top_left, target_size=target_size,
+        aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score, mode=mode)
+    return _condition_pair(encoders, *batch, time_id_embed_dim)
 
 
 @functools.partial(jax.jit, static_argnums=6)
-def _condition_pair(encoders, tokens, negative_tokens, ids, negative_ids, zero, dim) -> tuple[Conditioning, Conditioning]:
+def _condition_pair(encoders, tokens, negative_tokens, zero, ids, negative_ids, dim) -> tuple[Conditioning, Conditioning]:
     return condition(encoders, tokens, ids, dim=dim), condition(encoders, negative_tokens, negative_ids, zero, dim)

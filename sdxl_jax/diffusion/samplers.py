@@ -18,7 +18,8 @@ Heun) whatever the number of steps; jit it (or the pipeline function calling it)
     sigmas   [n + 1] descending; timesteps [n]: the model's timestep at sigmas[:n], or [n + 1] with
              the timestep at sigmas[-1] too (else taken as 0; only Heun to a non-zero end uses it)
     key      step i draws its noise as `jax.random.normal(jax.random.split(key, n)[i], x.shape)`;
-             deterministic samplers ignore it (it may be None)
+             or, for a typed key array `[B]` (one per example), example b's noise from
+             `split(key[b], n)[i]` alone; deterministic samplers ignore it (it may be None)
     returns  the latent at sigmas[-1] (the clean latent when that is 0)
 
 All of sigma arithmetic and the latent carried through the loop are float32.
@@ -65,7 +66,21 @@ def _to_d(x, sigma, denoised):
     return (x - denoised) / sigma
 
 
+def is_per_example(key) -> bool:
+    """A typed key array `[B]`: one key per example (see `per_example_split`)."""
+    return key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def per_example_split(keys: jax.Array, n: int) -> jax.Array:
+    """`[B]` keys -> `[n, B]`: step i of example b uses `split(keys[b], n)[i]`."""
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, n))(keys), 0, 1)
+
+
 def _noise(key, x):
+    """Unit Gaussian noise like x. With one key per example each example's noise depends on its own
+    key alone, so an image does not change with the batch it is generated in."""
+    if is_per_example(key):
+        return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(key)
     return jax.random.normal(key, x.shape, jnp.float32)
 
 
@@ -205,7 +220,7 @@ def sample(denoise: Denoiser, x_init: jax.Array, sigmas, timesteps, sampler: Sam
     if sampler.stochastic:
         if key is None:
             raise ValueError("a stochastic sampler needs a PRNG key")
-        keys = jax.random.split(key, n)
+        keys = per_example_split(key, n) if is_per_example(key) else jax.random.split(key, n)
     else:
         keys = jnp.zeros((n,), jnp.uint32)  # unused placeholders: no PRNG work in deterministic loops
     if timesteps.shape == (n,):

@@ -1,0 +1,194 @@
+"""The generation program: token ids -> conditioning -> sampling loop(s) -> VAE decode, one pure function.
+
+`generate(models, plan, inputs)` is what `Pipeline` jits: once per `Plan` (the static choices: sampler,
+CFG on/off, refiner mode) and input shapes (batch, latent size, number of steps). Everything else is a
+traced value — token ids, micro-conditioning, guidance scale, seeds, the sigma/timestep grid — so new
+prompts, seeds and guidance never recompile.
+
+Randomness is per image: image b draws everything from `jax.random.key(seeds[b])`, one stream per use
+(`STREAMS`), so an image depends only on its seed, never on the batch or device count it runs in.
+
+The stages, in sigma space (`x = x0 + sigma * eps`, see `diffusion/schedules.py`):
+
+    start     txt2img: x = noise * init_noise_sigma;  img2img: x = add_noise(init_latents, noise, sigmas[0])
+    base      sample over the base schedule (for a handoff it stops at a still-noisy sigma)
+    refiner   "handoff": continue the same schedule with the refiner, no new noise (ensemble of experts);
+              "img2img": noise the base's clean latent to the refiner schedule's first sigma (SDEdit)
+    decode    unscale (`from_latents`) and decode with the VAE in its own dtype (fp32 by default)
+"""
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from sdxl_jax import conditioning
+from sdxl_jax.conditioning import Conditioning, TextEncoders
+from sdxl_jax.diffusion import guidance, samplers, schedules
+from sdxl_jax.diffusion.denoisers import make_denoiser
+from sdxl_jax.models.unet import UNet, UNetConfig
+from sdxl_jax.models.vae import AutoencoderKL, VAEConfig, from_latents
+from sdxl_jax.tokenizer import TokenPair
+
+# fold_in constants of each image's random streams
+STREAMS = {"noise": 0, "base_sampler": 1, "refiner_noise": 2, "refiner_sampler": 3}
+REFINER_MODES = (None, "handoff", "img2img")
+
+
+@flax.struct.dataclass
+class Stage:
+    """One denoising model and its frozen text encoders (a pytree; configs are static)."""
+
+    unet_cfg: UNetConfig = flax.struct.field(pytree_node=False)
+    unet_params: Any
+    encoders: TextEncoders
+    prediction: str = flax.struct.field(pytree_node=False, default="epsilon")
+
+
+@flax.struct.dataclass
+class Models:
+    """Everything the program computes with: the base stage, an optional refiner stage, the VAE."""
+
+    base: Stage
+    vae_cfg: VAEConfig = flax.struct.field(pytree_node=False)
+    vae_params: Any
+    refiner: Stage | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    sampler: str
+    use_cfg: bool
+    rescale: bool = False  # guidance rescale in the model's prediction space (needs traced phi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static part of a generation call (hashable; a new value compiles a new program)."""
+
+    base: StagePlan
+    refiner_mode: str | None = None
+    refiner: StagePlan | None = None
+    img2img: bool = False  # the base starts from `init_latents` instead of pure noise
+
+    def __post_init__(self):
+        if self.refiner_mode not in REFINER_MODES:
+            raise ValueError(f"refiner mode {self.refiner_mode!r} is not one of {REFINER_MODES}")
+        if (self.refiner_mode is None) != (self.refiner is None):
+            raise ValueError("a refiner mode needs a refiner StagePlan and vice versa")
+
+
+class StageInputs(NamedTuple):
+    """Traced inputs of one stage. Token arrays `[B, 77]` (or chunked `[B, C, 77]`); time ids `[B, 6|5]`;
+    sigmas `[n + 1]`, timesteps `[n + 1]` (see `samplers.sample`); scalars float32."""
+
+    tokens: TokenPair
+    negative_tokens: TokenPair
+    negative_zero: jax.Array  # [B] bool: the unconditional text is zeros (base, empty negative prompt)
+    time_ids: jax.Array
+    negative_time_ids: jax.Array
+    sigmas: jax.Array
+    timesteps: jax.Array
+    guidance_scale: jax.Array
+    guidance_rescale: jax.Array
+
+
+class Inputs(NamedTuple):
+    """seeds `[B]` uint32; noise `[B, h, w, C]` unit-variance or None (drawn from the seeds);
+    init_noise_sigma scalar (txt2img); init_latents `[B, h, w, C]` scaled clean latents (img2img) or None;
+    refiner_noise like noise, for refiner img2img."""
+
+    base: StageInputs
+    seeds: jax.Array
+    noise: jax.Array | None = None
+    init_noise_sigma: jax.Array | float = 1.0
+    init_latents: jax.Array | None = None
+    refiner: StageInputs | None = None
+    refiner_noise: jax.Array | None = None
+
+
+class Outputs(NamedTuple):
+    images: jax.Array  # uint8 [B, H, W, 3]
+    finite: jax.Array  # [B] bool: no NaN/inf anywhere in the decoded image
+    latents: jax.Array  # [B, h, w, C] float32, the final (scaled) latents
+
+
+def image_keys(seeds: jax.Array, stream: str) -> jax.Array:
+    """`[B]` typed keys, one per image, for one of its random streams."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), STREAMS[stream]))(seeds)
+
+
+def draw_noise(seeds: jax.Array, stream: str, shape: tuple[int, ...]) -> jax.Array:
+    """`[B, *shape]` unit Gaussian noise; row b depends on seeds[b] alone."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(image_keys(seeds, stream))
+
+
+def _model_fn(stage: Stage):
+    def model(x_in, t, cond: Conditioning):
+        return UNet(stage.unet_cfg).apply({"params": stage.unet_params}, x_in, t, cond.context, cond.y)
+
+    return model
+
+
+def _conditioning(stage: Stage, inputs: StageInputs, use_cfg: bool) -> guidance.Guided:
+    dim = stage.unet_cfg.time_id_embed_dim
+    cond = conditioning.condition(stage.encoders, inputs.tokens, inputs.time_ids, dim=dim)
+    uncond = None
+    if use_cfg:
+        uncond = conditioning.condition(stage.encoders, inputs.negative_tokens, inputs.negative_time_ids,
+                                        inputs.negative_zero, dim)
+    return guidance.Guided(cond, uncond, inputs.guidance_scale, inputs.guidance_rescale)
+
+
+def run_stage(stage: Stage, plan: StagePlan, inputs: StageInputs, x: jax.Array, keys: jax.Array) -> jax.Array:
+    """Denoise x `[B, h, w, C]` (sigma space, at `inputs.sigmas[0]`) over the stage's schedule."""
+    denoise = make_denoiser(_model_fn(stage), stage.prediction)
+    guided = guidance.classifier_free_guidance(
+        denoise, use_cfg=plan.use_cfg, rescale_space=stage.prediction if plan.rescale else None)
+    cond = _conditioning(stage, inputs, plan.use_cfg)
+    return samplers.sample(guided, x, inputs.sigmas, inputs.timesteps, plan.sampler, keys, cond)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] float -> uint8, as diffusers' image processor does (clip, *255, round half to even)."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def decode(vae_cfg: VAEConfig, vae_params, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scaled latents `[B, h, w, C]` -> (uint8 images `[B, H, W, 3]`, finite `[B]`); pixels with NaN/inf
+    in any channel come out black."""
+    images = AutoencoderKL(vae_cfg).apply({"params": vae_params}, from_latents(latents, vae_cfg),
+                                          method=AutoencoderKL.decode)
+    finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
+    pixel_ok = jnp.all(jnp.isfinite(images), axis=-1, keepdims=True)
+    return to_uint8(jnp.where(pixel_ok, images, -1.0)), finite  # non-finite pixels black
+
+
+def initial_latents(plan: Plan, inputs: Inputs, shape: tuple[int, ...]) -> jax.Array:
+    noise = inputs.noise if inputs.noise is not None else draw_noise(inputs.seeds, "noise", shape)
+    if plan.img2img:
+        return schedules.add_noise(inputs.init_latents, noise, inputs.base.sigmas[0])
+    return noise * inputs.init_noise_sigma
+
+
+def denoise_all(models: Models, plan: Plan, inputs: Inputs, shape: tuple[int, ...]) -> jax.Array:
+    """The final scaled latents `[B, *shape]` (shape: one image's latent `(h, w, C)`)."""
+    x = initial_latents(plan, inputs, shape)
+    x = run_stage(models.base, plan.base, inputs.base, x, image_keys(inputs.seeds, "base_sampler"))
+    if plan.refiner_mode is None:
+        return x
+    if plan.refiner_mode == "img2img":
+        noise = inputs.refiner_noise
+        if noise is None:
+            noise = draw_noise(inputs.seeds, "refiner_noise", shape)
+        x = schedules.add_noise(x, noise, inputs.refiner.sigmas[0])
+    return run_stage(models.refiner, plan.refiner, inputs.refiner, x, image_keys(inputs.seeds, "refiner_sampler"))
+
+
+def generate(models: Models, plan: Plan, inputs: Inputs, latent_shape: tuple[int, int, int]) -> Outputs:
+    """The whole program (jit with `plan` and `latent_shape` static)."""
+    latents = denoise_all(models, plan, inputs, latent_shape)
+    images, finite = decode(models.vae_cfg, models.vae_params, latents)
+    return Outputs(images, finite, latents)

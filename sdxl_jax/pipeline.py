@@ -1,0 +1,377 @@
+"""Text-to-image with SDXL: `Pipeline.load(path).generate(prompts)` -> uint8 images `[B, H, W, 3]`.
+
+The host side of generation: it tokenizes, builds the schedule and the micro-conditioning, places the
+batch on the mesh and calls the one compiled program of `generation.py` (text encoding, every sampler
+step in a `lax.scan`, the refiner, VAE decode). That program is compiled once per
+(batch, size, steps, sampler, schedule split, CFG on/off, refiner mode); prompts, seeds, guidance and
+micro-conditioning are traced inputs.
+
+    pipe = Pipeline.load("sd_xl_base_1.0.safetensors", refiner="sd_xl_refiner_1.0.safetensors")
+    images = pipe.generate(["a photo of a cat"], steps=30, guidance_scale=5.0, seed=0,
+                           denoising_end=0.8)          # base 80% of the schedule, refiner the rest
+
+Seeds: image i of a call with `seed=s` uses seed s + i (or `seed` may list one seed per image), and
+its noise depends on that seed alone — the same seed gives the same image at any batch size or device
+count. The batch is split over the mesh's `data` axis (padded to a multiple of it); parameters are
+replicated, or sharded FSDP-style with `param_sharding="fsdp"` on a mesh with an `fsdp` axis.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from sdxl_jax import conditioning, generation, parallel
+from sdxl_jax.conditioning import TextEncoders
+from sdxl_jax.convert.pipeline_weights import PipelineWeights, load_pipeline_weights
+from sdxl_jax.diffusion import guidance, samplers, schedules
+from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.models.vae import AutoencoderKL, to_latents
+
+log = logging.getLogger("sdxl_jax")
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SCHEDULES = ("leading", "trailing", "linspace", "karras", "sgm", "turbo")
+PARAM_SHARDINGS = ("replicated", "fsdp")
+# Which diffusers scheduler family each sampler's sigma grid reproduces (see diffusion/schedules.py).
+_EULER_FAMILY = ("euler", "euler_a", "heun")
+_DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")
+
+
+class NonFiniteImageWarning(UserWarning):
+    """A decoded image held NaN or inf (written as black there)."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("SDXL_JAX_CACHE_DIR") or Path(base) / "sdxl_jax" / "xla")
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache (default `default_cache_dir()`, or $SDXL_JAX_CACHE_DIR),
+    so a second process compiling the same program loads it from disk instead."""
+    path = Path(path) if path is not None else default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPMTable) -> schedules.Schedule:
+    """The sigma/timestep grid diffusers would use for this sampler and spacing ("karras": Karras sigmas
+    on the leading grid; "sgm": Stability's own discretisation; "turbo": SDXL-Turbo's trailing 1–4 steps)."""
+    samplers.get_sampler(sampler)  # a clear error for an unknown name first
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule == "sgm":
+        return schedules.sgm_legacy(table, steps)
+    if schedule == "turbo":
+        return schedules.turbo(table, steps)
+    karras = schedule == "karras"
+    spacing = "leading" if karras else schedule
+    if sampler in _EULER_FAMILY:
+        return schedules.diffusers_euler(table, steps, spacing, karras=karras)
+    if sampler in _DPM_FAMILY:
+        return schedules.diffusers_dpmsolver(table, steps, spacing, karras=karras)
+    if karras:
+        raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
+    return schedules.diffusers_ddim(table, steps, spacing)
+
+
+def _cast(params, dtype: str):
+    return jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+
+
+def _stage_models(weights: PipelineWeights, dtype: str, prediction: str) -> tuple[generation.Stage, dict]:
+    """A Stage in the compute dtype (params cast), plus its abstract boxed params for sharding."""
+    unet_cfg = weights.config("unet").replace(dtype=dtype, param_dtype=dtype)
+    cfg_g = weights.config("text_encoder_2").replace(dtype=dtype, param_dtype=dtype)
+    cfg_l = params_l = None
+    if weights.model == "base":
+        cfg_l = weights.config("text_encoder").replace(dtype=dtype, param_dtype=dtype)
+        params_l = _cast(weights.params("text_encoder"), dtype)
+    encoders = TextEncoders(cfg_g, _cast(weights.params("text_encoder_2"), dtype), cfg_l, params_l)
+    stage = generation.Stage(unet_cfg, _cast(weights.params("unet"), dtype), encoders, prediction)
+    abstract = generation.Stage(
+        unet_cfg, unet.abstract_params(unet_cfg),
+        TextEncoders(cfg_g, clip.abstract_params(cfg_g), cfg_l, None if cfg_l is None else clip.abstract_params(cfg_l)),
+        prediction)
+    return stage, abstract
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """Compiled SDXL generation on a device mesh. Build with `Pipeline.load` or from `PipelineWeights`."""
+
+    models: generation.Models
+    mesh: jax.sharding.Mesh
+    table: schedules.DDPMTable
+    source: str = ""
+
+    @classmethod
+    def from_weights(cls, base: PipelineWeights, refiner: PipelineWeights | None = None, *, dtype: str = "bf16",
+                     prediction: str = "epsilon", mesh: jax.sharding.Mesh | None = None,
+                     param_sharding: str = "replicated", source: str = "") -> "Pipeline":
+        """dtype ("bf16" | "fp32" | "fp16"): UNet and text encoders' params and compute; the VAE stays in
+        its own config's dtype (fp32: the SDXL VAE overflows in half precision)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        if base.model != "base":
+            raise ValueError(f"the first model must be an SDXL base, got a {base.model}")
+        if refiner is not None and refiner.model != "refiner":
+            raise ValueError(f"the refiner weights hold an SDXL {refiner.model}")
+        if param_sharding not in PARAM_SHARDINGS:
+            raise ValueError(f"unknown param_sharding {param_sharding!r}; valid: {', '.join(PARAM_SHARDINGS)}")
+        mesh = mesh if mesh is not None else default_mesh()
+        if "data" not in mesh.axis_names:
+            raise ValueError(f"the mesh needs a 'data' axis for the batch, has {mesh.axis_names}")
+        stage, abstract = _stage_models(base, DTYPES[dtype], prediction)
+        ref = ref_abstract = None
+        if refiner is not None:
+            ref, ref_abstract = _stage_models(refiner, DTYPES[dtype], prediction)
+        vae_cfg = base.config("vae")
+        models = generation.Models(stage, vae_cfg, base.params("vae"), ref)
+        abstract_models = generation.Models(abstract, vae_cfg, vae.abstract_params(vae_cfg), ref_abstract)
+        models = jax.device_put(models, _param_shardings(abstract_models, mesh, param_sharding))
+        return cls(models, mesh, schedules.scaled_linear_table(), source)
+
+    @classmethod
+    def load(cls, path: str | Path, refiner: str | Path | None = None, dtype: str = "bf16", **kwargs) -> "Pipeline":
+        """Load from anything `convert.load_pipeline_weights` accepts (this project's checkpoint, a diffusers
+        folder, an original single file), and optionally a refiner the same way."""
+        start = time.perf_counter()
+        base = load_pipeline_weights(path, model="base")
+        ref = load_pipeline_weights(refiner, model="refiner") if refiner is not None else None
+        pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, **kwargs)
+        log.info("loaded %s%s in %.1f s (%s)", path, f" + refiner {refiner}" if refiner else "",
+                 time.perf_counter() - start, dtype)
+        return pipe
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x the UNets' downsampling)."""
+        stages = [self.models.base] + ([self.models.refiner] if self.models.refiner is not None else [])
+        return self.models.vae_cfg.downsample_factor * max(s.unet_cfg.downsample_factor for s in stages)
+
+    def generate(self, prompts, negative_prompts=None, *, height: int = 1024, width: int = 1024, steps: int = 30,
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, sampler: str = "euler",
+                 schedule: str = "leading", seed=0, latents=None, denoising_end: float | None = None,
+                 refiner_strength: float | None = None, refiner_steps: int | None = None,
+                 refiner_guidance_scale: float | None = None, refiner_noise=None, image=None, strength: float = 0.8,
+                 original_size=None, crop=(0, 0), target_size=None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, prompt_mode: str = "truncate",
+                 return_latents: bool = False):
+        """Prompts -> uint8 images `[B, height, width, 3]` (and the final scaled latents `[B, h, w, 4]` with
+        `return_latents`).
+
+        latents: `[B, h, w, 4]` unit-variance noise used instead of the seeds' initial noise (NHWC).
+        image / strength: image-to-image from uint8 images `[B, H, W, 3]` or scaled latents `[B, h, w, 4]`.
+        denoising_end: hand the schedule to the refiner at this fraction (ensemble of experts).
+        refiner_strength: instead run the base to the end and the refiner as image-to-image (SDEdit),
+        `refiner_steps` (default `steps`) steps at this strength; `refiner_noise` `[B, h, w, 4]` replaces the
+        noise it adds (else drawn from the seeds).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts")
+        batch = len(prompts)
+        self._check_size(height, width)
+        f = self.models.vae_cfg.downsample_factor
+        latent_shape = (height // f, width // f, self.models.vae_cfg.latent_channels)
+        seeds = _seeds(seed, batch)
+
+        full = make_schedule(sampler, schedule, steps, self.table)
+        refiner_mode = self._refiner_mode(denoising_end, refiner_strength)
+        base_schedule, refiner_schedule = full, None
+        if refiner_mode == "handoff":
+            base_schedule, refiner_schedule = schedules.split_for_refiner(full, denoising_end)
+        elif refiner_mode == "img2img":
+            n = refiner_steps or steps
+            refiner_schedule = schedules.tail(make_schedule(sampler, schedule, n, self.table),
+                                              schedules.img2img_start(n, refiner_strength))
+        init_latents = None
+        if image is not None:
+            init_latents = self._init_latents(image, batch, latent_shape)
+            base_schedule = schedules.tail(base_schedule, schedules.img2img_start(steps, strength))
+        for name, part in (("base", base_schedule), ("refiner", refiner_schedule)):
+            if part is not None and part.num_steps < 1:
+                raise ValueError(f"the {name} gets no steps of {steps} (adjust denoising_end / strength / steps)")
+
+        micro = dict(height=height, width=width, original_size=original_size, crop_top_left=crop,
+                     target_size=target_size, aesthetic_score=aesthetic_score,
+                     negative_aesthetic_score=negative_aesthetic_score, mode=prompt_mode)
+        base_inputs, base_plan = _stage_inputs(prompts, negative_prompts, False, micro, base_schedule,
+                                               sampler, guidance_scale, guidance_rescale)
+        ref_inputs = ref_plan = None
+        if refiner_mode is not None:
+            scale = guidance_scale if refiner_guidance_scale is None else refiner_guidance_scale
+            ref_inputs, ref_plan = _stage_inputs(prompts, negative_prompts, True, micro, refiner_schedule,
+                                                 sampler, scale, guidance_rescale)
+        plan = generation.Plan(base_plan, refiner_mode, ref_plan, init_latents is not None)
+        noise = None if latents is None else _check_latents(latents, batch, latent_shape, "latents")
+        inputs = generation.Inputs(base_inputs, seeds, noise, np.float32(base_schedule.init_noise_sigma or 1.0),
+                                   init_latents, ref_inputs,
+                                   None if refiner_noise is None else _check_latents(refiner_noise, batch, latent_shape, "refiner_noise"))
+        out = self._run(plan, inputs, latent_shape, batch)
+        images = np.asarray(out.images)
+        bad = np.flatnonzero(~np.asarray(out.finite))
+        if bad.size:
+            warnings.warn(f"image(s) {bad.tolist()} decoded to NaN/inf (written black there): the VAE overflowed; "
+                          f"decode in fp32 (the VAE config's dtype) or use the fp16-fix VAE", NonFiniteImageWarning,
+                          stacklevel=2)
+        return (images, np.asarray(out.latents)) if return_latents else images
+
+    # ---- host-side helpers ------------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        for name, side in (("height", height), ("width", width)):
+            if side < m or side % m:
+                lo, hi = max(m, side // m * m), (side // m + 1) * m
+                raise ValueError(f"{name} {side} is not a positive multiple of {m} (VAE factor x UNet "
+                                 f"downsampling); try {lo} or {hi}")
+
+    def _refiner_mode(self, denoising_end, refiner_strength) -> str | None:
+        if denoising_end is None and refiner_strength is None:
+            return None
+        if self.models.refiner is None:
+            raise ValueError("denoising_end / refiner_strength need a refiner (Pipeline.load(..., refiner=PATH))")
+        if denoising_end is not None and refiner_strength is not None:
+            raise ValueError("give either denoising_end (handoff) or refiner_strength (img2img), not both")
+        return "handoff" if denoising_end is not None else "img2img"
+
+    def _init_latents(self, image, batch: int, latent_shape) -> np.ndarray:
+        """Scaled clean latents `[B, h, w, C]` from uint8 images or from latents given as they are."""
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[-1] == latent_shape[-1] and image.dtype != np.uint8:
+            return _check_latents(image, batch, latent_shape, "image latents")
+        f = self.models.vae_cfg.downsample_factor
+        want = (batch, latent_shape[0] * f, latent_shape[1] * f, 3)
+        if image.shape != want or image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8 {want} (or scaled latents {(batch, *latent_shape)}), "
+                             f"got {image.dtype} {image.shape}")
+        return encode_images(self.models.vae_cfg, self.models.vae_params, jnp.asarray(image))
+
+    def _run(self, plan: generation.Plan, inputs: generation.Inputs, latent_shape, batch: int) -> generation.Outputs:
+        data = self.mesh.shape["data"]
+        padded = -(-batch // data) * data
+        inputs = jax.device_put(_pad_batch(inputs, batch, padded), _input_shardings(inputs, self.mesh, batch))
+        start = time.perf_counter()
+        out = _generate_jit(self.models, plan, inputs, latent_shape)
+        out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
+        log.info("generated %d image(s) in %.2f s", batch, time.perf_counter() - start)
+        return out
+
+
+# ---- module-level pieces (jitted functions, shardings) ---------------------------------------------
+
+
+_generate_jit = jax.jit(generation.generate, static_argnums=(1, 3))
+
+
+def encode_images(vae_cfg, vae_params, images: jax.Array) -> np.ndarray:
+    """uint8 `[B, H, W, 3]` -> scaled latents `[B, H/f, W/f, C]` (the posterior mean, as sgm's img2img)."""
+    return np.asarray(_encode_jit(vae_cfg, vae_params, images))
+
+
+def _encode(vae_cfg, vae_params, images):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    dist = AutoencoderKL(vae_cfg).apply({"params": vae_params}, x, method=AutoencoderKL.encode)
+    return to_latents(dist.mode(), vae_cfg)
+
+
+_encode_jit = jax.jit(_encode, static_argnums=0)
+
+
+def default_mesh() -> jax.sharding.Mesh:
+    """Every device along `data` (pure data parallel)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _param_shardings(abstract_models: generation.Models, mesh, how: str):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if how == "replicated":
+        return jax.tree.map(lambda _: replicated, abstract_models, is_leaf=_is_boxed)
+    if "fsdp" not in mesh.axis_names:
+        raise ValueError(f"param_sharding='fsdp' needs a mesh with an 'fsdp' axis, got {mesh.axis_names}")
+    # The training rules, restricted to the mesh's axes (a sampling mesh may lack `tensor`).
+    rules = tuple((name, _present(target, mesh.axis_names)) for name, target in parallel.FSDP_RULES)
+    return parallel.param_shardings(abstract_models, mesh, rules)
+
+
+def _present(target, axis_names):
+    axes = tuple(a for a in (target if isinstance(target, tuple) else (target,)) if a in axis_names)
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def _is_boxed(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _seeds(seed, batch: int) -> np.ndarray:
+    if isinstance(seed, (int, np.integer)):
+        seeds = (int(seed) + np.arange(batch)) % 2**32
+    else:
+        seeds = np.asarray(seed)
+        if seeds.shape != (batch,):
+            raise ValueError(f"seed must be an int or one per prompt ({batch}), got shape {seeds.shape}")
+    return seeds.astype(np.uint32)
+
+
+def _check_latents(latents, batch: int, latent_shape, name: str) -> np.ndarray:
+    latents = np.asarray(latents, np.float32)
+    if latents.shape != (batch, *latent_shape):
+        raise ValueError(f"{name} must be [B, h, w, C] = {(batch, *latent_shape)} (NHWC), got {latents.shape}")
+    return latents
+
+
+def _stage_inputs(prompts, negative_prompts, refiner: bool, micro: dict, schedule: schedules.Schedule,
+                  sampler: str, scale: float, rescale: float) -> tuple[generation.StageInputs, generation.StagePlan]:
+    prepared = conditioning.prepare_prompts(prompts, negative_prompts, refiner=refiner, **micro)
+    n = schedule.num_steps
+    timesteps = schedule.timesteps
+    if timesteps.shape == (n,):
+        timesteps = np.concatenate([timesteps, np.zeros(1, np.float32)])
+    inputs = generation.StageInputs(*prepared, np.asarray(schedule.sigmas, np.float32), timesteps.astype(np.float32),
+                                    np.float32(scale), np.float32(rescale))
+    plan = generation.StagePlan(sampler, guidance.uses_cfg(scale), rescale > 0)
+    return inputs, plan
+
+
+def _pad_batch(inputs: generation.Inputs, batch: int, padded: int):
+    """Repeat the last example so the batch divides the data axis (padding rows are dropped after)."""
+    if padded == batch:
+        return inputs
+
+    def pad(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] != batch:
+            return x
+        return np.concatenate([x, np.repeat(x[-1:], padded - batch, axis=0)])
+
+    return jax.tree.map(pad, inputs)
+
+
+def _input_shardings(inputs: generation.Inputs, mesh, batch: int):
+    """Per-example arrays split along `data`; schedules and scalars replicated."""
+    split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    sigma_fields = {"sigmas", "timesteps"}
+
+    def sharding_of(path, x):
+        name = getattr(path[-1], "name", None)
+        if np.ndim(x) == 0 or name in sigma_fields:
+            return whole
+        return split
+
+    return jax.tree_util.tree_map_with_path(sharding_of, inputs)
