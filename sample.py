@@ -1,42 +1,167 @@
-"""Sampling entry point. For now: one forward pass of a UNet preset on random inputs, printing what ran.
+"""Generate images with SDXL: prompts in, PNGs out (with the settings embedded the way SD web UIs do).
 
-    python sample.py --preset tiny
-Real text-to-image generation arrives with the sampler/pipeline issue.
+    python sample.py --config configs/sdxl_base.py --config.checkpoint=PATH --prompt "a cat" \
+        [--prompts_file F] [--negative_prompt ...] [--n 4] [--steps 30] [--guidance 5.0] [--sampler euler] \
+        [--seed 0] [--width 1024 --height 1024] [--refiner PATH --denoising_end 0.8] --outdir out/
+
+The flags are shorthands for the config fields of the same meaning (`--config.steps` etc. work too).
+Image k (counting over all prompts and their n copies) uses seed `seed + k`, recorded in its PNG, so any
+single image can be regenerated alone. Each batch is one compiled call; the first pays the compilation
+(cached on disk across runs, see `pipeline.enable_compilation_cache`).
 """
 
-import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image, PngImagePlugin
 
-from sdxl_jax.models import UNet, UNetConfig
+from sdxl_jax import pipeline as pipeline_lib
+from sdxl_jax.convert.export import sdxl_jax_version
+from sdxl_jax.diffusion import samplers
 
-PRESETS = {"tiny": UNetConfig.tiny, "sdxl_base": UNetConfig.sdxl_base, "sdxl_refiner": UNetConfig.sdxl_refiner}
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (see configs/sdxl_base.py)")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line")
+_OUTDIR = flags.DEFINE_string("outdir", None, "where the PNGs go (config.outdir)")
+# Shorthand flags -> config fields.
+_SHORTHANDS = {
+    "negative_prompt": (flags.DEFINE_string, "negative_prompt"),
+    "n": (flags.DEFINE_integer, "n"),
+    "steps": (flags.DEFINE_integer, "steps"),
+    "guidance": (flags.DEFINE_float, "guidance_scale"),
+    "sampler": (flags.DEFINE_string, "sampler"),
+    "schedule": (flags.DEFINE_string, "schedule"),
+    "seed": (flags.DEFINE_integer, "seed"),
+    "width": (flags.DEFINE_integer, "width"),
+    "height": (flags.DEFINE_integer, "height"),
+    "refiner": (flags.DEFINE_string, "refiner"),
+    "denoising_end": (flags.DEFINE_float, "denoising_end"),
+    "batch_size": (flags.DEFINE_integer, "batch_size"),
+}
+_SHORT_FLAGS = {name: define(name, None, f"shorthand for --config.{field}") for name, (define, field) in _SHORTHANDS.items()}
+
+# Sampler names as the SD web UIs write them into PNG infotext.
+WEBUI_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+                  "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM"}
+WEBUI_SCHEDULES = {"karras": "Karras", "sgm": "SGM Uniform", "turbo": "SGM Uniform"}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--latent", type=int, nargs=2, default=(16, 24), metavar=("H", "W"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    cfg = PRESETS[args.preset]()
-    print(f"UNet preset {args.preset}: {cfg}")
-    print(f"random weights (seed {args.seed}), latent {args.latent[0]}x{args.latent[1]}, batch 2")
-    k = jax.random.split(jax.random.key(args.seed), 5)
-    x = jax.random.normal(k[0], (2, *args.latent, cfg.in_channels))
-    t = jnp.array([999.0, 1.0])
-    ctx = jax.random.normal(k[1], (2, 77, cfg.context_dim))
-    y = None if cfg.adm_in_channels is None else jax.random.normal(k[2], (2, cfg.adm_in_channels))
+def apply_shorthands(config) -> None:
+    for name, (_, field) in _SHORTHANDS.items():
+        value = _SHORT_FLAGS[name].value
+        if value is not None:
+            setattr(config, field, value)
+    if _OUTDIR.value is not None:
+        config.outdir = _OUTDIR.value
+
+
+def read_prompts() -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        path = Path(_PROMPTS_FILE.value)
+        if not path.is_file():
+            raise app.UsageError(f"--prompts_file {path}: no such file")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise app.UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts_file FILE")
+    return prompts
+
+
+def check_config(config, multiple: int) -> None:
+    """Errors for names, and sizes rounded down to a valid multiple with a warning."""
+    if config.sampler not in samplers.SAMPLERS:
+        raise app.UsageError(f"unknown sampler {config.sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    if config.schedule not in pipeline_lib.SCHEDULES:
+        raise app.UsageError(f"unknown schedule {config.schedule!r}; valid: {', '.join(pipeline_lib.SCHEDULES)}")
+    for name in ("height", "width"):
+        side = getattr(config, name)
+        valid = max(multiple, side // multiple * multiple)
+        if side != valid:
+            logging.warning("%s %d is not a multiple of %d: using %d", name, side, multiple, valid)
+            setattr(config, name, valid)
+    if config.n < 1 or config.batch_size < 1 or config.steps < 1:
+        raise app.UsageError("n, batch_size and steps must be >= 1")
+
+
+def infotext(config, prompt: str, seed: int, model: str) -> str:
+    """The `parameters` PNG text chunk in the SD web UIs' format."""
+    fields = {"Steps": config.steps, "Sampler": WEBUI_SAMPLERS[config.sampler]}
+    if config.schedule in WEBUI_SCHEDULES:
+        fields["Schedule type"] = WEBUI_SCHEDULES[config.schedule]
+    fields |= {"CFG scale": config.guidance_scale, "Seed": seed, "Size": f"{config.width}x{config.height}",
+               "Model": model}
+    if config.refiner and config.denoising_end > 0:
+        fields |= {"Refiner": Path(config.refiner).name, "Refiner switch at": config.denoising_end}
+    fields["Version"] = f"sdxl_jax {sdxl_jax_version()}"
+    lines = [prompt]
+    if config.negative_prompt:
+        lines.append(f"Negative prompt: {config.negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def generate_kwargs(config) -> dict:
+    kw = dict(height=config.height, width=config.width, steps=config.steps, guidance_scale=config.guidance_scale,
+              guidance_rescale=config.guidance_rescale, sampler=config.sampler, schedule=config.schedule,
+              aesthetic_score=config.aesthetic_score, negative_aesthetic_score=config.negative_aesthetic_score,
+              prompt_mode=config.prompt_mode)
+    if config.refiner and config.denoising_end > 0:
+        kw["denoising_end"] = config.denoising_end
+    elif config.refiner and config.refiner_strength > 0:
+        kw["refiner_strength"] = config.refiner_strength
+    return kw
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    apply_shorthands(config)
+    if not config.checkpoint:
+        raise app.UsageError("no checkpoint: set --config.checkpoint=PATH (this project's format, a diffusers "
+                             "folder or an SDXL .safetensors); see README 'Using real SDXL weights'")
+    prompts = read_prompts()
+    if config.compilation_cache != "none":
+        cache = pipeline_lib.enable_compilation_cache(config.compilation_cache or None)
+        print(f"compilation cache: {cache}")
     start = time.perf_counter()
-    params = jax.jit(UNet(cfg).init)(k[3], x, t, ctx, y)["params"]
-    n = sum(p.size for p in jax.tree.leaves(nn.meta.unbox(params)))
-    out = jax.jit(UNet(cfg).apply)({"params": params}, x, t, ctx, y)
-    print(f"{n:,} parameters; output {out.shape} {out.dtype}, mean |eps| {float(jnp.abs(out).mean()):.4f}; "
-          f"{time.perf_counter() - start:.1f} s")
+    try:
+        pipe = pipeline_lib.Pipeline.load(config.checkpoint, refiner=config.refiner or None, dtype=config.dtype)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
+          f"in {time.perf_counter() - start:.1f} s")
+    check_config(config, pipe.size_multiple)
+    print("settings: " + json.dumps({k: v for k, v in config.to_dict().items() if k != "compilation_cache"}))
+
+    jobs = [(prompt, config.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(config.n))]
+    outdir = Path(config.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    model = Path(config.checkpoint).name
+    negative = config.negative_prompt or None
+    written = 0
+    for b in range(0, len(jobs), config.batch_size):
+        batch = jobs[b : b + config.batch_size]
+        padded = batch + [batch[-1]] * (config.batch_size - len(batch))  # same shape every batch: one compile
+        t0 = time.perf_counter()
+        images = pipe.generate([p for p, _ in padded], negative, seed=[s for _, s in padded], **generate_kwargs(config))
+        seconds = time.perf_counter() - t0
+        for (prompt, seed), image in zip(batch, images):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", infotext(config, prompt, seed, model))
+            path = outdir / f"{seed:08d}.png"
+            Image.fromarray(image).save(path, pnginfo=info)
+            written += 1
+        print(f"batch {b // config.batch_size + 1}/{-(-len(jobs) // config.batch_size)}: {len(batch)} image(s) in "
+              f"{seconds:.2f} s ({len(batch) / seconds:.2f} images/s){' (includes compilation)' if b == 0 else ''}")
+    print(f"wrote {written} PNG(s) to {outdir}/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(app.run(main))

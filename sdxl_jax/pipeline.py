@@ -89,25 +89,35 @@ def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPM
     return schedules.diffusers_ddim(table, steps, spacing)
 
 
-def _cast(params, dtype: str):
-    return jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params,
+                   "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
 
 
-def _stage_models(weights: PipelineWeights, dtype: str, prediction: str) -> tuple[generation.Stage, dict]:
-    """A Stage in the compute dtype (params cast), plus its abstract boxed params for sharding."""
-    unet_cfg = weights.config("unet").replace(dtype=dtype, param_dtype=dtype)
-    cfg_g = weights.config("text_encoder_2").replace(dtype=dtype, param_dtype=dtype)
-    cfg_l = params_l = None
-    if weights.model == "base":
-        cfg_l = weights.config("text_encoder").replace(dtype=dtype, param_dtype=dtype)
-        params_l = _cast(weights.params("text_encoder"), dtype)
-    encoders = TextEncoders(cfg_g, _cast(weights.params("text_encoder_2"), dtype), cfg_l, params_l)
-    stage = generation.Stage(unet_cfg, _cast(weights.params("unet"), dtype), encoders, prediction)
-    abstract = generation.Stage(
-        unet_cfg, unet.abstract_params(unet_cfg),
-        TextEncoders(cfg_g, clip.abstract_params(cfg_g), cfg_l, None if cfg_l is None else clip.abstract_params(cfg_l)),
-        prediction)
-    return stage, abstract
+class _Placer:
+    """Casts one component's host params and puts them on the mesh; with `release`, drops the host copy
+    from the PipelineWeights right after, so a full-size model never exists twice in host memory."""
+
+    def __init__(self, mesh, how: str, release: bool):
+        self.mesh, self.how, self.release = mesh, how, release
+
+    def __call__(self, weights: PipelineWeights, name: str, cfg):
+        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(cfg.param_dtype), copy=False),
+                              weights.params(name))
+        placed = jax.device_put(params, _param_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
+        jax.block_until_ready(placed)
+        if self.release:
+            weights.components[name] = (weights.config(name), None)
+        return placed
+
+
+def _stage(weights: PipelineWeights, dtype: str, prediction: str, place: _Placer) -> generation.Stage:
+    """A Stage with UNet and text encoders' params and compute in `dtype`, placed on the mesh."""
+    cfgs = {name: weights.config(name).replace(dtype=dtype, param_dtype=dtype)
+            for name in ("unet", "text_encoder", "text_encoder_2") if name in weights.components}
+    params = {name: place(weights, name, cfg) for name, cfg in cfgs.items()}
+    encoders = TextEncoders(cfgs["text_encoder_2"], params["text_encoder_2"],
+                            cfgs.get("text_encoder"), params.get("text_encoder"))
+    return generation.Stage(cfgs["unet"], params["unet"], encoders, prediction)
 
 
 @dataclasses.dataclass
@@ -122,9 +132,11 @@ class Pipeline:
     @classmethod
     def from_weights(cls, base: PipelineWeights, refiner: PipelineWeights | None = None, *, dtype: str = "bf16",
                      prediction: str = "epsilon", mesh: jax.sharding.Mesh | None = None,
-                     param_sharding: str = "replicated", source: str = "") -> "Pipeline":
+                     param_sharding: str = "replicated", release_host_copies: bool = False,
+                     source: str = "") -> "Pipeline":
         """dtype ("bf16" | "fp32" | "fp16"): UNet and text encoders' params and compute; the VAE stays in
-        its own config's dtype (fp32: the SDXL VAE overflows in half precision)."""
+        its own config's dtype (fp32: the SDXL VAE overflows in half precision).
+        release_host_copies: empty the given PipelineWeights' params as they move to the devices."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         if base.model != "base":
@@ -136,14 +148,11 @@ class Pipeline:
         mesh = mesh if mesh is not None else default_mesh()
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis for the batch, has {mesh.axis_names}")
-        stage, abstract = _stage_models(base, DTYPES[dtype], prediction)
-        ref = ref_abstract = None
-        if refiner is not None:
-            ref, ref_abstract = _stage_models(refiner, DTYPES[dtype], prediction)
+        place = _Placer(mesh, param_sharding, release_host_copies)
+        stage = _stage(base, DTYPES[dtype], prediction, place)
+        ref = None if refiner is None else _stage(refiner, DTYPES[dtype], prediction, place)
         vae_cfg = base.config("vae")
-        models = generation.Models(stage, vae_cfg, base.params("vae"), ref)
-        abstract_models = generation.Models(abstract, vae_cfg, vae.abstract_params(vae_cfg), ref_abstract)
-        models = jax.device_put(models, _param_shardings(abstract_models, mesh, param_sharding))
+        models = generation.Models(stage, vae_cfg, place(base, "vae", vae_cfg), ref)
         return cls(models, mesh, schedules.scaled_linear_table(), source)
 
     @classmethod
@@ -153,7 +162,7 @@ class Pipeline:
         start = time.perf_counter()
         base = load_pipeline_weights(path, model="base")
         ref = load_pipeline_weights(refiner, model="refiner") if refiner is not None else None
-        pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, **kwargs)
+        pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, release_host_copies=True, **kwargs)
         log.info("loaded %s%s in %.1f s (%s)", path, f" + refiner {refiner}" if refiner else "",
                  time.perf_counter() - start, dtype)
         return pipe
@@ -299,15 +308,16 @@ def default_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
-def _param_shardings(abstract_models: generation.Models, mesh, how: str):
+def _param_shardings(abstract_params, mesh, how: str):
+    """NamedShardings for a boxed abstract param tree: all replicated, or FSDP by the logical axes."""
     replicated = NamedSharding(mesh, PartitionSpec())
     if how == "replicated":
-        return jax.tree.map(lambda _: replicated, abstract_models, is_leaf=_is_boxed)
+        return jax.tree.map(lambda _: replicated, abstract_params, is_leaf=_is_boxed)
     if "fsdp" not in mesh.axis_names:
         raise ValueError(f"param_sharding='fsdp' needs a mesh with an 'fsdp' axis, got {mesh.axis_names}")
     # The training rules, restricted to the mesh's axes (a sampling mesh may lack `tensor`).
     rules = tuple((name, _present(target, mesh.axis_names)) for name, target in parallel.FSDP_RULES)
-    return parallel.param_shardings(abstract_models, mesh, rules)
+    return parallel.param_shardings(abstract_params, mesh, rules)
 
 
 def _present(target, axis_names):

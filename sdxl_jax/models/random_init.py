@@ -1,20 +1,20 @@
 """Freshly initialised whole pipelines: matching configs and random parameters for every component.
 
-Used by tests (a tiny pipeline needs no torch), by benchmarks (the full SDXL architecture with random
-weights) and as the starting point of training from scratch.
+Used by tests (a tiny pipeline needs no torch) and by benchmarks (the full SDXL architecture with
+random weights, built in seconds).
 
     weights = random_weights("base", tiny_configs("base"), seed=0)      # a PipelineWeights
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from sdxl_jax.convert.pipeline_weights import PipelineWeights
-from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdxl_jax.models.unet import UNet, UNetConfig
-from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
+from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.models.vae import VAEConfig
 from sdxl_jax.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
 TINY_TIME_ID_DIM = 4  # UNetConfig.tiny's time_id_embed_dim
@@ -51,24 +51,32 @@ def sdxl_configs(model: str = "base") -> dict:
     return configs
 
 
-def _init(name: str, cfg, key: jax.Array):
-    if name == "unet":
-        f = cfg.downsample_factor
-        y = None if cfg.adm_in_channels is None else jnp.zeros((1, cfg.adm_in_channels))
-        args = (jnp.zeros((1, f, f, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.context_dim)), y)
-        return UNet(cfg).init(key, *args)["params"]
-    if name == "vae":
-        f = cfg.downsample_factor
-        return AutoencoderKL(cfg).init(key, jnp.zeros((1, f, f, cfg.in_channels)))["params"]
-    ids = jnp.zeros((1, CONTEXT_LENGTH), jnp.int32)
-    return CLIPTextModel(cfg).init(key, ids, jnp.zeros((1,), jnp.int32))["params"]
+ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params,
+                   "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
+
+
+def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Kernels and embeddings ~ N(0, 1/fan_in) (fan_in: every axis but the last), biases small, norm
+    scales near 1: activations stay O(1) through any depth, and every parameter matters."""
+    if name == "bias":
+        value = 0.02 * rng.standard_normal(shape)
+    elif name == "scale":
+        value = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        value = rng.standard_normal(shape) / np.sqrt(fan_in if name == "kernel" else 1 / 0.02**2)
+    return value.astype(dtype)
 
 
 def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
-    """Random parameters (the modules' own initialisers) for every component, as numpy arrays."""
+    """Random numpy parameters for every component, drawn from the param tree's shapes (`jax.eval_shape`:
+    nothing is compiled, so even the full SDXL architecture takes seconds). For tests and benchmarks;
+    training from scratch uses the modules' own initialisers (`train_state`)."""
     components = {}
     for i, (name, cfg) in enumerate(sorted(configs.items())):
-        init = jax.jit(lambda key, name=name, cfg=cfg: nn.meta.unbox(_init(name, cfg, key)))
-        params = init(jax.random.fold_in(jax.random.key(seed), i))
-        components[name] = (cfg, jax.tree.map(np.asarray, params))
-    return PipelineWeights(model, components, {"source": f"random init (seed {seed})"})
+        rng = np.random.default_rng([seed, i])
+        abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype), abstract)
+        components[name] = (cfg, params)
+    return PipelineWeights(model, components, {"source": f"random weights (seed {seed})"})
