@@ -101,7 +101,8 @@ class _Placer:
         self.mesh, self.how, self.release = mesh, how, release
 
     def __call__(self, weights: PipelineWeights, name: str, cfg):
-        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(cfg.param_dtype), copy=False),
+        dtype = jnp.dtype(cfg.param_dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False),
                               weights.params(name))
         placed = jax.device_put(params, _param_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
         jax.block_until_ready(placed)

@@ -7,6 +7,7 @@ random weights, built in seconds).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -55,28 +56,34 @@ ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params,
                    "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
 
 
-def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Kernels and embeddings ~ N(0, 1/fan_in) (fan_in: every axis but the last), biases small, norm
-    scales near 1: activations stay O(1) through any depth, and every parameter matters."""
+def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Kernels ~ N(0, 1/fan_in) (fan_in: every axis but the last), embeddings ~ N(0, 0.02²), biases small,
+    norm scales near 1: activations stay O(1) through any depth, and every parameter matters."""
+    noise = rng.standard_normal(shape, np.float32)
     if name == "bias":
-        value = 0.02 * rng.standard_normal(shape)
+        noise *= 0.02
     elif name == "scale":
-        value = 1.0 + 0.1 * rng.standard_normal(shape)
+        noise = 1.0 + 0.1 * noise
+    elif name == "kernel" and len(shape) > 1:
+        noise /= np.sqrt(np.prod(shape[:-1]))
     else:
-        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        value = rng.standard_normal(shape) / np.sqrt(fan_in if name == "kernel" else 1 / 0.02**2)
-    return value.astype(dtype)
+        noise *= 0.02
+    return jnp.asarray(noise, dtype)  # on the device leaf by leaf: the host holds one leaf at a time
+
+
+def random_params(name: str, cfg, seed: int = 0):
+    """One component's random params (device arrays)."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype),
+                                            abstract)
 
 
 def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
-    """Random numpy parameters for every component, drawn from the param tree's shapes (`jax.eval_shape`:
-    nothing is compiled, so even the full SDXL architecture takes seconds). For tests and benchmarks;
-    training from scratch uses the modules' own initialisers (`train_state`)."""
+    """Random parameters for every component, as device arrays, built from the param tree's shapes
+    (`jax.eval_shape`; no model is run, so even the full SDXL architecture takes seconds). For tests and
+    benchmarks; training from scratch uses the modules' own initialisers (`train_state`)."""
     components = {}
     for i, (name, cfg) in enumerate(sorted(configs.items())):
-        rng = np.random.default_rng([seed, i])
-        abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
-        params = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype), abstract)
-        components[name] = (cfg, params)
+        components[name] = (cfg, random_params(name, cfg, seed * 1000 + i))
     return PipelineWeights(model, components, {"source": f"random weights (seed {seed})"})
