@@ -120,6 +120,8 @@ def generate_kwargs(config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax's per-file INFO lines drown the progress output
     config = _CONFIG.value
     apply_shorthands(config)
     if not config.checkpoint:
@@ -145,9 +147,10 @@ def main(argv):
     model = Path(config.checkpoint).name
     negative = config.negative_prompt or None
     written = 0
-    for b in range(0, len(jobs), config.batch_size):
-        batch = jobs[b : b + config.batch_size]
-        padded = batch + [batch[-1]] * (config.batch_size - len(batch))  # same shape every batch: one compile
+    size = min(config.batch_size, len(jobs))
+    for b in range(0, len(jobs), size):
+        batch = jobs[b : b + size]
+        padded = batch + [batch[-1]] * (size - len(batch))  # same shape every batch: one compilation
         t0 = time.perf_counter()
         images = pipe.generate([p for p, _ in padded], negative, seed=[s for _, s in padded], **generate_kwargs(config))
         seconds = time.perf_counter() - t0
@@ -157,7 +160,7 @@ def main(argv):
             path = outdir / f"{seed:08d}.png"
             Image.fromarray(image).save(path, pnginfo=info)
             written += 1
-        print(f"batch {b // config.batch_size + 1}/{-(-len(jobs) // config.batch_size)}: {len(batch)} image(s) in "
+        print(f"batch {b // size + 1}/{-(-len(jobs) // size)}: {len(batch)} image(s) in "
               f"{seconds:.2f} s ({len(batch) / seconds:.2f} images/s){' (includes compilation)' if b == 0 else ''}")
     print(f"wrote {written} PNG(s) to {outdir}/")
     return 0

@@ -87,3 +87,26 @@ def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
     for i, (name, cfg) in enumerate(sorted(configs.items())):
         components[name] = (cfg, random_params(name, cfg, seed * 1000 + i))
     return PipelineWeights(model, components, {"source": f"random weights (seed {seed})"})
+
+
+def main(argv=None) -> None:
+    """`python -m sdxl_jax.models.random_init OUT [--model base|refiner] [--size tiny|sdxl] [--seed N]`:
+    write a random pipeline in this project's format (a stand-in checkpoint for trying sample.py)."""
+    import argparse
+
+    from sdxl_jax.convert.pipeline_weights import save_project
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--model", choices=("base", "refiner"), default="base")
+    parser.add_argument("--size", choices=("tiny", "sdxl"), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    configs = (tiny_configs if args.size == "tiny" else sdxl_configs)(args.model)
+    weights = random_weights(args.model, configs, args.seed)
+    path = save_project(weights, args.out)
+    print(f"wrote a random {args.size} SDXL {args.model} ({weights.num_parameters():,} parameters, seed {args.seed}) to {path}")
+
+
+if __name__ == "__main__":
+    main()
