@@ -276,7 +276,7 @@ class Pipeline:
     def _run(self, plan: generation.Plan, inputs: generation.Inputs, latent_shape, batch: int) -> generation.Outputs:
         data = self.mesh.shape["data"]
         padded = -(-batch // data) * data
-        inputs = jax.device_put(_pad_batch(inputs, batch, padded), _input_shardings(inputs, self.mesh, batch))
+        inputs = jax.device_put(_pad_batch(inputs, batch, padded), _input_shardings(inputs, self.mesh))
         start = time.perf_counter()
         out = _generate_jit(self.models, plan, inputs, latent_shape)
         out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
@@ -291,7 +291,8 @@ _generate_jit = jax.jit(generation.generate, static_argnums=(1, 3))
 
 
 def encode_images(vae_cfg, vae_params, images: jax.Array) -> np.ndarray:
-    """uint8 `[B, H, W, 3]` -> scaled latents `[B, H/f, W/f, C]` (the posterior mean, as sgm's img2img)."""
+    """uint8 `[B, H, W, 3]` -> scaled latents `[B, H/f, W/f, C]`: the posterior mean (deterministic;
+    diffusers' img2img samples the posterior instead)."""
     return np.asarray(_encode_jit(vae_cfg, vae_params, images))
 
 
@@ -374,7 +375,7 @@ def _pad_batch(inputs: generation.Inputs, batch: int, padded: int):
     return jax.tree.map(pad, inputs)
 
 
-def _input_shardings(inputs: generation.Inputs, mesh, batch: int):
+def _input_shardings(inputs: generation.Inputs, mesh):
     """Per-example arrays split along `data`; schedules and scalars replicated."""
     split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     sigma_fields = {"sigmas", "timesteps"}

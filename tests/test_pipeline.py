@@ -15,7 +15,7 @@ import tiny_pipeline
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from sdxl_jax.convert import pipeline_weights as pw
-from sdxl_jax.pipeline import NonFiniteImageWarning, Pipeline
+from sdxl_jax.pipeline import NonFiniteImageWarning, Pipeline, encode_images
 
 H, W = 64, 96  # latent 8 x 12: non-square, so a swapped height/width cannot pass
 # No "!": diffusers' bigG tokenizer has "!" as its pad token, a special token, so it turns a "!" in the
@@ -133,6 +133,13 @@ def test_img2img_from_latents_matches_diffusers(torch_pipes, ours):
     _, latents = ours.generate(PROMPTS, height=H, width=W, steps=10, image=init, strength=0.6, latents=noise,
                                return_latents=True)
     assert_latents_close(latents, nhwc(want))
+    # uint8 images are encoded (posterior mean) and then take the same path
+    pixels = np.random.default_rng(4).integers(0, 256, (len(PROMPTS), H, W, 3), dtype=np.uint8)
+    _, from_pixels = ours.generate(PROMPTS, height=H, width=W, steps=10, image=pixels, strength=0.6, latents=noise,
+                                   return_latents=True)
+    _, from_latents = ours.generate(PROMPTS, height=H, width=W, steps=10, strength=0.6, latents=noise, return_latents=True,
+                                    image=encode_images(ours.models.vae_cfg, ours.models.vae_params, pixels))
+    np.testing.assert_array_equal(from_pixels, from_latents)
 
 
 def test_new_prompts_seeds_guidance_do_not_recompile(ours, caplog):
