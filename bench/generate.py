@@ -112,7 +112,7 @@ def full_diffusers(args) -> dict:
     tokenizers = [transformers.CLIPTokenizer(vocab, merges, pad_token=pad, model_max_length=77) for pad in ("<|endoftext|>", "!")]
     pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, text_encoder=text_l, text_encoder_2=text_g,
                                      tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-                                     scheduler=EulerDiscreteScheduler(**configs["scheduler"]))
+                                     scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]))
     pipe.set_progress_bar_config(disable=True)
     build = time.perf_counter() - start
     size = args.size or 512
