@@ -6,7 +6,7 @@
     captions    sidecar captions: pick, shuffle tags, dropout
     sources     image folder, WebDataset tars, TFDS, prepared shards
     index       header scan, skip reasons, the prepared index
-    plan        the deterministic global batch schedule (seed, epoch) -> buckets and records
+    batch_plan  the deterministic global batch schedule (seed, epoch) -> buckets and records
     loader      `make_loader(data_config, ...)`, `default_data_config()`
     prepare     `python -m sdxl_jax.data.prepare SRC OUT`: ArrayRecord shards (+ cached latents)
 """

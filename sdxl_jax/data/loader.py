@@ -21,7 +21,7 @@ A batch (B = global_batch_size / process_count examples, all of one bucket (H, W
     record_id        int64   [B]     only with `record_ids=True` (tests, debugging)
 
 Determinism: the bucket and records of every global batch are a function of (seed, step) only
-(`plan.BatchPlan`); each example's crop, flip, caption pick and dropout draw from an rng seeded by
+(`batch_plan.BatchPlan`); each example's crop, flip, caption pick and dropout draw from an rng seeded by
 (seed, step, slot in the global batch). So every host agrees on each step's shape without talking,
 the union of the hosts' slices does not depend on the number of hosts, and the iterator state
 (grain `get_state()/set_state()`, or Orbax via `grain.checkpoint.CheckpointSave/CheckpointRestore`)
@@ -70,7 +70,7 @@ from sdxl_jax.data.buckets import bucket_table, cover_size
 from sdxl_jax.data.captions import pick_caption
 from sdxl_jax.data.images import BadImage, decode_image
 from sdxl_jax.data.index import BucketIndex, Report, ScanFilters, scan_source
-from sdxl_jax.data.plan import BatchPlan
+from sdxl_jax.data.batch_plan import BatchPlan
 from sdxl_jax.data.sources import FolderSource, PreparedSource, TarSource, TfdsSource, tar_shards
 from sdxl_jax.data.transforms import crop_to_bucket
 

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from sdxl_jax.data.plan import BatchPlan
+from sdxl_jax.data.batch_plan import BatchPlan
 
 
 def make_plan(counts, g, seed=0, remainder="drop", epochs=None):
