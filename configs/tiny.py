@@ -1,0 +1,62 @@
+"""A tiny SDXL-shaped pipeline trained on synthetic data: tests and CPU smoke runs, seconds per step.
+
+    python train.py --config configs/tiny.py --workdir /tmp/tiny
+    python train.py --config configs/tiny.py:refiner --workdir /tmp/tiny_refiner   # bigG only, t < 200
+    python train.py --config configs/tiny.py:latents --workdir /tmp/tiny_latents   # cached latents + text
+    python train.py --config configs/tiny.py:folder --workdir /tmp/tiny_folder \
+        --config.data.path=/data/images                                            # the grain loader, 32² crops
+
+Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way) or `folder`.
+"""
+
+import ml_collections
+
+from sdxl_jax.data.loader import default_data_config
+from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
+from sdxl_jax.train_config import skeleton
+from sdxl_jax.train_state import BASE_TIME_IDS, REFINER_TIME_IDS, Models
+
+WIDTH_L, WIDTH_G, POOLED, TIME_ID_DIM = 16, 32, 16, 4
+
+
+def tiny_models(refiner: bool) -> Models:
+    clip = dict(vocab_size=49408, max_position_embeddings=77, intermediate_size=32, num_layers=2, num_heads=2)
+    text_l = None if refiner else CLIPTextConfig.tiny(hidden_size=WIDTH_L, **clip)
+    text_g = CLIPTextConfig.tiny(hidden_size=WIDTH_G, activation="gelu", projection_dim=POOLED, **clip)
+    n_ids = REFINER_TIME_IDS if refiner else BASE_TIME_IDS
+    unet = UNetConfig.tiny(
+        channel_mult=(1, 2), transformer_depth=(0, 1), transformer_depth_middle=1, num_res_blocks=1,
+        context_dim=WIDTH_G + (0 if refiner else WIDTH_L), adm_in_channels=POOLED + n_ids * TIME_ID_DIM,
+        time_id_embed_dim=TIME_ID_DIM,
+    )  # fmt: skip
+    vae = VAEConfig.tiny(block_out_channels=(8, 8, 16, 16), layers_per_block=1)
+    return Models("refiner" if refiner else "base", unet, vae, text_l, text_g)
+
+
+def get_config(arg=None):
+    switches = set(filter(None, (arg or "").split(",")))
+    if unknown := switches - {"refiner", "latents", "folder"}:
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder")
+    refiner = "refiner" in switches
+    models = tiny_models(refiner)
+    data = ml_collections.ConfigDict({
+        "source": "synthetic", "num_examples": 32, "buckets": ((32, 32), (32, 48)), "caption_dropout": 0.1,
+        "cached_latents": "latents" in switches, "context_dim": models.unet.context_dim, "pooled_dim": POOLED,
+    })  # fmt: skip
+    if "folder" in switches:
+        data = default_data_config()
+        data.update(buckets="area=32,step=16,min=32,max=32", num_workers=0)
+    c = skeleton(models, data)
+    c.num_steps = 4
+    c.batch_size = 8
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 2
+    c.ema.decay = 0.99
+    if refiner:
+        c.diffusion.t_max = 200
+    c.validation.update(every=0, prompts=("a red circle on a blue background", "a green square"), steps=4,
+                        height=32, width=32, guidance_scale=3.0)
+    c.peak_flops_per_device = 1e12  # nominal, for a CPU
+    return c

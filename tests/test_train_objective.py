@@ -1,0 +1,113 @@
+"""The training objective against closed forms: targets, weights, timestep ranges, offset noise; the
+optimiser's schedules and the EMA decay."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sdxl_jax.diffusion import schedules
+from sdxl_jax.train_state import ema_decay, lr_schedule
+from sdxl_jax.train_step import alphas_cumprod, diffusion_loss
+
+ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
+
+
+def diffusion_cfg(**changes):
+    base = dict(prediction="epsilon", weighting="none", min_snr_gamma=5.0, offset_noise=0.0, t_min=0, t_max=1000,
+                zero_terminal_snr=False)
+    return ml_collections.ConfigDict(base | changes)
+
+
+def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
+    """(model input x_t, target, weights) in float64 numpy."""
+    ab = ALPHABAR[t][:, None, None, None]
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+    target = noise if prediction == "epsilon" else np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+    snr = ALPHABAR[t] / (1 - ALPHABAR[t])
+    weights = {"none": np.ones_like(snr),
+               "min_snr": np.minimum(snr, gamma) / (snr if prediction == "epsilon" else snr + 1),
+               "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0))}[weighting]
+    return x_t, target, weights
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr", "debiased"])
+def test_loss_matches_closed_form(prediction, weighting):
+    x0 = np.random.default_rng(0).standard_normal((6, 4, 4, 4)).astype(np.float32)
+    seen = {}
+
+    def model(x_t, t, cond):  # a fixed "network": half its input
+        seen["x_t"], seen["t"] = x_t, t
+        return 0.5 * x_t
+
+    cfg = diffusion_cfg(prediction=prediction, weighting=weighting)
+    loss, aux = jax.jit(lambda x, k: diffusion_loss(model, cfg, x, None, k))(x0, jax.random.key(3))
+    t, noise = np.asarray(aux["t"]), np.asarray(aux["noise"], np.float64)
+    x_t, target, weights = closed_form(x0.astype(np.float64), noise, t, prediction, weighting)
+    np.testing.assert_allclose(np.asarray(aux["weights"]), weights, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(aux["noise"]).std(), 1.0, atol=0.15)
+    per_example = ((0.5 * x_t - target) ** 2).reshape(6, -1).mean(1)
+    np.testing.assert_allclose(float(loss), (per_example * weights).mean(), rtol=2e-5)
+
+
+def test_timesteps_stay_in_the_configured_range():
+    x0 = jnp.zeros((512, 1, 1, 4))
+    _, aux = diffusion_loss(lambda x, t, c: x, diffusion_cfg(t_min=0, t_max=200), x0, None, jax.random.key(0))
+    t = np.asarray(aux["t"])
+    assert t.min() >= 0 and t.max() < 200 and t.max() > 150  # the refiner's t < 200, spread over it
+    _, aux = diffusion_loss(lambda x, t, c: x, diffusion_cfg(t_min=900, t_max=1000), x0, None, jax.random.key(0))
+    assert np.asarray(aux["t"]).min() >= 900
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    x0 = jnp.zeros((256, 8, 8, 4))
+    plain = diffusion_loss(lambda x, t, c: x, diffusion_cfg(), x0, None, jax.random.key(1))[1]["noise"]
+    offset = diffusion_loss(lambda x, t, c: x, diffusion_cfg(offset_noise=0.5), x0, None, jax.random.key(1))[1]["noise"]
+    diff = np.asarray(offset - plain)
+    np.testing.assert_allclose(diff, np.broadcast_to(diff[:, :1, :1, :], diff.shape), atol=1e-6)  # constant over h, w
+    np.testing.assert_allclose(diff[:, 0, 0, :].std(), 0.5, rtol=0.1)
+
+
+def test_zero_terminal_snr_table():
+    assert alphas_cumprod(diffusion_cfg(zero_terminal_snr=True))[-1] == np.float32(2.0**-24)
+    np.testing.assert_allclose(alphas_cumprod(diffusion_cfg()), ALPHABAR, rtol=1e-6)
+
+
+def test_lr_schedules_and_ema_decay():
+    opt = ml_collections.ConfigDict(dict(schedule="cosine", warmup_steps=10, decay_steps=110, end_factor=0.1))
+    lr = lr_schedule(opt, 1e-3)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110, 500)],
+                               [0.0, 5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4, 1e-4], rtol=1e-5)
+    opt.schedule = "constant"
+    np.testing.assert_allclose([float(lr_schedule(opt, 2e-4)(s)) for s in (0, 5, 10, 10_000)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+    ema = ml_collections.ConfigDict(dict(decay=0.999, warmup=True))
+    np.testing.assert_allclose([float(ema_decay(ema, jnp.int32(n))) for n in (0, 10, 10_000_000)],
+                               [0.1, 11 / 20, 0.999], rtol=1e-6)
+    ema.warmup = False
+    assert float(ema_decay(ema, jnp.int32(0))) == np.float32(0.999)
+
+
+def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
+    from sdxl_jax.train_state import make_optimizer
+
+    opt = ml_collections.ConfigDict(dict(learning_rate=1e-2, text_encoder_learning_rate=1e-3, schedule="constant",
+                                         warmup_steps=0, decay_steps=1, end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
+    params = {"unet": {"w": jnp.ones(3)}, "text_encoder_2": {"w": jnp.ones(3)}}
+    g1 = jax.tree.map(lambda p: p * jnp.array([1.0, -2.0, 3.0]), params)
+    g2 = jax.tree.map(lambda p: p * jnp.array([3.0, 1.0, -1.0]), params)
+    tx, _ = make_optimizer(opt, ("unet", "text_encoder_2"))
+    once, _ = tx.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), tx.init(params), params)
+    opt.accumulation_steps = 2
+    tx2, _ = make_optimizer(opt, ("unet", "text_encoder_2"))
+    state = tx2.init(params)
+    first, state = tx2.update(g1, state, params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(first))  # nothing moves mid-window
+    second, state = tx2.update(g2, state, params)
+    for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(once)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # AdamW's first step is -lr * sign(g): the UNet's LR and the text encoders' own
+    np.testing.assert_allclose(once["unet"]["w"], [-1e-2, 1e-2, -1e-2], rtol=1e-4)
+    np.testing.assert_allclose(once["text_encoder_2"]["w"], [-1e-3, 1e-3, -1e-3], rtol=1e-4)

@@ -1,0 +1,94 @@
+"""Checkpoints and faults: exact (bitwise) resume, a kill -9 in the middle of an async save, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_train_run import CHILD, REPO, compile_cache, losses, run_child, run_train_py, train_env  # noqa: F401  (fixture)
+
+COMMON = {"num_steps": 6, "checkpoint_every": 2, "max_checkpoints": 5}  # two buckets, alternating
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, compile_cache):
+    return run_child(tmp_path_factory.mktemp("straight") / "run", compile_cache, COMMON)
+
+
+def assert_bitwise(got: dict, want: dict, steps):
+    assert [got["losses"][s] for s in steps] == [want["losses"][s] for s in steps]
+    assert set(got["arrays"]) == set(want["arrays"])
+    for name, value in want["arrays"].items():
+        np.testing.assert_array_equal(got["arrays"][name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise(tmp_path, compile_cache, straight):
+    run_child(tmp_path / "run", compile_cache, COMMON | {"num_steps": 3, "checkpoint_every": 3})
+    resumed = run_child(tmp_path / "run", compile_cache, COMMON | {"checkpoint_every": 3})
+    assert sorted((tmp_path / "run" / "checkpoints").iterdir()) == [tmp_path / "run" / "checkpoints" / s for s in ("3", "6")]
+    assert_bitwise(resumed, straight, range(1, 7))  # params, EMA, optimiser state, step; losses 4-6 after resume
+
+
+# Orbax's commit of step 4 (the rename of its temporary folder into `4/`, in the background save
+# thread) is held back, so the kill lands while step 4 is written but not committed.
+HOLD_STEP_4 = """
+import asyncio, pathlib, sys
+from orbax.checkpoint._src.path import atomicity
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def held(self):
+    if pathlib.Path(self._final_path).name == "4":
+        pathlib.Path(sys.argv[3] + ".holding").write_text("4")
+        await asyncio.sleep(600)
+    return await _finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_async_save_falls_back_to_the_newest_complete_checkpoint(tmp_path, compile_cache, straight):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-c", HOLD_STEP_4 + CHILD, "", json.dumps(COMMON), str(workdir), str(tmp_path / "x.npz")]
+    child = subprocess.Popen(cmd, cwd=REPO, env=train_env(compile_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marker = workdir.parent / "run.holding"
+    deadline = time.time() + 600
+    while not marker.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), child.communicate()[0].decode()[-3000:]
+    time.sleep(1.0)  # let the step-4 writes proceed too
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    entries = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert "2" in entries and "4" not in entries and any(name.startswith("4.") for name in entries), entries
+
+    resumed = run_child(workdir, compile_cache, COMMON)
+    log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log][-4:] == [3, 4, 5, 6]  # the second run started after step 2
+    assert_bitwise(resumed | {"losses": losses(workdir)}, straight, range(3, 7))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops(tmp_path, compile_cache):
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+           "--config.num_steps=100000", "--config.checkpoint_every=100000", "--config.export_on_finish=diffusers"]
+    child = subprocess.Popen(cmd, cwd=REPO, env=train_env(compile_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while child.poll() is None and time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, out[-2000:] + err[-4000:]
+    assert "SIGTERM, saving and stopping" in out
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(last)]
+    assert json.loads((tmp_path / "checkpoints" / str(last) / "data" / "process_0-of-1.json").read_text())["next_batch"] == last
+    assert not (tmp_path / "export").exists()  # an unfinished run is not exported
+    # ... and the next start continues from there
+    result = run_train_py(tmp_path, compile_cache, f"--config.num_steps={last + 1}", "--config.checkpoint_every=100000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed at step {last}" in result.stdout and f"step {last + 1}/{last + 1}" in result.stdout
