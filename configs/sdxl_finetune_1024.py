@@ -1,0 +1,28 @@
+"""SDXL base fine-tuning at ~1024² on SDXL's 26 multi-aspect buckets, offset noise 0.05, from converted weights.
+
+    python train.py --config configs/sdxl_finetune_1024.py --workdir /runs/ft \
+        --config.init_from=/weights/stable-diffusion-xl-base-1.0 --config.data.path=/data/images \
+        --config.mesh.fsdp=8 --config.export_on_finish=single_file
+
+`init_from` takes anything `load_pipeline_weights` reads (a diffusers folder, the single-file
+`.safetensors`, this project's format). Argument: the UNet remat policy (default full: 1024² at
+batch 1 per device has to fit 16 GiB on a TPU v5e; see `python -m sdxl_jax.plan`).
+"""
+
+from configs.sdxl_pretrain_256 import data_config, sdxl_models
+from sdxl_jax.train_config import skeleton
+
+
+def get_config(arg=None):
+    c = skeleton(sdxl_models(arg or "full"), data_config("sdxl"))
+    c.init_from = ""  # set on the command line: the run starts from SDXL's weights
+    c.num_steps = 10_000
+    c.batch_size = 64
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.diffusion.offset_noise = 0.05
+    c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
+    c.ema.decay = 0.999
+    c.validation.update(every=500, height=1024, width=1024, steps=20, prompts=(
+        "a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"))
+    return c

@@ -1,0 +1,34 @@
+"""The SDXL refiner: bigG-only conditioning with aesthetic scores, specialised on t < 200, ~1024².
+
+    python train.py --config configs/sdxl_refiner.py --workdir /runs/refiner \
+        --config.init_from=/weights/stable-diffusion-xl-refiner-1.0 --config.data.path=/data/images \
+        --config.mesh.fsdp=8
+
+Argument: the UNet remat policy (default full).
+"""
+
+from configs.sdxl_pretrain_256 import data_config
+from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
+from sdxl_jax.train_config import skeleton
+from sdxl_jax.train_state import Models
+
+
+def refiner_models(remat: str) -> Models:
+    compute = dict(dtype="bfloat16", param_dtype="float32")
+    # scan_layers: each transformer's blocks compiled once (nn.scan); checkpoints convert either way
+    return Models("refiner", UNetConfig.sdxl_refiner(remat=remat, scan_layers=True, **compute), VAEConfig.sdxl(), None,
+                  CLIPTextConfig.openclip_vit_bigg14(**compute))
+
+
+def get_config(arg=None):
+    c = skeleton(refiner_models(arg or "full"), data_config("sdxl"))
+    c.num_steps = 10_000
+    c.batch_size = 64
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.diffusion.t_max = 200  # the first 200 (low-noise) discrete levels
+    c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
+    c.ema.decay = 0.999
+    c.validation.update(every=500, height=1024, width=1024, steps=20, aesthetic_score=6.0,
+                        prompts=("a photograph of an astronaut riding a horse",))
+    return c

@@ -1,0 +1,133 @@
+"""Every training config builds: the skeleton's entries are all there, the values pass `check`, the
+models agree with each other, and (abstractly, nothing allocated) the sharded train state exists."""
+
+import dataclasses
+import importlib.util
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import ml_collections
+import pytest
+
+from sdxl_jax import train_config
+from sdxl_jax.data.buckets import bucket_table
+from sdxl_jax.feed import DATA_SOURCES
+from sdxl_jax.mesh import make_mesh, mesh_shape
+from sdxl_jax.train_state import make_optimizer, models_from_config, state_shardings, trainable_components
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINING = {"tiny": ["", "refiner", "latents", "refiner,latents", "folder"], "sdxl_pretrain_256": ["", "none", "full"],
+            "sdxl_pretrain_512": [""], "sdxl_finetune_1024": ["", "minimal"], "sdxl_refiner": [""]}
+
+
+def load(name: str, arg: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "python train.py --config configs/" in module.__doc__  # the launch command is documented
+    return module.get_config(arg or None)
+
+
+def skeleton_keys(c: ml_collections.ConfigDict, prefix="") -> set[str]:
+    keys = set()
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict) and key not in ("model", "data"):
+            keys |= skeleton_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(prefix + key)
+    return keys
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in TRAINING.items() for a in args])
+def test_config_builds(name, arg):
+    c = load(name, arg)
+    train_config.check(c)
+    models = models_from_config(c.model)
+    reference = train_config.skeleton(models, c.data)
+    assert skeleton_keys(c) == skeleton_keys(reference)  # nothing missing, nothing invented
+    for key in ("num_steps", "batch_size", "seed", "log_every", "checkpoint_every", "mesh", "data"):
+        assert key in c
+    assert c.data.source in DATA_SOURCES
+    f = models.vae.downsample_factor * models.unet.downsample_factor
+    if c.data.source == "synthetic":
+        assert c.data.context_dim == models.unet.context_dim
+        assert c.data.pooled_dim == models.text_encoder_2.projection_dim
+        buckets = c.data.buckets
+    else:
+        buckets = [(b.h, b.w) for b in bucket_table(c.data.buckets)]
+    assert all(h % f == 0 and w % f == 0 for h, w in buckets), buckets
+    if models.kind == "refiner":
+        assert c.diffusion.t_max == 200 and models.text_encoder is None
+
+
+@pytest.mark.parametrize("name,arg", [("tiny", ""), ("tiny", "refiner")])
+def test_tiny_state_is_laid_out_on_the_mesh(name, arg):
+    c = load(name, arg)
+    c.train_text_encoders = True
+    models = models_from_config(c.model)
+    tx, _ = make_optimizer(c.optimizer, trainable_components(c, models))
+    shardings, frozen, _ = state_shardings(models, tx, trainable_components(c, models), 0, make_mesh(c.mesh), c.sharding_rules)
+    assert set(shardings.params) == {"unet", *(k for k in ("text_encoder", "text_encoder_2") if models.config(k))}
+    assert set(frozen) == {"vae"}
+    assert jax.tree.structure(shardings.params) == jax.tree.structure(shardings.ema_params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdxl_pretrain_256", "sdxl_finetune_1024", "sdxl_refiner"])
+def test_full_size_state_shardings(name):
+    """The whole abstract state of a full-size config: parameter and optimiser-state layouts."""
+    c = load(name, "")
+    models = models_from_config(c.model)
+    trainable = trainable_components(c, models)
+    tx, _ = make_optimizer(c.optimizer, trainable)
+    shardings, frozen, boxed = state_shardings(models, tx, trainable, 0, make_mesh(c.mesh), c.sharding_rules)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed["unet"])))
+    assert n == {"base": 2_567_463_684, "refiner": 2_259_526_660}[models.kind]
+    leaves = jax.tree.leaves(nn.meta.unbox(boxed["unet"]))
+    kernel = max(leaves, key=lambda x: math.prod(x.shape))
+    assert not jax.tree.leaves(shardings.params["unet"])[0].is_fully_replicated or len(jax.devices()) == 1
+    assert kernel.dtype == jax.numpy.float32  # fp32 master weights
+    assert set(frozen) == set(models.components) - {"unet"}
+
+
+def test_bad_configs_fail_loudly():
+    c = load("tiny", "")
+    c.diffusion.weighting = "snr"
+    c.mesh.data = -1
+    with pytest.raises(ValueError, match="diffusion.weighting 'snr'.*\n.*mesh sizes"):
+        train_config.check(c)
+    assert mesh_shape(ml_collections.ConfigDict({"data": 2, "fsdp": -1, "tensor": 2}), 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        mesh_shape(ml_collections.ConfigDict({"data": 3, "fsdp": -1, "tensor": 1}), 8)
+
+
+def test_init_from_loads_weights_and_converts_the_layer_layout(tmp_path):
+    import numpy as np
+
+    from configs.tiny import tiny_models
+    from sdxl_jax.convert import PipelineWeights, save_project
+    from sdxl_jax.convert.unet import stack_scanned_blocks
+    from sdxl_jax.train_state import init_params, load_params
+
+    models = tiny_models(refiner=False)
+    rng = np.random.default_rng(0)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: init_params(models, jax.random.key(0))))
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    save_project(PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), tmp_path / "w")
+
+    scanned = dataclasses.replace(models, unet=models.unet.replace(scan_layers=True))
+    loaded = load_params(scanned, str(tmp_path / "w"))
+    want = stack_scanned_blocks(params["unet"])
+    assert jax.tree.structure(loaded["unet"]) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(loaded["unet"]), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded["vae"]["encoder"]["conv_in"]["kernel"], params["vae"]["encoder"]["conv_in"]["kernel"])
+
+    wider = dataclasses.replace(models, vae=models.vae.replace(block_out_channels=(8, 8, 16, 32)))
+    with pytest.raises(ValueError, match="vae architecture differs"):
+        load_params(wider, str(tmp_path / "w"))
+    refiner = tiny_models(refiner=True)
+    with pytest.raises(ValueError, match="holds an SDXL base, the config trains a refiner"):
+        load_params(refiner, str(tmp_path / "w"))
