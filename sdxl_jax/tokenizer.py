@@ -49,6 +49,7 @@ import functools
 import html
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -224,10 +225,21 @@ class Tokenizer:
         return outs
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.cache
-def load_tokenizer() -> Tokenizer:
-    """The package's tokenizer, built once per process (~0.2 s, plus importing transformers)."""
+def _load() -> Tokenizer:
     return Tokenizer()
+
+
+def load_tokenizer() -> Tokenizer:
+    """The package's tokenizer, built once per process (~0.2 s, plus importing transformers).
+
+    Thread-safe: two threads importing transformers' lazy modules at once fail ("cannot import name
+    'CLIPTokenizer'"), so the first load is serialised (data-loader decode threads hit this)."""
+    with _LOAD_LOCK:
+        return _load()
 
 
 def tokenize(prompts: str | list[str], *, pad: str, mode: str = "truncate",

@@ -140,16 +140,10 @@ _QUIET = _QuietTruncation()
 logging.getLogger("sdxl_jax.tokenizer").addFilter(_QUIET)
 
 
-_TOKENIZER_LOCK = threading.Lock()
-
-
 def _tokens(text: str) -> dict:
     from sdxl_jax.tokenizer import load_tokenizer
 
-    # The first load imports transformers; two decode threads doing that at once make its lazy
-    # module fail ("cannot import name 'CLIPTokenizer'"), so the load is serialised.
-    with _TOKENIZER_LOCK:
-        tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer()  # thread-safe first load
     _QUIET.active.on = True
     try:
         tok = tokenizer.tokenize_pair([text])
