@@ -90,18 +90,29 @@ def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
 
 
 def main(argv=None) -> None:
-    """`python -m sdxl_jax.models.random_init OUT [--model base|refiner] [--size tiny|sdxl] [--seed N]`:
+    """`python -m sdxl_jax.models.random_init OUT [--model base|refiner] [--size tiny|sdxl] [--seed N] [--overwrite]`:
     write a random pipeline in this project's format (a stand-in checkpoint for trying sample.py)."""
     import argparse
+    import shutil
+    from pathlib import Path
 
-    from sdxl_jax.convert.pipeline_weights import save_project
+    from sdxl_jax.convert.pipeline_weights import FORMAT_NAME, is_project, save_project
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out")
     parser.add_argument("--model", choices=("base", "refiner"), default="base")
     parser.add_argument("--size", choices=("tiny", "sdxl"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        if not args.overwrite:
+            print(f"{out} exists; kept as it is (--overwrite replaces it)")
+            return
+        if not is_project(out):
+            raise SystemExit(f"{out} exists and is not an {FORMAT_NAME} checkpoint; not touching it")
+        shutil.rmtree(out)
     configs = (tiny_configs if args.size == "tiny" else sdxl_configs)(args.model)
     weights = random_weights(args.model, configs, args.seed)
     path = save_project(weights, args.out)
