@@ -64,7 +64,7 @@ def train(config, workdir: str | Path):
                 raise FloatingPointError(f"step {step}: {int(metrics['skipped'])} consecutive non-finite losses or "
                                          f"gradients (max_consecutive_skips={config.max_consecutive_skips}); stopping")
             if validate is not None and step % config.validation.every == 0:
-                writer.images(step, "validation", validate(frozen | state.ema_params, jax.random.key(config.validation.seed)))
+                writer.images(step, "validation", validate(frozen | state.ema_params))
             if step % config.checkpoint_every == 0:
                 checkpoint.save(manager, step, state, data)
                 saved = step

@@ -14,12 +14,12 @@ import dataclasses
 import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
+from sdxl_jax.diffusion.samplers import SAMPLERS
 from sdxl_jax.parallel import FSDP_RULES, check_rules
 from sdxl_jax.train_state import LR_SCHEDULES, Models
 
 PREDICTIONS = ("epsilon", "v_prediction")
 EXPORT_FORMATS = ("none", "diffusers", "single_file")
-VALIDATION_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim")
 
 
 def model_entries(models: Models) -> ml_collections.ConfigDict:
@@ -87,8 +87,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"optimizer.accumulation_steps must be >= 1, got {c.optimizer.accumulation_steps}")
     if c.export_on_finish not in EXPORT_FORMATS:
         errors.append(f"export_on_finish {c.export_on_finish!r} not in {EXPORT_FORMATS}")
-    if c.validation.every and c.validation.sampler not in VALIDATION_SAMPLERS:
-        errors.append(f"validation.sampler {c.validation.sampler!r} not in {VALIDATION_SAMPLERS}")
+    if c.validation.every and c.validation.sampler not in SAMPLERS:
+        errors.append(f"validation.sampler {c.validation.sampler!r} not in {tuple(SAMPLERS)}")
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         errors.append(f"mesh sizes {sizes}: positive, at most one -1")
