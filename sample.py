@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image, PngImagePlugin
@@ -72,20 +71,24 @@ def read_prompts() -> list[str]:
     return prompts
 
 
-def check_config(config, multiple: int) -> None:
-    """Errors for names, and sizes rounded down to a valid multiple with a warning."""
+def check_config(config) -> None:
+    """Errors for bad names and counts, before any weights are read."""
     if config.sampler not in samplers.SAMPLERS:
         raise app.UsageError(f"unknown sampler {config.sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
     if config.schedule not in pipeline_lib.SCHEDULES:
         raise app.UsageError(f"unknown schedule {config.schedule!r}; valid: {', '.join(pipeline_lib.SCHEDULES)}")
+    if config.n < 1 or config.batch_size < 1 or config.steps < 1:
+        raise app.UsageError("n, batch_size and steps must be >= 1")
+
+
+def round_sizes(config, multiple: int) -> None:
+    """Height and width rounded down to the pipeline's size multiple, with a warning."""
     for name in ("height", "width"):
         side = getattr(config, name)
         valid = max(multiple, side // multiple * multiple)
         if side != valid:
             logging.warning("%s %d is not a multiple of %d: using %d", name, side, multiple, valid)
             setattr(config, name, valid)
-    if config.n < 1 or config.batch_size < 1 or config.steps < 1:
-        raise app.UsageError("n, batch_size and steps must be >= 1")
 
 
 def infotext(config, prompt: str, seed: int, model: str) -> str:
@@ -128,6 +131,7 @@ def main(argv):
         raise app.UsageError("no checkpoint: set --config.checkpoint=PATH (this project's format, a diffusers "
                              "folder or an SDXL .safetensors); see README 'Using real SDXL weights'")
     prompts = read_prompts()
+    check_config(config)
     if config.compilation_cache != "none":
         cache = pipeline_lib.enable_compilation_cache(config.compilation_cache or None)
         print(f"compilation cache: {cache}")
@@ -138,7 +142,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     print(f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
           f"in {time.perf_counter() - start:.1f} s")
-    check_config(config, pipe.size_multiple)
+    round_sizes(config, pipe.size_multiple)
     print("settings: " + json.dumps({k: v for k, v in config.to_dict().items() if k != "compilation_cache"}))
 
     jobs = [(prompt, config.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(config.n))]

@@ -26,35 +26,18 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "fixtures" / "sdxl_diffusers_configs.json"
 
 
-def random_params(abstract, seed: int = 0):
-    """Fan-in scaled normal kernels, unit norm scales, zero biases: activations stay O(1), no denormals."""
-    import jax
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def init(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(s.shape[:-1]))
-            return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(s.dtype)
-        return np.full(s.shape, 1.0 if name == "scale" else 0.0, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(init, abstract)
-
-
 def jax_setup(args):
     """-> (decode(), info): one synchronised decode of the jitted Flax VAE, and compile figures."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax.linen import meta
 
-    from sdxl_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params
+    from sdxl_jax.models.random_init import random_params
+    from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
     from sdxl_jax.models.vae_tiling import tiled_decode
 
     cfg = VAEConfig.sdxl(dtype=args.dtype, attention=args.attention)
-    params = jax.device_put(random_params(meta.unbox(abstract_params(cfg))))
+    params = random_params("vae", cfg)
     z = jnp.asarray(np.random.default_rng(1).standard_normal((args.batch, args.latent, args.latent, 4), dtype=np.float32))
     jitted = jax.jit(lambda p, z: AutoencoderKL(cfg).apply({"params": p}, z, method=AutoencoderKL.decode))
     start = time.perf_counter()

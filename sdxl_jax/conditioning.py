@@ -195,7 +195,12 @@ def prepare_prompts(
     negative_aesthetic_score: float = 2.5,
     mode: str = "truncate",
 ) -> PromptBatch:
-    """Tokenize prompts and negatives and build both branches' time ids (see `encode_prompt`)."""
+    """Tokenize prompts and negatives and build both branches' time ids, on the host.
+
+    original_size and target_size default to (height, width) and crop to (0, 0), SDXL's inference
+    defaults; the unconditional branch copies the size/crop conditioning and, for the refiner, takes
+    `negative_aesthetic_score`. In chunked mode the negative prompts get as many chunks as the prompts.
+    """
     tokens = tokenize_pair(prompts, mode=mode)
     batch = tokens.ids_g.shape[0]
     chunks = {} if mode == "truncate" else dict(min_chunks=tokens.ids_g.shape[1], max_chunks=tokens.ids_g.shape[1])
@@ -215,32 +220,14 @@ def prepare_prompts(
     return PromptBatch(tokens, negative_tokens, zero, ids, negative_ids)
 
 
-def encode_prompt(
-    encoders: TextEncoders,
-    prompts,
-    negative_prompts=None,
-    *,
-    height: int = 1024,
-    width: int = 1024,
-    original_size=None,
-    crop_top_left=(0, 0),
-    target_size=None,
-    aesthetic_score: float = 6.0,
-    negative_aesthetic_score: float = 2.5,
-    mode: str = "truncate",
-    time_id_embed_dim: int = SCALAR_EMBED_DIM,
-) -> tuple[Conditioning, Conditioning]:
+def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *,
+                  time_id_embed_dim: int = SCALAR_EMBED_DIM, **options) -> tuple[Conditioning, Conditioning]:
     """Prompts -> (conditional, unconditional) `Conditioning`, both `[B, ...]`, on the host's default device.
 
-    original_size and target_size default to (height, width) and crop to (0, 0), SDXL's inference
-    defaults; the unconditional branch copies the size/crop conditioning and, for the refiner, takes
-    `negative_aesthetic_score`. In chunked mode the negative prompts get as many chunks as the prompts.
-    time_id_embed_dim: the UNet config's (256 for SDXL).
+    options: `prepare_prompts`' keywords (height, width, original_size, crop_top_left, target_size,
+    aesthetic_score, negative_aesthetic_score, mode); time_id_embed_dim: the UNet config's (256 for SDXL).
     """
-    batch = prepare_prompts(
-        prompts, negative_prompts, refiner=encoders.is_refiner, height=height, width=width,
-        original_size=original_size, crop_top_left=crop_top_left, target_size=target_size,
-        aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score, mode=mode)
+    batch = prepare_prompts(prompts, negative_prompts, refiner=encoders.is_refiner, **options)
     return _condition_pair(encoders, *batch, time_id_embed_dim)
 
 

@@ -161,9 +161,8 @@ def decode(vae_cfg: VAEConfig, vae_params, latents: jax.Array) -> tuple[jax.Arra
     in any channel come out black."""
     images = AutoencoderKL(vae_cfg).apply({"params": vae_params}, from_latents(latents, vae_cfg),
                                           method=AutoencoderKL.decode)
-    finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
     pixel_ok = jnp.all(jnp.isfinite(images), axis=-1, keepdims=True)
-    return to_uint8(jnp.where(pixel_ok, images, -1.0)), finite  # non-finite pixels black
+    return to_uint8(jnp.where(pixel_ok, images, -1.0)), jnp.all(pixel_ok, axis=(1, 2, 3))  # non-finite pixels black
 
 
 def initial_latents(plan: Plan, inputs: Inputs, shape: tuple[int, ...]) -> jax.Array:

@@ -31,14 +31,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from sdxl_jax import conditioning, generation, parallel
 from sdxl_jax.conditioning import TextEncoders
-from sdxl_jax.convert.pipeline_weights import PipelineWeights, load_pipeline_weights
+from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
 from sdxl_jax.diffusion import guidance, samplers, schedules
-from sdxl_jax.models import clip, unet, vae
 from sdxl_jax.models.vae import AutoencoderKL, to_latents
 
 log = logging.getLogger("sdxl_jax")
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SCHEDULES = ("leading", "trailing", "linspace", "karras", "sgm", "turbo")
 PARAM_SHARDINGS = ("replicated", "fsdp")
 # Which diffusers scheduler family each sampler's sigma grid reproduces (see diffusion/schedules.py).
@@ -87,10 +85,6 @@ def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPM
     if karras:
         raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
     return schedules.diffusers_ddim(table, steps, spacing)
-
-
-ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params,
-                   "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
 
 
 class _Placer:

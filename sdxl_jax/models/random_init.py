@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sdxl_jax.convert.pipeline_weights import PipelineWeights
-from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, PipelineWeights
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -50,10 +49,6 @@ def sdxl_configs(model: str = "base") -> dict:
     else:
         raise ValueError(f"model must be 'base' or 'refiner', got {model!r}")
     return configs
-
-
-ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params,
-                   "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
 
 
 def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
