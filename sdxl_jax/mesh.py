@@ -6,13 +6,14 @@
     with tracing_context(config, mesh):                      # around tracing the step / the sampler
         ...
 
-The models annotate activations at block boundaries with `nn.with_logical_constraint`; those are
-no-ops unless the logical rules and a mesh are in context while the step is traced. With
-`config.activation_constraints` the train step and the validation sampler are traced inside
-`sharding_context` (not the state's init: unboxing abstract params there would try to constrain them
-outside `jit`). It is off by default: on the (data, fsdp, tensor) = (2, 2, 2) mesh the constrained
-tiny step computes a different loss than one device does (tests/test_train_sharding.py records it),
-although it cuts the planned memory of the full 1024² step by half.
+The models annotate activations with `nn.with_logical_constraint` (block boundaries, and the input
+and output of every dense layer: `models.layers.Dense`); those are no-ops unless the logical rules
+and a mesh are in context while the step is traced. With `config.activation_constraints` the train
+step and the validation sampler are traced inside `sharding_context` (not the state's init: unboxing
+abstract params there would try to constrain them outside `jit`). It cuts the planned memory of the
+full 1024² step by half. The dense layers' constraints are what keep it correct with `tensor` > 1:
+constraining only the block boundaries left XLA's SPMD partitioner to lay out the tensor-parallel
+matmuls itself, and it miscompiled some (wrong loss and gradients on (2, 2, 2); see `Dense`).
 """
 
 import contextlib

@@ -56,6 +56,45 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# A spatial transformer (GroupNorm, proj_in, self/cross-attention, GEGLU, proj_out, residual) traced
+# with the activation constraints on the (data, fsdp, tensor) = (2, 2, 2) mesh: its output and
+# gradients must be those of one device. Constraining only the block boundary, XLA's partitioner
+# laid out the tensor-parallel matmuls itself and mixed up batch shards (max error ~4).
+CONSTRAINED_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    import flax.linen as nn
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    from sdxl_jax.mesh import sharding_context
+    from sdxl_jax.models.attention import SpatialTransformer
+    from sdxl_jax.parallel import FSDP_RULES, param_shardings
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    block = SpatialTransformer(1, 2, 32, 8, 1e-6, 1e-5, "xla", "none", False, jnp.float32, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, ctx = jax.random.normal(keys[0], (8, 2, 2, 64)), jax.random.normal(keys[1], (8, 77, 48))
+    probe = jax.random.normal(keys[2], x.shape)
+    params = nn.meta.unbox(block.init(keys[3], x, ctx)["params"])
+
+    def loss(params, x, ctx):
+        return jnp.sum(block.apply({"params": params}, x, ctx) * probe)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    want = jax.jit(fn)(params, x, ctx)
+    shardings = param_shardings(jax.eval_shape(block.init, keys[3], x, ctx)["params"], mesh, FSDP_RULES)
+    batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    args = (jax.device_put(params, shardings), jax.device_put(x, batch), jax.device_put(ctx, batch))
+    with sharding_context(mesh, FSDP_RULES):
+        got = jax.jit(fn)(*args)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        scale = float(jnp.max(jnp.abs(w))) + 1e-3
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    print("ok")
+    """
+)
+
+
 def test_rules_use_only_known_names():
     assert {name for name, _ in FSDP_RULES} == set(LOGICAL_AXES)
 
@@ -66,3 +105,11 @@ def test_full_base_unet_fsdp_on_8_fake_devices():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
     print(result.stdout)
+
+
+def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", CONSTRAINED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    assert result.stdout.strip().endswith("ok")

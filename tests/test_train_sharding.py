@@ -46,12 +46,13 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, compile_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [(2, 4, 1), pytest.param((2, 2, 2), marks=pytest.mark.xfail(
-    strict=True, reason="with the models' activation constraints traced in, (2,2,2) computes a different loss "
-                        "(1.2886 vs 1.2550 at step 1); unconstrained it matches. Why is open."))])
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
 def test_activation_constraints_keep_the_numbers(tmp_path, compile_cache, mesh):
-    common = ONE_BUCKET | {"num_steps": 1, "checkpoint_every": 100}
+    # Two steps: step 1 runs at LR 0 (warmup), so only step 2's params show whether the gradients
+    # match. (2, 2, 2) once gave 1.2886 vs 1.2550 at step 1 and wrong gradients: XLA's partitioner,
+    # left to lay out the tensor-parallel matmuls, mixed up batch shards (see models.layers.Dense).
+    common = ONE_BUCKET | {"num_steps": 2, "checkpoint_every": 100}
     want = run_child(tmp_path / "one_device", compile_cache, common | mesh_overrides(1, 1, 1), devices=1)
     got = run_child(tmp_path / "constrained", compile_cache,
                     common | mesh_overrides(*mesh) | {"activation_constraints": True}, devices=8)
-    np.testing.assert_allclose(got["losses"][1], want["losses"][1], rtol=1e-5)
+    assert_same_run(got, want, (1, 2))

@@ -28,15 +28,38 @@ def maybe_remat(module_cls, policy_name: str):
     return nn.remat(module_cls, policy=REMAT_POLICIES[policy_name], prevent_cse=True)
 
 
+class Dense(nn.Dense):
+    """`nn.Dense` whose input and output are pinned to the logical axes of its kernel.
+
+    x `[B, ..., in]` is constrained to ("batch", "length", ..., names[0]) and the result to
+    ("batch", "length", ..., names[1]): with `activation_constraints` every matmul's operands and
+    result carry an explicit sharding (heads/mlp split over `tensor`, the rest replicated there), so
+    XLA's SPMD partitioner never picks the layout around a tensor-parallel weight itself. Left to
+    choose, it miscompiles some of them: a dot with the batch over (data, fsdp), the contraction
+    over `tensor` and the weight's output axis over `fsdp` gets its batch shards collective-permuted
+    and never put back, i.e. other examples' results (jaxlib 0.10.2, Shardy or GSPMD; see
+    tests/test_train_sharding.py). The constraints are no-ops unless rules and a mesh are in context.
+    """
+
+    names: tuple[str | None, str | None] = (None, None)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        middle = (("length",) + (None,) * (x.ndim - 3)) if x.ndim > 2 else ()
+        x = nn.with_logical_constraint(x, ("batch", *middle, self.names[0]))
+        return nn.with_logical_constraint(super().__call__(x), ("batch", *middle, self.names[1]))
+
+
 def dense(features: int, names: tuple[str, str], *, use_bias=True, dtype, param_dtype, name=None):
-    """nn.Dense with kernel `[in, features]` annotated `names` and bias annotated `names[1]`."""
-    return nn.Dense(
+    """`Dense` with kernel `[in, features]` annotated `names` and bias annotated `names[1]`."""
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
+        names=tuple(names),
         name=name,
     )
 
