@@ -29,7 +29,8 @@ from sdxl_jax.conditioning import Conditioning, TextEncoders
 from sdxl_jax.diffusion import guidance, samplers, schedules
 from sdxl_jax.diffusion.denoisers import make_denoiser
 from sdxl_jax.models.unet import UNet, UNetConfig
-from sdxl_jax.models.vae import AutoencoderKL, VAEConfig, from_latents
+from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
+from sdxl_jax.models.vae import from_latents
 from sdxl_jax.tokenizer import TokenPair
 
 # fold_in constants of each image's random streams
@@ -52,7 +53,7 @@ class Models:
     """Everything the program computes with: the base stage, an optional refiner stage, the VAE."""
 
     base: Stage
-    vae_cfg: VAEConfig = flax.struct.field(pytree_node=False)
+    vae_cfg: FirstStageConfig = flax.struct.field(pytree_node=False)
     vae_params: Any
     refiner: Stage | None = None
 
@@ -156,11 +157,10 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-def decode(vae_cfg: VAEConfig, vae_params, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+def decode(vae_cfg: FirstStageConfig, vae_params, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scaled latents `[B, h, w, C]` -> (uint8 images `[B, H, W, 3]`, finite `[B]`); pixels with NaN/inf
     in any channel come out black."""
-    images = AutoencoderKL(vae_cfg).apply({"params": vae_params}, from_latents(latents, vae_cfg),
-                                          method=AutoencoderKL.decode)
+    images = first_stage(vae_cfg).apply({"params": vae_params}, from_latents(latents, vae_cfg), method="decode")
     pixel_ok = jnp.all(jnp.isfinite(images), axis=-1, keepdims=True)
     return to_uint8(jnp.where(pixel_ok, images, -1.0)), jnp.all(pixel_ok, axis=(1, 2, 3))  # non-finite pixels black
 

@@ -33,7 +33,8 @@ from sdxl_jax import conditioning, generation, parallel
 from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
 from sdxl_jax.diffusion import guidance, samplers, schedules
-from sdxl_jax.models.vae import AutoencoderKL, to_latents
+from sdxl_jax.models.pixel_space import first_stage
+from sdxl_jax.models.vae import to_latents
 
 log = logging.getLogger("sdxl_jax")
 
@@ -87,6 +88,16 @@ def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPM
     return schedules.diffusers_ddim(table, steps, spacing)
 
 
+def objective_from_metadata(metadata: dict[str, str]) -> dict:
+    """`prediction` / `zero_terminal_snr` recorded in a checkpoint's metadata, as `from_weights` keywords."""
+    out = {}
+    if "prediction" in metadata:
+        out["prediction"] = metadata["prediction"]
+    if "zero_terminal_snr" in metadata:
+        out["zero_terminal_snr"] = metadata["zero_terminal_snr"] == "true"
+    return out
+
+
 class _Placer:
     """Casts one component's host params and puts them on the mesh; with `release`, drops the host copy
     from the PipelineWeights right after, so a full-size model never exists twice in host memory."""
@@ -126,7 +137,8 @@ class Pipeline:
 
     @classmethod
     def from_weights(cls, base: PipelineWeights, refiner: PipelineWeights | None = None, *, dtype: str = "bf16",
-                     prediction: str = "epsilon", mesh: jax.sharding.Mesh | None = None,
+                     prediction: str = "epsilon", zero_terminal_snr: bool = False,
+                     mesh: jax.sharding.Mesh | None = None,
                      param_sharding: str = "replicated", release_host_copies: bool = False,
                      source: str = "") -> "Pipeline":
         """dtype ("bf16" | "fp32" | "fp16"): UNet and text encoders' params and compute; the VAE stays in
@@ -148,15 +160,18 @@ class Pipeline:
         ref = None if refiner is None else _stage(refiner, DTYPES[dtype], prediction, place)
         vae_cfg = base.config("vae")
         models = generation.Models(stage, vae_cfg, place(base, "vae", vae_cfg), ref)
-        return cls(models, mesh, schedules.scaled_linear_table(), source)
+        return cls(models, mesh, schedules.scaled_linear_table(zero_terminal_snr=zero_terminal_snr), source)
 
     @classmethod
     def load(cls, path: str | Path, refiner: str | Path | None = None, dtype: str = "bf16", **kwargs) -> "Pipeline":
         """Load from anything `convert.load_pipeline_weights` accepts (this project's checkpoint, a diffusers
-        folder, an original single file), and optionally a refiner the same way."""
+        folder, an original single file), and optionally a refiner the same way. `prediction` and
+        `zero_terminal_snr` default to what the checkpoint's metadata records (train.py's exports do),
+        else SDXL's (epsilon, no)."""
         start = time.perf_counter()
         base = load_pipeline_weights(path, model="base")
         ref = load_pipeline_weights(refiner, model="refiner") if refiner is not None else None
+        kwargs = objective_from_metadata(base.metadata) | kwargs
         pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, release_host_copies=True, **kwargs)
         log.info("loaded %s%s in %.1f s (%s)", path, f" + refiner {refiner}" if refiner else "",
                  time.perf_counter() - start, dtype)
@@ -292,7 +307,7 @@ def encode_images(vae_cfg, vae_params, images: jax.Array) -> np.ndarray:
 
 def _encode(vae_cfg, vae_params, images):
     x = images.astype(jnp.float32) / 127.5 - 1.0
-    dist = AutoencoderKL(vae_cfg).apply({"params": vae_params}, x, method=AutoencoderKL.encode)
+    dist = first_stage(vae_cfg).apply({"params": vae_params}, x, method="encode")
     return to_latents(dist.mode(), vae_cfg)
 
 

@@ -26,7 +26,8 @@ from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.export import architecture
 from sdxl_jax.convert.pipeline_weights import config_from_dict, load_pipeline_weights
 from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
-from sdxl_jax.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig
+from sdxl_jax.models import CLIPTextConfig, CLIPTextModel, UNet, UNetConfig
+from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
 from sdxl_jax.parallel import param_shardings
 
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5  # (orig h, w, crop top, left, target h, w) / (..., aesthetic score)
@@ -39,7 +40,7 @@ class Models:
 
     kind: str  # "base" | "refiner"
     unet: UNetConfig
-    vae: VAEConfig
+    vae: FirstStageConfig  # an AutoencoderKL's, or pixel space (the demo)
     text_encoder: CLIPTextConfig | None  # CLIP-L
     text_encoder_2: CLIPTextConfig  # bigG, with its projection (the pooled vector)
 
@@ -102,7 +103,7 @@ def init_component(models: Models, name: str, key: jax.Array):
         return UNet(cfg).init(key, *args)["params"]
     if name == "vae":
         f = cfg.downsample_factor
-        return AutoencoderKL(cfg).init(key, jnp.zeros((1, f, f, cfg.in_channels)))["params"]
+        return first_stage(cfg).init(key, jnp.zeros((1, f, f, cfg.in_channels))).get("params", {})  # pixels: none
     return CLIPTextModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 

@@ -20,7 +20,8 @@ import optax
 
 from sdxl_jax import conditioning
 from sdxl_jax.diffusion import losses, schedules
-from sdxl_jax.models import AutoencoderKL, DiagonalGaussian, UNet, to_latents
+from sdxl_jax.models import DiagonalGaussian, UNet, to_latents
+from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.tokenizer import TokenPair
 from sdxl_jax.train_state import Models, TrainState, ema_decay
 
@@ -49,7 +50,7 @@ def encode_batch(models: Models, params: dict, batch: dict, key: jax.Array) -> t
         posterior = DiagonalGaussian.from_moments(batch["latent_moments"])
     else:
         images = batch["images"].astype(jnp.float32) / 127.5 - 1.0
-        posterior = AutoencoderKL(models.vae).apply({"params": params["vae"]}, images, method=AutoencoderKL.encode)
+        posterior = first_stage(models.vae).apply({"params": params["vae"]}, images, method="encode")
     x0 = to_latents(posterior.sample(key), models.vae)
     if "context" in batch:
         context, pooled = batch["context"], batch["pooled"]

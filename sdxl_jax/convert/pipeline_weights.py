@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from sdxl_jax.convert.mapping import ConversionError, _problems
-from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.models import clip, pixel_space, unet
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -36,7 +36,7 @@ MODEL_COMPONENTS = {
     "base": ("unet", "vae", "text_encoder", "text_encoder_2"),
     "refiner": ("unet", "vae", "text_encoder_2"),
 }
-ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": vae.abstract_params, "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
+ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": pixel_space.abstract_params, "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -97,7 +97,7 @@ def config_to_dict(cfg) -> dict:
 
 def config_from_dict(name: str, fields: dict):
     """The component's config dataclass from its JSON dict (lists back to tuples); unknown fields are errors."""
-    cls = CONFIG_TYPES[name]
+    cls = pixel_space.first_stage_config_type(fields) if name == "vae" else CONFIG_TYPES[name]
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(fields) - known:
         raise ValueError(f"{name} config has fields {cls.__name__} does not know: {sorted(unknown)}")
@@ -125,6 +125,8 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
         registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
         for name, (_, params) in weights.components.items():
+            if not jax.tree_util.tree_leaves(params):
+                continue  # a parameter-free component (pixel space): its config says it all
             checkpointer.save(tmp / name, args=ocp.args.PyTreeSave(jax.tree_util.tree_map(np.asarray, params)))
         index = dict(
             format=FORMAT_NAME,
@@ -158,7 +160,7 @@ def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
     with ocp.StandardCheckpointer() as checkpointer:
         for name, fields in index["configs"].items():
             cfg = config_from_dict(name, fields).replace(**overrides)
-            params = checkpointer.restore(path / name)
+            params = checkpointer.restore(path / name) if (path / name).exists() else {}
             check_params(name, cfg, params)
             params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(cfg.param_dtype, copy=False), params)
             components[name] = (cfg, params)

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax import conditioning
-from sdxl_jax.models.vae import AutoencoderKL
+from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.tokenizer import TokenPair, tokenize_pair
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _vae_moments(cfg, params, x: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` in [-1, 1] -> `[B, H/8, W/8, 8]` (module-level jit: compiled once per shape, shared)."""
-    return AutoencoderKL(cfg).apply({"params": params}, x, method=AutoencoderKL.moments)
+    return first_stage(cfg).apply({"params": params}, x, method="moments")
 
 
 _encode_text = jax.jit(conditioning.encode_text)
