@@ -24,15 +24,20 @@ def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
     """(model input x_t, target, weights) in float64 numpy."""
     ab = ALPHABAR[t][:, None, None, None]
     x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
-    target = noise if prediction == "epsilon" else np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+    target = {"epsilon": noise, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0, "sample": x0}[prediction]
     snr = ALPHABAR[t] / (1 - ALPHABAR[t])
-    weights = {"none": np.ones_like(snr),
-               "min_snr": np.minimum(snr, gamma) / (snr if prediction == "epsilon" else snr + 1),
-               "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0))}[weighting]
+    eps_weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma) / snr,
+                   "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0))}[weighting]
+    weights = eps_weights
+    if prediction == "v_prediction" and weighting == "min_snr":
+        weights = np.minimum(snr, gamma) / (snr + 1)
+    if prediction == "sample":  # x0 error² = eps error² / snr: the eps weight times snr (before clipping)
+        weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma),
+                   "debiased": np.sqrt(np.minimum(snr, 1000.0))}[weighting]
     return x_t, target, weights
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("weighting", ["none", "min_snr", "debiased"])
 def test_loss_matches_closed_form(prediction, weighting):
     x0 = np.random.default_rng(0).standard_normal((6, 4, 4, 4)).astype(np.float32)
@@ -111,3 +116,18 @@ def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     # AdamW's first step is -lr * sign(g): the UNet's LR and the text encoders' own
     np.testing.assert_allclose(once["unet"]["w"], [-1e-2, 1e-2, -1e-2], rtol=1e-4)
     np.testing.assert_allclose(once["text_encoder_2"]["w"], [-1e-3, 1e-3, -1e-3], rtol=1e-4)
+
+
+def test_a_sample_prediction_model_is_its_own_denoiser():
+    from sdxl_jax.diffusion.denoisers import make_denoiser
+
+    x = jnp.full((2, 3), 4.0)
+    seen = {}
+
+    def model(x_in, t, cond):
+        seen["x_in"] = x_in
+        return jnp.full_like(x_in, 0.25)
+
+    denoised = make_denoiser(model, "sample")(x, jnp.array([1.0, 3.0]), jnp.array([10, 20]), None)
+    np.testing.assert_allclose(denoised, 0.25)
+    np.testing.assert_allclose(seen["x_in"][:, 0], [4 / np.sqrt(2), 4 / np.sqrt(10)], rtol=1e-6)  # c_in x

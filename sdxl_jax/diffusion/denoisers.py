@@ -9,6 +9,8 @@ are scalars or `[B]`; the timestep is passed along from the schedule rather than
 Preconditioning (k-diffusion / EDM form for a discrete DDPM model), `c_in = 1 / sqrt(sigma² + 1)`:
     eps:  denoised = x - sigma * eps(c_in x, t)
     v:    denoised = c_skip x + c_out v(c_in x, t),  c_skip = 1 / (sigma² + 1),  c_out = -sigma / sqrt(sigma² + 1)
+    sample (x0): denoised = x0(c_in x, t)   (diffusers' prediction_type="sample"; the demo model's: a
+          tiny network never has to reproduce the noise exactly, so it leaves none in the image)
 The arithmetic is float32 whatever the model's compute dtype.
 """
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
-Prediction = Literal["epsilon", "v_prediction"]
+Prediction = Literal["epsilon", "v_prediction", "sample"]
 
 
 def expand_to(value, x: jax.Array) -> jax.Array:
@@ -85,7 +87,24 @@ def v_denoiser(model: ModelFn) -> Denoiser:
     return denoise
 
 
-DENOISERS: dict[str, Callable[[ModelFn], Denoiser]] = {"epsilon": eps_denoiser, "v_prediction": v_denoiser}
+def sample_denoiser(model: ModelFn) -> Denoiser:
+    """Denoiser of a model that predicts the clean latent itself."""
+
+    def denoise(x, sigma, t, cond):
+        x = x.astype(jnp.float32)
+        s = expand_to(sigma, x)
+        return model(scale_input(x, s), batch_timesteps(t, x.shape[0]), cond).astype(jnp.float32)
+
+    return denoise
+
+
+def identity_space(x, sigma, denoised):
+    """The output space of a sample-prediction model is the denoised estimate itself."""
+    return denoised
+
+
+DENOISERS: dict[str, Callable[[ModelFn], Denoiser]] = {"epsilon": eps_denoiser, "v_prediction": v_denoiser,
+                                                       "sample": sample_denoiser}
 
 
 def make_denoiser(model: ModelFn, prediction: Prediction) -> Denoiser:

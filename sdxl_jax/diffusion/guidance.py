@@ -35,8 +35,10 @@ class Guided(NamedTuple):
     rescale: jax.Array | float = 0.0
 
 
-_TO_SPACE = {"epsilon": denoisers.denoised_to_eps, "v_prediction": denoisers.denoised_to_v}
-_FROM_SPACE = {"epsilon": denoisers.eps_to_denoised, "v_prediction": denoisers.v_to_denoised}
+_TO_SPACE = {"epsilon": denoisers.denoised_to_eps, "v_prediction": denoisers.denoised_to_v,
+             "sample": denoisers.identity_space}
+_FROM_SPACE = {"epsilon": denoisers.eps_to_denoised, "v_prediction": denoisers.v_to_denoised,
+               "sample": denoisers.identity_space}
 
 
 def uses_cfg(scale: float) -> bool:

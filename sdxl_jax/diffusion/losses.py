@@ -1,13 +1,16 @@
 """Training objective of a discrete DDPM model: noised inputs, eps / v targets, per-timestep weights.
 
-Training works in the variance-preserving form the model sees, `x_t = sqrt(ab) x0 + sqrt(1 - ab) noise`
+Targets: eps, v, or the clean latent itself ("sample", diffusers' name). Training works in the
+variance-preserving form the model sees, `x_t = sqrt(ab) x0 + sqrt(1 - ab) noise`
 with `ab = alphas_cumprod[t]` (the same input as sigma space's `(x0 + sigma noise) / sqrt(sigma² + 1)`),
 `snr = ab / (1 - ab) = 1 / sigma²`.
 
 Weights (multiply the per-example MSE):
     "none"       1
-    "min_snr"    Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v
-    "debiased"   debiased estimation (Yu et al. 2024): 1 / sqrt(snr), snr clipped at 1000
+    "min_snr"    Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v,
+                 min(snr, gamma) for sample (the paper's x0 form)
+    "debiased"   debiased estimation (Yu et al. 2024): 1 / sqrt(snr), snr clipped at 1000; sqrt(snr) for
+                 sample (the same weight on the equivalent eps error, since eps error² = snr x0 error²)
 """
 
 from typing import Literal
@@ -34,13 +37,15 @@ def noisy_latents(x0, noise, alphas_cumprod_t):
 
 
 def target(x0, noise, alphas_cumprod_t, prediction: Prediction):
-    """eps: the noise; v: sqrt(ab) noise - sqrt(1 - ab) x0."""
+    """eps: the noise; v: sqrt(ab) noise - sqrt(1 - ab) x0; sample: x0."""
     if prediction == "epsilon":
         return noise
+    if prediction == "sample":
+        return x0
     if prediction == "v_prediction":
         ab = _per_example(alphas_cumprod_t, x0)
         return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
-    raise ValueError(f"unknown prediction type {prediction!r}; valid: epsilon, v_prediction")
+    raise ValueError(f"unknown prediction type {prediction!r}; valid: epsilon, v_prediction, sample")
 
 
 def snr(alphas_cumprod_t):
@@ -54,9 +59,10 @@ def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: flo
         return jnp.ones_like(snr_t)
     if weighting == "min_snr":
         clipped = jnp.minimum(snr_t, gamma)
-        return clipped / (snr_t + 1) if prediction == "v_prediction" else clipped / snr_t
+        return {"v_prediction": clipped / (snr_t + 1), "sample": clipped}.get(prediction, clipped / snr_t)
     if weighting == "debiased":
-        return jax.lax.rsqrt(jnp.minimum(snr_t, DEBIASED_MAX_SNR))
+        clipped = jnp.minimum(snr_t, DEBIASED_MAX_SNR)
+        return jnp.sqrt(clipped) if prediction == "sample" else jax.lax.rsqrt(clipped)
     raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
