@@ -23,7 +23,7 @@ from sdxl_jax import pipeline as pipeline_lib
 from sdxl_jax.convert.export import sdxl_jax_version
 from sdxl_jax.diffusion import samplers
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (see configs/sdxl_base.py)")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (configs/sdxl_base.py, or a training config with a `sample` section such as configs/demo.py)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", None, "where the PNGs go (config.outdir)")
@@ -48,6 +48,12 @@ _SHORT_FLAGS = {name: define(name, None, f"shorthand for --config.{field}") for 
 WEBUI_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
                   "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM"}
 WEBUI_SCHEDULES = {"karras": "Karras", "sgm": "SGM Uniform", "turbo": "SGM Uniform"}
+
+
+def sampling_config(config):
+    """The sampling settings: the config itself (configs/sdxl_base.py) or a training config's `sample`
+    section (configs/demo.py: one file for training and sampling; override as --config.sample.steps=...)."""
+    return config.sample if "sample" in config else config
 
 
 def apply_shorthands(config) -> None:
@@ -125,7 +131,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax's per-file INFO lines drown the progress output
-    config = _CONFIG.value
+    config = sampling_config(_CONFIG.value)
     apply_shorthands(config)
     if not config.checkpoint:
         raise app.UsageError("no checkpoint: set --config.checkpoint=PATH (this project's format, a diffusers "

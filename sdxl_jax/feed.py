@@ -12,12 +12,14 @@ import ml_collections
 import numpy as np
 
 from sdxl_jax.data.loader import make_loader
+from sdxl_jax.data.shapes import make_shapes_loader
 from sdxl_jax.data.synthetic import make_synthetic
 
 # config.data.source -> the iterator factory (all take the same keywords). The grain loader reads
-# `source` itself to open a folder, tar shards, a TFDS dataset or prepared shards.
+# `source` itself to open a folder, tar shards, a TFDS dataset or prepared shards; "shapes" is the demo's
+# procedural folder (written on first use).
 DATA_SOURCES = {"synthetic": make_synthetic, "folder": make_loader, "tar": make_loader, "tfds": make_loader,
-                "prepared": make_loader}
+                "prepared": make_loader, "shapes": make_shapes_loader}
 
 
 def make_data(config: ml_collections.ConfigDict):

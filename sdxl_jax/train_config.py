@@ -15,11 +15,12 @@ import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.samplers import SAMPLERS
+from sdxl_jax.pipeline import SCHEDULES
 from sdxl_jax.parallel import FSDP_RULES, check_rules
 from sdxl_jax.train_state import LR_SCHEDULES, Models
 
-PREDICTIONS = ("epsilon", "v_prediction")
-EXPORT_FORMATS = ("none", "diffusers", "single_file")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
 
 
 def model_entries(models: Models) -> ml_collections.ConfigDict:
@@ -63,7 +64,8 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup": True})
     c.data = data
     c.validation = ml_collections.ConfigDict({
-        "every": 0, "prompts": ("a photo of a cat",), "steps": 20, "sampler": "euler", "guidance_scale": 5.0,
+        "every": 0, "prompts": ("a photo of a cat",), "steps": 20, "sampler": "euler", "schedule": "leading",
+        "guidance_scale": 5.0,
         "height": 1024, "width": 1024, "seed": 0, "aesthetic_score": 6.0,
     })  # fmt: skip
     c.export_on_finish = "none"
@@ -89,6 +91,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"export_on_finish {c.export_on_finish!r} not in {EXPORT_FORMATS}")
     if c.validation.every and c.validation.sampler not in SAMPLERS:
         errors.append(f"validation.sampler {c.validation.sampler!r} not in {tuple(SAMPLERS)}")
+    if c.validation.every and c.validation.schedule not in SCHEDULES:
+        errors.append(f"validation.schedule {c.validation.schedule!r} not in {SCHEDULES}")
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         errors.append(f"mesh sizes {sizes}: positive, at most one -1")

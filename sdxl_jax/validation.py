@@ -27,7 +27,7 @@ def make_validation(models: Models, config: ml_collections.ConfigDict, mesh: jax
     prompts = conditioning.prepare_prompts(list(v.prompts), None, refiner=models.kind == "refiner", height=v.height,
                                            width=v.width, aesthetic_score=v.aesthetic_score)
     table = schedules.scaled_linear_table(zero_terminal_snr=config.diffusion.zero_terminal_snr)
-    schedule = make_schedule(v.sampler, "leading", v.steps, table)
+    schedule = make_schedule(v.sampler, v.schedule, v.steps, table)
     stage_inputs = generation.StageInputs(*prompts, schedule.sigmas, schedule.timesteps, np.float32(v.guidance_scale),
                                           np.float32(0.0))
     seeds = (v.seed + np.arange(len(v.prompts))).astype(np.uint32)
