@@ -1,0 +1,86 @@
+"""The demo: a small SDXL-family text-to-image model trained on procedural shapes, on a CPU, in minutes.
+
+    python train.py --config configs/demo.py --workdir runs/demo      # writes runs/demo_shapes/ first
+    python sample.py --config configs/demo.py --prompt "a green triangle on a white background"
+    python sample.py --config configs/demo.py --config.sample.checkpoint=runs/demo/export/sdxl_jax \
+        --prompt "a red circle on a black background"                   # your own run instead of the shipped one
+
+The same networks as SDXL base, scaled down: a UNet with cross-attention to both text encoders' hidden
+states and the vector conditioning (pooled text + the six size/crop micro-conditioning scalars), and two
+small CLIP text encoders behind the real tokenizer (randomly initialised, trained along with the UNet).
+Instead of a VAE it works in pixel space with 4x4 patches (`models.pixel_space`): nothing to train
+first, and a 32x32 image is an 8x8x48 "latent". v-prediction with a zero-SNR last timestep, so
+sampling starts from pure noise as training did (at SDXL's terminal SNR a small image's mean colour
+leaks into the noise, and colours come out wrong). Data: `data.shapes`, 4000 captioned images of many
+sizes and aspect ratios, read by the grain folder loader into three 32²-area buckets with random crops.
+
+`get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
+points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from sdxl_jax.data.loader import default_data_config
+from sdxl_jax.models import CLIPTextConfig, UNetConfig
+from sdxl_jax.models.pixel_space import PixelSpaceConfig
+from sdxl_jax.train_config import skeleton
+from sdxl_jax.train_state import BASE_TIME_IDS, Models
+
+SHIPPED = Path(__file__).resolve().parent.parent / "sdxl_jax" / "assets" / "demo"
+WIDTH_L, WIDTH_G, POOLED, TIME_ID_DIM = 32, 32, 32, 8
+
+
+def demo_models() -> Models:
+    clip = dict(vocab_size=49408, max_position_embeddings=77, intermediate_size=64, num_layers=2, num_heads=2)
+    text_l = CLIPTextConfig.tiny(hidden_size=WIDTH_L, **clip)
+    text_g = CLIPTextConfig.tiny(hidden_size=WIDTH_G, activation="gelu", projection_dim=POOLED, **clip)
+    pixels = PixelSpaceConfig(patch_size=2)
+    unet = UNetConfig.tiny(
+        in_channels=pixels.latent_channels, out_channels=pixels.latent_channels, model_channels=32,
+        channel_mult=(1, 2, 4), transformer_depth=(0, 1, 1), transformer_depth_middle=1, num_res_blocks=1,
+        head_dim=32, context_dim=WIDTH_L + WIDTH_G, adm_in_channels=POOLED + BASE_TIME_IDS * TIME_ID_DIM,
+        time_id_embed_dim=TIME_ID_DIM,
+    )  # fmt: skip
+    return Models("base", unet, pixels, text_l, text_g)
+
+
+def sampling() -> ml_collections.ConfigDict:
+    """What sample.py reads (the fields of configs/sdxl_base.py), for the demo model."""
+    return ml_collections.ConfigDict({
+        "checkpoint": str(SHIPPED), "refiner": "", "dtype": "fp32", "height": 32, "width": 32, "steps": 20,
+        "sampler": "dpmpp_2m", "schedule": "trailing", "guidance_scale": 4.0, "guidance_rescale": 0.0,
+        "negative_prompt": "", "seed": 0, "n": 1, "batch_size": 4, "denoising_end": 0.0,
+        "refiner_strength": 0.0, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
+        "prompt_mode": "truncate", "compilation_cache": "", "outdir": "samples",
+    })  # fmt: skip
+
+
+def get_config(arg=None):
+    if arg:
+        raise ValueError(f"configs/demo.py takes no argument, got {arg!r}")
+    models = demo_models()
+    data = default_data_config()
+    data.update(source="shapes", path="runs/demo_shapes", buckets="area=32,step=8,ratio=2.0",
+                num_workers=0, caption_dropout=0.1)
+    with data.unlocked():
+        data.num_images, data.shapes_seed = 4000, 0
+    c = skeleton(models, data)
+    c.num_steps = 1300
+    c.batch_size = 64
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.mesh.update(data=-1, fsdp=1)
+    c.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, decay_steps=1300, end_factor=0.05,
+                       weight_decay=0.0)
+    c.ema.decay = 0.999
+    c.diffusion.update(prediction="sample", zero_terminal_snr=True)
+    c.validation.update(every=1300, prompts=("a green triangle on a white background", "a red circle on a blue background"),
+                        steps=20, sampler="dpmpp_2m", schedule="trailing", guidance_scale=4.0, height=32, width=32)
+    c.train_text_encoders = True  # the words' embeddings learn too (cheap; faster than reading frozen random ones)
+    c.optimizer.text_encoder_learning_rate = 1e-3
+    c.export_on_finish = "project"
+    c.peak_flops_per_device = 1e12  # nominal, for a CPU
+    c.sample = sampling()
+    return c
