@@ -186,3 +186,22 @@ def test_grain_loader_feeds_the_trainer_and_resumes(tmp_path, compile_cache):
     resumed = run_child(tmp_path / "run", compile_cache, overrides | {"num_steps": 3}, arg="folder")
     straight = run_child(tmp_path / "straight", compile_cache, overrides | {"num_steps": 3}, arg="folder")
     assert resumed["losses"] == straight["losses"] and len(straight["losses"]) == 3
+
+
+@pytest.mark.slow
+def test_project_export_records_the_objective_and_never_overwrites(tmp_path, compile_cache):
+    from sdxl_jax.convert import load_pipeline_weights
+    from sdxl_jax.pipeline import Pipeline
+
+    overrides = ONE_BUCKET | {"num_steps": 1, "checkpoint_every": 100, "export_on_finish": "project",
+                              "diffusion.prediction": "v_prediction", "diffusion.zero_terminal_snr": True}
+    run_child(tmp_path / "run", compile_cache, overrides)
+    first = tmp_path / "run" / "export" / "sdxl_jax"
+    weights = load_pipeline_weights(first)
+    assert weights.metadata["prediction"] == "v_prediction" and weights.metadata["zero_terminal_snr"] == "true"
+    assert "step 1" in weights.metadata["source"]
+    run_child(tmp_path / "run", compile_cache, overrides | {"num_steps": 2})  # resumed, extended: a second export
+    assert "step 1" in load_pipeline_weights(first).metadata["source"]  # the first one kept
+    assert "step 2" in load_pipeline_weights(tmp_path / "run" / "export" / "sdxl_jax-step2").metadata["source"]
+    pipe = Pipeline.load(first, dtype="fp32")
+    assert pipe.models.base.prediction == "v_prediction" and pipe.table.alphas_cumprod[-1] < 1e-6
