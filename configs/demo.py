@@ -8,11 +8,14 @@
 The same networks as SDXL base, scaled down: a UNet with cross-attention to both text encoders' hidden
 states and the vector conditioning (pooled text + the six size/crop micro-conditioning scalars), and two
 small CLIP text encoders behind the real tokenizer (randomly initialised, trained along with the UNet).
-Instead of a VAE it works in pixel space with 4x4 patches (`models.pixel_space`): nothing to train
-first, and a 32x32 image is an 8x8x48 "latent". v-prediction with a zero-SNR last timestep, so
-sampling starts from pure noise as training did (at SDXL's terminal SNR a small image's mean colour
-leaks into the noise, and colours come out wrong). Data: `data.shapes`, 4000 captioned images of many
-sizes and aspect ratios, read by the grain folder loader into three 32²-area buckets with random crops.
+Instead of a VAE it works in pixel space with 2x2 patches (`models.pixel_space`): nothing to train
+first, and a 32x32 image is a 16x16x12 "latent". The UNet predicts the clean image (x0, "sample"):
+an eps or v network this narrow leaves visible noise in every image, because it cannot reproduce the
+noise exactly. Zero terminal SNR, so sampling starts from pure noise as training did (at SDXL's last
+noise level a small image's mean colour leaks through, and colours come out at random).
+Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain folder
+loader into three 32²-area buckets with random crops. What it learns in its 1300 steps (colours, not
+yet shapes): README, "The demo".
 
 `get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
 points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
