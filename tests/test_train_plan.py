@@ -37,7 +37,8 @@ def test_tiny_plan_shards_the_state():
 
 @pytest.mark.slow
 def test_full_sdxl_finetune_plan_on_8_devices():
-    """Full SDXL base at 1024², fsdp=8, remat full: ~22.6 GiB per device on the CPU compiler (see the report)."""
+    """Full SDXL base at 1024², fsdp=8, remat full: 28.9 GiB per device on the CPU compiler without activation
+    constraints, 14.5 GiB with them (README planner table)."""
     f = run_plan("--config", "configs/sdxl_finetune_1024.py", "--mesh", "data=1,fsdp=8,tensor=1", "--batch_per_device", "1",
                  "--remat", "full")
     # state: fp32 UNet params + Adam mu, nu + EMA (4 x 10.3 GB) and the frozen encoders/VAE, over 8 devices
