@@ -33,7 +33,7 @@ def test_pixel_space_has_the_autoencoders_interface():
     assert dist.mean.shape == (2, 4, 2, 48)
     np.testing.assert_allclose(dist.sample(jax.random.key(2)), dist.mode(), atol=3e-6)  # std e^-15 = 3e-7
     np.testing.assert_array_equal(module.apply({}, dist.mode(), method="decode"), x)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="multiple of the first stage's factor 4"):
         module.apply({}, jnp.zeros((1, 6, 8, 3)), method="encode")
     with pytest.raises(ValueError, match="kind"):
         PixelSpaceConfig(kind="vae")

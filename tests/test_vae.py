@@ -277,7 +277,7 @@ def test_config_validation_and_bad_inputs():
     )
     assert shapes(AutoencoderKL.encode, IMAGE_SHAPE).mean.shape == LATENT_SHAPE
     assert shapes(AutoencoderKL.decode, LATENT_SHAPE).shape == IMAGE_SHAPE
-    with pytest.raises(ValueError, match="multiple of the VAE's factor 8"):
+    with pytest.raises(ValueError, match="multiple of the first stage's factor 8"):
         shapes(AutoencoderKL.encode, (1, 48, 36, 3))
     with pytest.raises(ValueError, match="NHWC"):
         shapes(AutoencoderKL.encode, (1, 3, 48, 40))

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from sdxl_jax.models import vae
+from sdxl_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, check_images, check_latents
 
 POINT_MASS_LOGVAR = -30.0  # DiagonalGaussian's lower clamp
 
@@ -79,13 +80,8 @@ class PixelSpace(nn.Module):
 
     def moments(self, x: jax.Array) -> jax.Array:
         """x: `[B, H, W, C]` in [-1, 1] -> fp32 `[B, H/p, W/p, 2 * latent_channels]` (mean ‖ logvar)."""
-        cfg = self.cfg
-        p = cfg.patch_size
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-            raise ValueError(f"images must be [B, H, W, {cfg.in_channels}] (NHWC), got shape {x.shape}")
-        if x.shape[1] % p or x.shape[2] % p:
-            raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of the patch size {p}")
-        mean = space_to_depth(x.astype(jnp.float32), p)
+        check_images(x, self.cfg.in_channels, self.cfg.patch_size)
+        mean = space_to_depth(x.astype(jnp.float32), self.cfg.patch_size)
         return jnp.concatenate([mean, jnp.full_like(mean, POINT_MASS_LOGVAR)], axis=-1)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
@@ -93,8 +89,7 @@ class PixelSpace(nn.Module):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: `[B, h, w, latent_channels]` -> fp32 image `[B, p*h, p*w, C]` (not clipped)."""
-        if z.ndim != 4 or z.shape[-1] != self.cfg.latent_channels:
-            raise ValueError(f"latents must be [B, h, w, {self.cfg.latent_channels}] (NHWC), got shape {z.shape}")
+        check_latents(z, self.cfg.latent_channels)
         return depth_to_space(z.astype(jnp.float32), self.cfg.patch_size)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -117,8 +112,4 @@ def first_stage_config_type(fields: dict) -> type:
 
 def abstract_params(cfg: FirstStageConfig, batch: int = 1):
     """The first stage's boxed parameter tree as `ShapeDtypeStruct`s (`{}` for pixel space)."""
-    if isinstance(cfg, PixelSpaceConfig):
-        return {}
-    from sdxl_jax.models import vae
-
-    return vae.abstract_params(cfg, batch)
+    return {} if isinstance(cfg, PixelSpaceConfig) else vae.abstract_params(cfg, batch)

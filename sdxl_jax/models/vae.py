@@ -112,6 +112,19 @@ class DiagonalGaussian(NamedTuple):
         return self.mean
 
 
+def check_images(x: jax.Array, channels: int, factor: int) -> None:
+    """Loud errors for first-stage input that is not `[B, H, W, channels]` with H, W multiples of `factor`."""
+    if x.ndim != 4 or x.shape[-1] != channels:
+        raise ValueError(f"images must be [B, H, W, {channels}] (NHWC), got shape {x.shape}")
+    if x.shape[1] % factor or x.shape[2] % factor:
+        raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of the first stage's factor {factor}")
+
+
+def check_latents(z: jax.Array, channels: int) -> None:
+    if z.ndim != 4 or z.shape[-1] != channels:
+        raise ValueError(f"latents must be [B, h, w, {channels}] (NHWC), got shape {z.shape}")
+
+
 def to_latents(z: jax.Array, cfg: VAEConfig) -> jax.Array:
     """VAE latent (a posterior sample or mean) -> the latent the diffusion model sees."""
     return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
@@ -382,12 +395,7 @@ class AutoencoderKL(nn.Module):
     def moments(self, x: jax.Array) -> jax.Array:
         """x: `[B, H, W, in_channels]` in [-1, 1], H and W multiples of `cfg.downsample_factor`
         -> fp32 `[B, H/f, W/f, 2 * latent_channels]` (mean channels, then unclamped logvar)."""
-        cfg = self.cfg
-        f = cfg.downsample_factor
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-            raise ValueError(f"images must be [B, H, W, {cfg.in_channels}] (NHWC), got shape {x.shape}")
-        if x.shape[1] % f or x.shape[2] % f:
-            raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of the VAE's factor {f}")
+        check_images(x, self.cfg.in_channels, self.cfg.downsample_factor)
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -401,8 +409,7 @@ class AutoencoderKL(nn.Module):
         """z: unscaled latent `[B, h, w, latent_channels]` -> fp32 image `[B, f*h, f*w, out_channels]`
         (nominally in [-1, 1]; not clipped)."""
         cfg = self.cfg
-        if z.ndim != 4 or z.shape[-1] != cfg.latent_channels:
-            raise ValueError(f"latents must be [B, h, w, {cfg.latent_channels}] (NHWC), got shape {z.shape}")
+        check_latents(z, cfg.latent_channels)
         z = z.astype(jnp.dtype(cfg.dtype))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
