@@ -136,6 +136,8 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
             metadata=dict(weights.metadata, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
         )
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        for note in tmp.glob("*/commit_success.txt"):  # Orbax's note naming the temporary path; not read back
+            note.unlink()
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
