@@ -23,7 +23,7 @@ from sdxl_jax.mesh import batch_shards, batch_sharding, initialize_distributed, 
 from sdxl_jax.metrics import MetricsWriter
 from sdxl_jax.train_export import export_run
 from sdxl_jax.train_state import create_sharded_state, make_optimizer, models_from_config, trainable_components
-from sdxl_jax.train_step import CompiledSteps, make_train_step
+from sdxl_jax.train_step import compiled_steps
 from sdxl_jax.validation import make_validation
 
 
@@ -47,8 +47,8 @@ def train(config, workdir: str | Path):
                    f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es), seed {config.seed}")
     batch_sh = batch_sharding(mesh, config.sharding_rules)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    jitted = make_train_step(models, tx, lr_schedule, config, shardings, frozen_sh, batch_sh)
-    step_fn = CompiledSteps(jitted, lambda: tracing_context(config, mesh))
+    step_fn = compiled_steps(models, tx, lr_schedule, config, shardings, frozen_sh, batch_sh,
+                             lambda: tracing_context(config, mesh))
     validate = make_validation(models, config, mesh) if config.validation.every else None
 
     saved = restored_step

@@ -1,4 +1,4 @@
-"""Train-step throughput: steps/s, images/s, FLOPs (XLA's cost analysis) and MFU.
+"""Train-step throughput: steps/s, images/s, model FLOPs (`sdxl_jax.flops`) and MFU.
 
     python bench/train_step.py --preset tiny --devices 1            # one setting
     python bench/train_step.py --cpu_table                          # tiny and mid, 1 and 8 fake CPU devices
@@ -53,7 +53,7 @@ def bench(preset: str, batch_per_device: int, steps: int, remat: str | None, pea
     from sdxl_jax.feed import global_batch, make_data
     from sdxl_jax.mesh import batch_sharding, make_mesh, tracing_context
     from sdxl_jax.train_state import create_sharded_state, make_optimizer, models_from_config, trainable_components
-    from sdxl_jax.train_step import CompiledSteps, make_train_step
+    from sdxl_jax.train_step import compiled_steps
 
     c = build_config(preset, remat)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -63,8 +63,8 @@ def bench(preset: str, batch_per_device: int, steps: int, remat: str | None, pea
     tx, lr = make_optimizer(c.optimizer, trainable_components(c, models))
     state, frozen, shardings = create_sharded_state(c, models, tx, mesh)
     bsh = batch_sharding(mesh, c.sharding_rules)
-    jitted = make_train_step(models, tx, lr, c, shardings, jax.tree.map(lambda x: x.sharding, frozen), bsh)
-    step = CompiledSteps(jitted, lambda: tracing_context(c, mesh))
+    step = compiled_steps(models, tx, lr, c, shardings, jax.tree.map(lambda x: x.sharding, frozen), bsh,
+                          lambda: tracing_context(c, mesh))
     batch = global_batch(next(make_data(c)), bsh)
     for _ in range(2):
         state, metrics = step(state, frozen, batch)
@@ -74,7 +74,7 @@ def bench(preset: str, batch_per_device: int, steps: int, remat: str | None, pea
         state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
-    flops = step.last_flops * mesh.size
+    flops = step.last_flops  # the whole step, all devices
     return {"preset": preset, "devices": mesh.size, "platform": jax.devices()[0].platform, "global_batch": c.batch_size,
             "remat": models.unet.remat, "steps_per_s": 1 / seconds, "images_per_s": c.batch_size / seconds,
             "tflop_per_image": flops / c.batch_size / 1e12, "mfu": flops / seconds / (peak_tflops * 1e12 * mesh.size),

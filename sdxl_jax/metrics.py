@@ -4,8 +4,9 @@
     writer.step(step, metrics, bucket, seconds, flops, timed)   # every step; logs every log_every
     writer.images(step, "validation", imgs)  # uint8 [N, H, W, 3] -> PNGs + TensorBoard
 
-The run's config goes to `config.json` (the seed included). One JSON object per logged step: `step`, `loss`, `lr`, `grad_norm`, `images_per_s`, `step_time_s`,
-`eta_s`, `skipped_total`, and, once known, `flops_per_step` (all devices) and `mfu` (against
+The run's config goes to `config.json` (the seed included). One JSON object per logged step: `step`,
+`loss`, `lr`, `grad_norm`, `images_per_s`, `step_time_s`, `eta_s`, `skipped_total`, and, once known,
+`flops_per_step` (model FLOPs of all devices: `train_step.model_flops`) and `mfu` (against
 `config.peak_flops_per_device`). Only process 0 writes.
 """
 
@@ -32,12 +33,13 @@ class MetricsWriter:
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = EventWriter(self.workdir / "tensorboard")
 
-    def step(self, step: int, metrics: dict, bucket: str, seconds: float, flops_per_device: float, timed: bool) -> dict | None:
+    def step(self, step: int, metrics: dict, bucket: str, seconds: float, flops_per_step: float, timed: bool) -> dict | None:
         """Record step `step` (1-based, after it ran; `seconds` from fetching its batch to its metrics on
-        the host; `timed` False for a step that compiled) and log it if due; returns the logged record."""
+        the host; `flops_per_step` the model FLOPs of all devices together; `timed` False for a step that
+        compiled) and log it if due; returns the logged record."""
         if timed:
             self._times.append(seconds)
-            self._flops.append(flops_per_device * jax.device_count())
+            self._flops.append(flops_per_step)
         self.buckets[bucket] += 1
         if step % self.log_every and step != self.num_steps:
             return None

@@ -7,8 +7,9 @@ The step is lowered with abstract inputs (`ShapeDtypeStruct`s carrying the run's
 CPU devices (`--xla_force_host_platform_device_count`), compiled, and XLA's own accounting of the
 executable is printed per device: arguments (state, frozen params, batch), outputs, temporaries, the
 argument bytes donated to outputs, and the total live at the peak; plus the model FLOPs per step
-from the cost analysis. The figures are the CPU compiler's: a TPU/GPU compile fuses and schedules
-differently (and keeps bf16 where the CPU may upcast), so treat them as a plan, not a promise.
+(`train_step.model_flops`: matmuls and convolutions of the step traced without remat). The figures
+are the CPU compiler's: a TPU/GPU compile fuses and schedules differently (and keeps bf16 where the
+CPU may upcast), so treat them as a plan, not a promise.
 """
 
 import os
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 
 from sdxl_jax.mesh import batch_sharding, batch_shards, make_mesh, tracing_context
 from sdxl_jax.train_state import make_optimizer, models_from_config, new_state, state_shardings, trainable_components
-from sdxl_jax.train_step import make_train_step
+from sdxl_jax.train_step import make_train_step, model_flops
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a training config (configs/*.py[:arg])", lock_config=False)
@@ -59,8 +60,9 @@ def abstract_batch(models, config, batch: int, height: int, width: int, cached: 
     return out
 
 
-def plan(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool) -> dict:
-    """Compile the step for the mesh (devices must exist) and return XLA's figures (bytes, FLOPs)."""
+def abstract_step(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool):
+    """What compiling the step needs, all abstract: (mesh, models, step_args, (state, frozen, batch)),
+    step_args being `make_train_step`'s arguments after `models`."""
     config.mesh.update(mesh_sizes)
     mesh = make_mesh(config.mesh)
     models = models_from_config(config.model)
@@ -75,17 +77,22 @@ def plan(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int,
     frozen = with_sharding(frozen, frozen_sh)
     bsh = batch_sharding(mesh, config.sharding_rules)
     batch = abstract_batch(models, config, batch_per_device * batch_shards(mesh, config.sharding_rules), height, width, cached, bsh)
+    return mesh, models, (tx, lr, config, st_sh, frozen_sh, bsh), (state, frozen, batch)
+
+
+def plan(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool) -> dict:
+    """Compile the step for the mesh (devices must exist) and return XLA's memory figures and the model FLOPs."""
+    mesh, models, step_args, inputs = abstract_step(config, mesh_sizes, batch_per_device, height, width, cached)
     with tracing_context(config, mesh):
-        compiled = make_train_step(models, tx, lr, config, st_sh, frozen_sh, bsh).lower(state, frozen, batch).compile()
+        compiled = make_train_step(models, *step_args).lower(*inputs).compile()
+        flops = model_flops(models, *step_args, *inputs)
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    return {"devices": mesh.size, "mesh": dict(mesh.shape), "remat": models.unet.remat, "global_batch": batch["ids_g"].shape[0],
+    return {"devices": mesh.size, "mesh": dict(mesh.shape), "remat": models.unet.remat, "global_batch": inputs[2]["ids_g"].shape[0],
             "constraints": config.activation_constraints,
             "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
             "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes, "total": peak,
-            "flops_per_device": float(cost["flops"]), "flops_per_step": float(cost["flops"]) * mesh.size}  # fmt: skip
+            "flops_per_device": flops / mesh.size, "flops_per_step": flops}  # fmt: skip
 
 
 def report(r: dict) -> str:

@@ -10,6 +10,7 @@ state and the batch alone: resuming from a checkpoint replays the same steps bit
 JAX's partitionable threefry the numbers do not depend on how the batch is sharded.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -20,6 +21,7 @@ import optax
 
 from sdxl_jax import conditioning
 from sdxl_jax.diffusion import losses, schedules
+from sdxl_jax.flops import jaxpr_flops
 from sdxl_jax.models import DiagonalGaussian, UNet, to_latents
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.tokenizer import TokenPair
@@ -137,14 +139,33 @@ def make_train_step(models: Models, tx, lr_schedule, config, state_shardings, fr
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-class CompiledSteps:
-    """The jitted step compiled ahead of time once per batch signature (bucket), so that XLA's cost
-    analysis of each is at hand: `steps(state, frozen, batch)`, then `last_flops` (per device) and
-    `last_compiled` (whether that call compiled, i.e. its time is not a step time). Traced inside
-    `context()` (`mesh.tracing_context`: whether the models' activation constraints take effect)."""
+def without_remat(models: Models) -> Models:
+    """The same networks keeping every activation: the program whose FLOPs are the model FLOPs (MFU
+    does not count the forward passes that remat repeats)."""
+    return dataclasses.replace(models, unet=models.unet.replace(remat="none"))
 
-    def __init__(self, jitted, context):
-        self.jitted, self.context, self.compiled, self.flops = jitted, context, {}, {}
+
+def model_flops(models: Models, tx, lr_schedule, config, state_shardings, frozen_shardings, batch_sharding,
+                state, frozen, batch) -> float:
+    """Model FLOPs of one whole step (all devices) for these (possibly abstract) inputs: the matmuls and
+    convolutions of the step traced without remat (`flops.jaxpr_flops`); nothing is compiled."""
+    counted = make_train_step(without_remat(models), tx, lr_schedule, config, state_shardings, frozen_shardings,
+                              batch_sharding)
+    return jaxpr_flops(counted.trace(state, frozen, batch).jaxpr)
+
+
+class CompiledSteps:
+    """The jitted step compiled ahead of time once per batch signature (bucket), with its model FLOPs
+    (`model_flops`): `steps(state, frozen, batch)`, then `last_flops` (the whole step, all devices) and
+    `last_compiled` (whether that call compiled, i.e. its time is not a step time). Traced inside
+    `context()` (`mesh.tracing_context`: whether the models' activation constraints take effect).
+
+    jitted: `make_train_step(models, tx, lr_schedule, config, *shardings)`; `count(state, frozen, batch)`
+    is `model_flops` with the same arguments bound.
+    """
+
+    def __init__(self, jitted, context, count):
+        self.jitted, self.context, self.count, self.compiled, self.flops = jitted, context, count, {}, {}
         self.last_flops, self.last_compiled = None, False
 
     @staticmethod
@@ -157,7 +178,14 @@ class CompiledSteps:
         if self.last_compiled:
             with self.context():
                 self.compiled[key] = self.jitted.lower(state, frozen, batch).compile()
-            cost = self.compiled[key].cost_analysis()
-            self.flops[key] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+                self.flops[key] = self.count(state, frozen, batch)
         self.last_flops = self.flops[key]
         return self.compiled[key](state, frozen, batch)
+
+
+def compiled_steps(models: Models, tx, lr_schedule, config, state_shardings, frozen_shardings, batch_sharding,
+                   context) -> CompiledSteps:
+    """The trainer's step: `CompiledSteps` of `make_train_step` with these arguments."""
+    args = (tx, lr_schedule, config, state_shardings, frozen_shardings, batch_sharding)
+    jitted = make_train_step(models, *args)
+    return CompiledSteps(jitted, context, functools.partial(model_flops, models, *args))
