@@ -16,6 +16,7 @@ from sdxl_jax.train_config import skeleton
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "full"), data_config("sdxl"))
     c.init_from = ""  # set on the command line: the run starts from SDXL's weights
+    c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.num_steps = 10_000
     c.batch_size = 64
     c.log_every = 10

@@ -34,6 +34,7 @@ def data_config(buckets: str) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "minimal"), data_config("area=256,step=64"))
+    c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.num_steps = 600_000
     c.batch_size = 2048
     c.log_every = 50

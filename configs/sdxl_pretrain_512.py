@@ -12,6 +12,7 @@ from sdxl_jax.train_config import skeleton
 
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "minimal"), data_config("area=512,step=64"))
+    c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.num_steps = 200_000
     c.batch_size = 2048
     c.log_every = 50

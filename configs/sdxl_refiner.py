@@ -22,6 +22,7 @@ def refiner_models(remat: str) -> Models:
 
 def get_config(arg=None):
     c = skeleton(refiner_models(arg or "full"), data_config("sdxl"))
+    c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.num_steps = 10_000
     c.batch_size = 64
     c.log_every = 10

@@ -45,7 +45,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.max_consecutive_skips = 10  # non-finite steps in a row before the run stops
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # one size may be -1
     c.sharding_rules = FSDP_RULES
-    c.activation_constraints = False  # the models' activation annotations; see sdxl_jax/mesh.py before enabling
+    c.activation_constraints = False  # the models' activation annotations (sdxl_jax/mesh.py); on in the full-size configs
     # jax.distributed: enabled with an empty coordinator = auto-detection (TPU pods, SLURM, ...)
     c.distributed = ml_collections.ConfigDict(
         {"enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0})
