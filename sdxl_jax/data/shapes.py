@@ -24,7 +24,7 @@ FOREGROUNDS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 ASPECTS = ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (1, 2), (2, 1))  # (h, w)
 SUPERSAMPLE = 4
-VERSION = 2  # of the generator; a folder written by another version is rewritten
+VERSION = 3  # of the generator; a folder written by another version is rewritten
 
 
 def all_triples() -> list[tuple[str, str, str]]:
@@ -46,11 +46,11 @@ def caption(shape: str, fg: str, bg: str) -> str:
 
 
 def render(shape: str, fg: str, bg: str, height: int, width: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image: the shape (size 40-68% of the short side, anywhere it fits) on the background."""
+    """One RGB image: the shape (size 60-84% of the short side, anywhere it fits) on the background."""
     s = SUPERSAMPLE
     image = Image.new("RGB", (width * s, height * s), COLOURS[bg])
     short = min(height, width) * s
-    r = rng.uniform(0.2, 0.34) * short  # half the shape's extent
+    r = rng.uniform(0.3, 0.42) * short  # half the shape's extent
     cy, cx = rng.uniform(r, height * s - r), rng.uniform(r, width * s - r)
     draw = ImageDraw.Draw(image)
     if shape == "circle":
