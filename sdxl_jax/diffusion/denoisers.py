@@ -63,51 +63,33 @@ def v_to_denoised(x, sigma, v):
     return x / (sigma**2 + 1.0) - sigma * c_in(sigma) * v
 
 
-def eps_denoiser(model: ModelFn) -> Denoiser:
-    """Denoiser of an epsilon-prediction model (SDXL base and refiner)."""
-
-    def denoise(x, sigma, t, cond):
-        x = x.astype(jnp.float32)
-        s = expand_to(sigma, x)
-        eps = model(scale_input(x, s), batch_timesteps(t, x.shape[0]), cond).astype(jnp.float32)
-        return eps_to_denoised(x, s, eps)
-
-    return denoise
-
-
-def v_denoiser(model: ModelFn) -> Denoiser:
-    """Denoiser of a v-prediction model (v = alpha * eps - sigma_vp * x0)."""
-
-    def denoise(x, sigma, t, cond):
-        x = x.astype(jnp.float32)
-        s = expand_to(sigma, x)
-        v = model(scale_input(x, s), batch_timesteps(t, x.shape[0]), cond).astype(jnp.float32)
-        return v_to_denoised(x, s, v)
-
-    return denoise
-
-
-def sample_denoiser(model: ModelFn) -> Denoiser:
-    """Denoiser of a model that predicts the clean latent itself."""
-
-    def denoise(x, sigma, t, cond):
-        x = x.astype(jnp.float32)
-        s = expand_to(sigma, x)
-        return model(scale_input(x, s), batch_timesteps(t, x.shape[0]), cond).astype(jnp.float32)
-
-    return denoise
-
-
 def identity_space(x, sigma, denoised):
-    """The output space of a sample-prediction model is the denoised estimate itself."""
+    """A sample-prediction model's output is the denoised estimate itself."""
     return denoised
 
 
-DENOISERS: dict[str, Callable[[ModelFn], Denoiser]] = {"epsilon": eps_denoiser, "v_prediction": v_denoiser,
-                                                       "sample": sample_denoiser}
+# prediction -> (denoised -> model output, model output -> denoised), both at (x, sigma)
+TO_OUTPUT = {"epsilon": denoised_to_eps, "v_prediction": denoised_to_v, "sample": identity_space}
+FROM_OUTPUT = {"epsilon": eps_to_denoised, "v_prediction": v_to_denoised, "sample": identity_space}
+
+
+def _denoiser(model: ModelFn, from_output) -> Denoiser:
+    def denoise(x, sigma, t, cond):
+        x = x.astype(jnp.float32)
+        s = expand_to(sigma, x)
+        out = model(scale_input(x, s), batch_timesteps(t, x.shape[0]), cond).astype(jnp.float32)
+        return from_output(x, s, out)
+
+    return denoise
+
+
+def eps_denoiser(model: ModelFn) -> Denoiser:
+    """Denoiser of an epsilon-prediction model (SDXL base and refiner)."""
+    return _denoiser(model, eps_to_denoised)
 
 
 def make_denoiser(model: ModelFn, prediction: Prediction) -> Denoiser:
-    if prediction not in DENOISERS:
-        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(DENOISERS)}")
-    return DENOISERS[prediction](model)
+    """Denoiser of a model predicting eps, v (v = alpha * eps - sigma_vp * x0) or the clean latent."""
+    if prediction not in FROM_OUTPUT:
+        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(FROM_OUTPUT)}")
+    return _denoiser(model, FROM_OUTPUT[prediction])

@@ -35,12 +35,6 @@ class Guided(NamedTuple):
     rescale: jax.Array | float = 0.0
 
 
-_TO_SPACE = {"epsilon": denoisers.denoised_to_eps, "v_prediction": denoisers.denoised_to_v,
-             "sample": denoisers.identity_space}
-_FROM_SPACE = {"epsilon": denoisers.eps_to_denoised, "v_prediction": denoisers.v_to_denoised,
-               "sample": denoisers.identity_space}
-
-
 def uses_cfg(scale: float) -> bool:
     """diffusers' rule: the unconditional branch runs only for guidance scale > 1."""
     return float(scale) > 1.0
@@ -73,8 +67,8 @@ def classifier_free_guidance(denoise: Denoiser, *, use_cfg: bool = True,
     `rescale_space=None` skips guidance rescale entirely (no std reductions); otherwise
     `Guided.rescale` is the traced mixing factor phi (0 leaves the result unchanged).
     """
-    if rescale_space is not None and rescale_space not in _TO_SPACE:
-        raise ValueError(f"unknown rescale space {rescale_space!r}; valid: {', '.join(_TO_SPACE)}")
+    if rescale_space is not None and rescale_space not in denoisers.TO_OUTPUT:
+        raise ValueError(f"unknown rescale space {rescale_space!r}; valid: {', '.join(denoisers.TO_OUTPUT)}")
 
     if not use_cfg:
         def unguided(x, sigma, t, guided: Guided):
@@ -91,7 +85,7 @@ def classifier_free_guidance(denoise: Denoiser, *, use_cfg: bool = True,
             return d_guided
         x32 = x.astype(jnp.float32)
         s = denoisers.expand_to(sigma, x32)
-        to_space, from_space = _TO_SPACE[rescale_space], _FROM_SPACE[rescale_space]
+        to_space, from_space = denoisers.TO_OUTPUT[rescale_space], denoisers.FROM_OUTPUT[rescale_space]
         p_guided = rescale_guided(to_space(x32, s, d_guided), to_space(x32, s, d_cond), guided.rescale)
         return from_space(x32, s, p_guided)
 

@@ -59,7 +59,9 @@ def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: flo
         return jnp.ones_like(snr_t)
     if weighting == "min_snr":
         clipped = jnp.minimum(snr_t, gamma)
-        return {"v_prediction": clipped / (snr_t + 1), "sample": clipped}.get(prediction, clipped / snr_t)
+        if prediction == "sample":
+            return clipped
+        return clipped / (snr_t + 1) if prediction == "v_prediction" else clipped / snr_t
     if weighting == "debiased":
         clipped = jnp.minimum(snr_t, DEBIASED_MAX_SNR)
         return jnp.sqrt(clipped) if prediction == "sample" else jax.lax.rsqrt(clipped)
