@@ -15,8 +15,8 @@ import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.samplers import SAMPLERS
-from sdxl_jax.pipeline import SCHEDULES
 from sdxl_jax.parallel import FSDP_RULES, check_rules
+from sdxl_jax.pipeline import SCHEDULES
 from sdxl_jax.train_state import LR_SCHEDULES, Models
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
