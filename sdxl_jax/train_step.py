@@ -161,7 +161,8 @@ class CompiledSteps:
     `context()` (`mesh.tracing_context`: whether the models' activation constraints take effect).
 
     jitted: `make_train_step(models, tx, lr_schedule, config, *shardings)`; `count(state, frozen, batch)`
-    is `model_flops` with the same arguments bound.
+    is `model_flops` with the same arguments bound, or None when the models have no remat: the step's
+    own trace is then the one to count (no second trace).
     """
 
     def __init__(self, jitted, context, count):
@@ -177,8 +178,9 @@ class CompiledSteps:
         self.last_compiled = key not in self.compiled
         if self.last_compiled:
             with self.context():
-                self.compiled[key] = self.jitted.lower(state, frozen, batch).compile()
-                self.flops[key] = self.count(state, frozen, batch)
+                traced = self.jitted.trace(state, frozen, batch)
+                self.compiled[key] = traced.lower().compile()
+                self.flops[key] = jaxpr_flops(traced.jaxpr) if self.count is None else self.count(state, frozen, batch)
         self.last_flops = self.flops[key]
         return self.compiled[key](state, frozen, batch)
 
@@ -188,4 +190,5 @@ def compiled_steps(models: Models, tx, lr_schedule, config, state_shardings, fro
     """The trainer's step: `CompiledSteps` of `make_train_step` with these arguments."""
     args = (tx, lr_schedule, config, state_shardings, frozen_shardings, batch_sharding)
     jitted = make_train_step(models, *args)
-    return CompiledSteps(jitted, context, functools.partial(model_flops, models, *args))
+    count = None if without_remat(models) == models else functools.partial(model_flops, models, *args)
+    return CompiledSteps(jitted, context, count)
