@@ -51,7 +51,8 @@ The data config (`default_data_config()`; an `ml_collections.ConfigDict`):
     default_aesthetic_score  when a record has none (refiner conditioning)
     remainder       "drop" | "carry": what happens to a bucket's last partial global batch (see `plan`)
     num_epochs      None: endless; else stop after this many epochs
-    num_workers     grain worker processes (0: decode in this process, in `num_threads` threads)
+    num_workers     grain worker processes (0: decode in this process, in `num_threads` threads); their
+                    batches arrive through shared memory that each worker reuses (`shm_ring`)
     num_threads     decode threads per worker (batches in flight per worker)
     prefetch_batches  batches buffered per worker
     record_ids      add `record_id` to batches
@@ -71,6 +72,7 @@ from sdxl_jax.data.captions import pick_caption
 from sdxl_jax.data.images import BadImage, decode_image
 from sdxl_jax.data.index import BucketIndex, Report, ScanFilters, scan_source
 from sdxl_jax.data.batch_plan import BatchPlan
+from sdxl_jax.data.shm_ring import from_ring, to_ring
 from sdxl_jax.data.sources import FolderSource, PreparedSource, TarSource, TfdsSource, tar_shards
 from sdxl_jax.data.transforms import crop_to_bucket
 
@@ -273,8 +275,8 @@ def build_pipeline(data_config: ml_collections.ConfigDict, *, seed: int, global_
     ds = ds.to_iter_dataset(read)
     if cfg.num_workers > 0:
         _allow_grain_workers()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                         per_worker_buffer_size=cfg.prefetch_batches))
+        ds = ds.map(to_ring).mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch_batches)).map(from_ring)
     return Pipeline(ds, plan, index, report, local, fn)
 
 

@@ -1,0 +1,147 @@
+"""Batches from grain worker processes to the trainer through shared memory that is reused, not remade.
+
+    ds = ds.map(to_ring).mp_prefetch(options).map(from_ring)
+
+grain 0.2 hands every array a worker produces to the main process in a freshly created shared-memory
+block. For SDXL batches (8 x 1024² x 3 bytes = 24 MB) the first write into fresh pages costs as much as
+a fifth of the decode work (~18 ms per batch here, against ~1 ms into pages already mapped), so two
+worker processes on two cores gained only ~1.45x over one process. Here each worker keeps a few
+blocks ("slots") and writes batch after batch into them:
+
+    worker  `to_ring(batch)`: finds a free slot (grows one if none is), copies every array into it,
+            marks it busy, and returns a small `RingBatch` (slot name + layout) that grain pickles.
+    main    `from_ring(ring_batch)`: maps the slot (once; then unlinks its name, so nothing outlives
+            the two processes), and returns the batch as arrays that *view* the slot, no copy. The
+            slot is marked free when the last of those arrays is garbage-collected, and only then
+            reused: an array is never overwritten while anything can read it.
+
+A slot's first 64 bytes are its header; byte 0 is 1 while the main process may still read the slot.
+A batch the main process never receives (dropped by grain on `set_state` or `close`) keeps its slot
+busy; the worker just makes another. Slots are `multiprocessing.shared_memory` blocks, so the resource
+tracker removes any a killed worker leaves behind.
+"""
+
+import dataclasses
+import os
+import weakref
+import multiprocessing.util
+from multiprocessing import shared_memory
+
+import numpy as np
+
+_HEADER = 64  # bytes before the data; byte 0: busy flag
+_ALIGN = 64  # each array starts on a 64-byte boundary
+_SPARE = 1.125  # a new slot holds 12.5% more than the batch that made it (buckets differ a little in area)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingBatch:
+    """A batch in a worker's slot: what crosses the process boundary instead of the arrays."""
+
+    slot: str  # shared-memory name
+    arrays: tuple  # ((key, offset, shape, dtype str), ...) offsets from the end of the header
+    other: dict  # the batch's non-array values, as they were
+
+
+@dataclasses.dataclass
+class _Slot:
+    shm: shared_memory.SharedMemory
+    flag: np.ndarray  # uint8 [1] view of header byte 0
+
+
+class _WorkerRing:
+    """The slots of one worker process."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.slots: list[_Slot] = []
+        # At the worker's exit, remove the names of slots whose batches the main process never took.
+        multiprocessing.util.Finalize(self, self.close, exitpriority=0)
+
+    def close(self) -> None:
+        while self.slots:
+            _close(self.slots.pop())
+
+    def put(self, batch: dict) -> RingBatch:
+        arrays, other, layout, end = {}, {}, [], 0
+        for key, value in batch.items():
+            if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+                layout.append((key, end, value.shape, value.dtype.str))
+                arrays[key] = value
+                end += -(-value.nbytes // _ALIGN) * _ALIGN
+            else:
+                other[key] = value
+        slot = self._free_slot(end)
+        for key, offset, shape, dtype in layout:
+            out = np.ndarray(shape, dtype, buffer=slot.shm.buf, offset=_HEADER + offset)
+            np.copyto(out, arrays[key], casting="no")
+        slot.flag[0] = 1
+        return RingBatch(slot.shm.name, tuple(layout), other)
+
+    def _free_slot(self, nbytes: int) -> _Slot:
+        for i, slot in enumerate(self.slots):
+            if slot.flag[0] == 0:
+                if slot.shm.size - _HEADER >= nbytes:
+                    return slot
+                del self.slots[i]  # free but too small for this bucket: retire it
+                _close(slot)
+                break
+        size = _HEADER + -(-int(nbytes * _SPARE) // 65536) * 65536
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        slot = _Slot(shm, np.ndarray((1,), np.uint8, buffer=shm.buf))
+        slot.flag[0] = 0
+        self.slots.append(slot)
+        return slot
+
+
+def _close(slot: _Slot) -> None:
+    del slot.flag
+    try:
+        slot.shm.unlink()
+    except FileNotFoundError:
+        pass  # the usual case: the main process unlinked it when it first mapped it
+    slot.shm.close()
+
+
+_worker_ring: _WorkerRing | None = None
+
+
+def to_ring(batch: dict) -> RingBatch:
+    """Worker side: copy `batch`'s arrays into one of this process's slots."""
+    global _worker_ring
+    if _worker_ring is None or _worker_ring.pid != os.getpid():
+        _worker_ring = _WorkerRing()
+    return _worker_ring.put(batch)
+
+
+_attached: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
+
+
+def _attach(name: str) -> tuple[shared_memory.SharedMemory, np.ndarray]:
+    if name not in _attached:
+        shm = shared_memory.SharedMemory(name)
+        # Both processes have it mapped now; the name is no longer needed. unlink() also takes it off
+        # the resource tracker, so it does not report the block as leaked.
+        shm.unlink()
+        _attached[name] = shm, np.ndarray((1,), np.uint8, buffer=shm.buf)
+    return _attached[name]
+
+
+def _release(flag: np.ndarray) -> None:
+    flag[0] = 0
+
+
+def from_ring(ring_batch: RingBatch) -> dict:
+    """Main side: the batch as arrays viewing the worker's slot; the slot is freed when they are gone.
+
+    Raises if the slot was not handed over (a worker wrote into a slot the main process still reads).
+    """
+    shm, flag = _attach(ring_batch.slot)
+    if flag[0] != 1:
+        raise RuntimeError(f"shared-memory slot {ring_batch.slot} arrived without its busy flag set")
+    end = max((off + np.dtype(dt).itemsize * int(np.prod(shape)) for _, off, shape, dt in ring_batch.arrays), default=0)
+    root = np.ndarray((end,), np.uint8, buffer=shm.buf, offset=_HEADER)  # every array below is a view of root
+    weakref.finalize(root, _release, flag)
+    batch = {key: root[off:off + np.dtype(dt).itemsize * int(np.prod(shape))].view(dt).reshape(shape)
+             for key, off, shape, dt in ring_batch.arrays}  # fmt: skip
+    return batch | ring_batch.other
