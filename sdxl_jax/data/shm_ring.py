@@ -5,10 +5,10 @@
 grain 0.2 hands every array a worker produces to the main process in a freshly created shared-memory
 block. For SDXL batches (8 x 1024² x 3 bytes = 24 MB) the first write into fresh pages costs as much as
 a fifth of the decode work (~18 ms per batch here, against ~1 ms into pages already mapped), so two
-worker processes on two cores gained only ~1.45x over one process. Here each worker keeps a few
+worker processes on two cores gained only 1.40-1.49x over one process. Here each worker keeps a few
 blocks ("slots") and writes batch after batch into them:
 
-    worker  `to_ring(batch)`: finds a free slot (grows one if none is), copies every array into it,
+    worker  `to_ring(batch)`: takes a free slot (makes a new one if none is free), copies every array into it,
             marks it busy, and returns a small `RingBatch` (slot name + layout) that grain pickles.
     main    `from_ring(ring_batch)`: maps the slot (once; then unlinks its name, so nothing outlives
             the two processes), and returns the batch as arrays that *view* the slot, no copy. The
@@ -17,14 +17,15 @@ blocks ("slots") and writes batch after batch into them:
 
 A slot's first 64 bytes are its header; byte 0 is 1 while the main process may still read the slot.
 A batch the main process never receives (dropped by grain on `set_state` or `close`) keeps its slot
-busy; the worker just makes another. Slots are `multiprocessing.shared_memory` blocks, so the resource
-tracker removes any a killed worker leaves behind.
+busy; the worker just makes another (so does a consumer that keeps every batch: memory then grows as
+it would with grain's own transfer). A worker removes the names of its slots when it exits; slots are
+`multiprocessing.shared_memory` blocks, so the resource tracker removes any a killed worker leaves.
 """
 
 import dataclasses
+import multiprocessing.util
 import os
 import weakref
-import multiprocessing.util
 from multiprocessing import shared_memory
 
 import numpy as np
