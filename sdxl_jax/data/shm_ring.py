@@ -40,22 +40,16 @@ class RingBatch:
     """A batch in a worker's slot: what crosses the process boundary instead of the arrays."""
 
     slot: str  # shared-memory name
-    arrays: tuple  # ((key, offset, shape, dtype str), ...) offsets from the end of the header
+    arrays: tuple  # ((key, offset, nbytes, shape, dtype str), ...), offsets from the end of the header
     other: dict  # the batch's non-array values, as they were
 
 
-@dataclasses.dataclass
-class _Slot:
-    shm: shared_memory.SharedMemory
-    flag: np.ndarray  # uint8 [1] view of header byte 0
-
-
 class _WorkerRing:
-    """The slots of one worker process."""
+    """The slots of one worker process (`SharedMemory` blocks; `buf[0]` is the busy flag)."""
 
     def __init__(self):
         self.pid = os.getpid()
-        self.slots: list[_Slot] = []
+        self.slots: list[shared_memory.SharedMemory] = []
         # At the worker's exit, remove the names of slots whose batches the main process never took.
         multiprocessing.util.Finalize(self, self.close, exitpriority=0)
 
@@ -64,44 +58,36 @@ class _WorkerRing:
             _close(self.slots.pop())
 
     def put(self, batch: dict) -> RingBatch:
-        arrays, other, layout, end = {}, {}, [], 0
-        for key, value in batch.items():
-            if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-                layout.append((key, end, value.shape, value.dtype.str))
-                arrays[key] = value
-                end += -(-value.nbytes // _ALIGN) * _ALIGN
-            else:
-                other[key] = value
+        arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and not v.dtype.hasobject}
+        layout, end = [], 0
+        for key, value in arrays.items():
+            layout.append((key, end, value.nbytes, value.shape, value.dtype.str))
+            end += -(-value.nbytes // _ALIGN) * _ALIGN
         slot = self._free_slot(end)
-        for key, offset, shape, dtype in layout:
-            out = np.ndarray(shape, dtype, buffer=slot.shm.buf, offset=_HEADER + offset)
-            np.copyto(out, arrays[key], casting="no")
-        slot.flag[0] = 1
-        return RingBatch(slot.shm.name, tuple(layout), other)
+        for key, offset, _, shape, dtype in layout:  # (no view of the slot outlives this: close() needs none)
+            np.copyto(np.ndarray(shape, dtype, buffer=slot.buf, offset=_HEADER + offset), arrays[key], casting="no")
+        slot.buf[0] = 1
+        return RingBatch(slot.name, tuple(layout), {k: v for k, v in batch.items() if k not in arrays})
 
-    def _free_slot(self, nbytes: int) -> _Slot:
-        for i, slot in enumerate(self.slots):
-            if slot.flag[0] == 0:
-                if slot.shm.size - _HEADER >= nbytes:
-                    return slot
-                del self.slots[i]  # free but too small for this bucket: retire it
-                _close(slot)
-                break
-        size = _HEADER + -(-int(nbytes * _SPARE) // 65536) * 65536
-        shm = shared_memory.SharedMemory(create=True, size=size)
-        slot = _Slot(shm, np.ndarray((1,), np.uint8, buffer=shm.buf))
-        slot.flag[0] = 0
+    def _free_slot(self, nbytes: int) -> shared_memory.SharedMemory:
+        for slot in self.slots:
+            if slot.buf[0] == 0 and slot.size - _HEADER >= nbytes:
+                return slot
+        for slot in [s for s in self.slots if s.buf[0] == 0]:  # free but too small for this bucket: retire
+            self.slots.remove(slot)
+            _close(slot)
+        slot = shared_memory.SharedMemory(create=True, size=_HEADER + -(-int(nbytes * _SPARE) // 65536) * 65536)
+        slot.buf[0] = 0
         self.slots.append(slot)
         return slot
 
 
-def _close(slot: _Slot) -> None:
-    del slot.flag
+def _close(slot: shared_memory.SharedMemory) -> None:
     try:
-        slot.shm.unlink()
+        slot.unlink()
     except FileNotFoundError:
         pass  # the usual case: the main process unlinked it when it first mapped it
-    slot.shm.close()
+    slot.close()
 
 
 _worker_ring: _WorkerRing | None = None
@@ -115,21 +101,21 @@ def to_ring(batch: dict) -> RingBatch:
     return _worker_ring.put(batch)
 
 
-_attached: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
+_attached: dict[str, shared_memory.SharedMemory] = {}
 
 
-def _attach(name: str) -> tuple[shared_memory.SharedMemory, np.ndarray]:
+def _attach(name: str) -> shared_memory.SharedMemory:
     if name not in _attached:
         shm = shared_memory.SharedMemory(name)
         # Both processes have it mapped now; the name is no longer needed. unlink() also takes it off
         # the resource tracker, so it does not report the block as leaked.
         shm.unlink()
-        _attached[name] = shm, np.ndarray((1,), np.uint8, buffer=shm.buf)
+        _attached[name] = shm
     return _attached[name]
 
 
-def _release(flag: np.ndarray) -> None:
-    flag[0] = 0
+def _release(slot: shared_memory.SharedMemory) -> None:
+    slot.buf[0] = 0
 
 
 def from_ring(ring_batch: RingBatch) -> dict:
@@ -137,12 +123,11 @@ def from_ring(ring_batch: RingBatch) -> dict:
 
     Raises if the slot was not handed over (a worker wrote into a slot the main process still reads).
     """
-    shm, flag = _attach(ring_batch.slot)
-    if flag[0] != 1:
+    slot = _attach(ring_batch.slot)
+    if slot.buf[0] != 1:
         raise RuntimeError(f"shared-memory slot {ring_batch.slot} arrived without its busy flag set")
-    end = max((off + np.dtype(dt).itemsize * int(np.prod(shape)) for _, off, shape, dt in ring_batch.arrays), default=0)
-    root = np.ndarray((end,), np.uint8, buffer=shm.buf, offset=_HEADER)  # every array below is a view of root
-    weakref.finalize(root, _release, flag)
-    batch = {key: root[off:off + np.dtype(dt).itemsize * int(np.prod(shape))].view(dt).reshape(shape)
-             for key, off, shape, dt in ring_batch.arrays}  # fmt: skip
+    end = max((off + n for _, off, n, _, _ in ring_batch.arrays), default=0)
+    root = np.ndarray((end,), np.uint8, buffer=slot.buf, offset=_HEADER)  # every array below is a view of root
+    weakref.finalize(root, _release, slot)
+    batch = {key: root[off:off + n].view(dt).reshape(shape) for key, off, n, shape, dt in ring_batch.arrays}
     return batch | ring_batch.other
