@@ -9,8 +9,8 @@ the activation constraints (the full 1024² SDXL step read 21.8 TFLOP per exampl
 14.4 with them on the same mesh). The jaxpr is the program before partitioning, with each scan's
 length known. Elementwise work (norms, activations, softmax, the optimiser) is left out, as in the
 usual MFU definitions. Rematerialised forward passes are counted where a program has them (they are
-in its jaxpr); `train_step.model_flops` traces the step without remat, so MFU leaves them out. Kernels behind custom calls (a cuDNN or
-Pallas attention) are invisible here and count 0.
+in its jaxpr); `train_step.model_flops` traces the step without remat, so MFU leaves them out. Kernels
+behind custom calls (a cuDNN or Pallas attention) are invisible here and count 0.
 """
 
 import math

@@ -2,6 +2,7 @@
 only once nothing can read it. (Across real worker processes: test_data_loader's worker test.)"""
 
 import gc
+import multiprocessing
 
 import numpy as np
 
@@ -59,4 +60,39 @@ def test_a_batch_larger_than_the_free_slots_gets_a_new_one():
     after = shm_ring._worker_ring.slots
     assert len(after) <= len(before)  # the free slots that were too small are retired, not kept
     assert all(s.buf[0] == 1 or s.size >= 2 * 2048 * 24 * 3 for s in after)
+    retired = before - {s.name for s in after}
+    assert retired and set(big.retired) == retired
     assert_same(from_ring(big), batch(5, h=2048))
+    assert not retired & shm_ring._attached.keys()  # the main side let go of its mappings too
+
+
+def _worker(conn, seed):
+    conn.send(to_ring(batch(seed)))
+    conn.recv()  # exit (removing its slot names) only once the main side has mapped the slot
+
+
+def _from_a_worker_process(seed: int) -> tuple[dict, str]:
+    """A batch made by a separate process, which has exited when this returns (its slot still mapped here)."""
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    worker = ctx.Process(target=_worker, args=(there, seed))
+    worker.start()
+    ring = here.recv()
+    got = from_ring(ring)
+    here.send("done")
+    worker.join(timeout=60)
+    assert worker.exitcode == 0
+    return got, ring.slot
+
+
+def test_slots_of_exited_workers_are_unmapped_once_their_batches_are_gone():
+    first, first_slot = _from_a_worker_process(10)
+    assert_same(first, batch(10))  # readable after the worker has exited
+    second, second_slot = _from_a_worker_process(11)  # mapping a new slot sweeps: the first is still in use
+    assert {first_slot, second_slot} <= shm_ring._attached.keys()
+    assert_same(first, batch(10))
+    del first, second
+    gc.collect()
+    _, third_slot = _from_a_worker_process(12)
+    assert first_slot not in shm_ring._attached and second_slot not in shm_ring._attached
+    assert third_slot in shm_ring._attached

@@ -7,6 +7,7 @@
     sources     image folder, WebDataset tars, TFDS, prepared shards
     index       header scan, skip reasons, the prepared index
     batch_plan  the deterministic global batch schedule (seed, epoch) -> buckets and records
+    shm_ring    worker processes' batches to the trainer through shared memory each worker reuses
     loader      `make_loader(data_config, ...)`, `default_data_config()`
     prepare     `python -m sdxl_jax.data.prepare SRC OUT`: ArrayRecord shards (+ cached latents)
 """

@@ -20,6 +20,9 @@ A batch the main process never receives (dropped by grain on `set_state` or `clo
 busy; the worker just makes another (so does a consumer that keeps every batch: memory then grows as
 it would with grain's own transfer). A worker removes the names of its slots when it exits; slots are
 `multiprocessing.shared_memory` blocks, so the resource tracker removes any a killed worker leaves.
+The main process lets go of its mapping of a slot the worker has retired (the worker names it in its
+next batch) and, whenever it maps a new slot, of the free slots of workers that have exited (an
+earlier iterator's), so re-creating iterators does not accumulate memory.
 """
 
 import dataclasses
@@ -42,6 +45,8 @@ class RingBatch:
     slot: str  # shared-memory name
     arrays: tuple  # ((key, offset, nbytes, shape, dtype str), ...), offsets from the end of the header
     other: dict  # the batch's non-array values, as they were
+    pid: int  # the worker's process id
+    retired: tuple = ()  # names of slots the worker has closed since its previous batch
 
 
 class _WorkerRing:
@@ -50,6 +55,7 @@ class _WorkerRing:
     def __init__(self):
         self.pid = os.getpid()
         self.slots: list[shared_memory.SharedMemory] = []
+        self.retired: list[str] = []
         # At the worker's exit, remove the names of slots whose batches the main process never took.
         multiprocessing.util.Finalize(self, self.close, exitpriority=0)
 
@@ -67,7 +73,10 @@ class _WorkerRing:
         for key, offset, _, shape, dtype in layout:  # (no view of the slot outlives this: close() needs none)
             np.copyto(np.ndarray(shape, dtype, buffer=slot.buf, offset=_HEADER + offset), arrays[key], casting="no")
         slot.buf[0] = 1
-        return RingBatch(slot.name, tuple(layout), {k: v for k, v in batch.items() if k not in arrays})
+        other = {k: v for k, v in batch.items() if k not in arrays}
+        ring_batch = RingBatch(slot.name, tuple(layout), other, self.pid, tuple(self.retired))
+        self.retired.clear()
+        return ring_batch
 
     def _free_slot(self, nbytes: int) -> shared_memory.SharedMemory:
         for slot in self.slots:
@@ -75,6 +84,7 @@ class _WorkerRing:
                 return slot
         for slot in [s for s in self.slots if s.buf[0] == 0]:  # free but too small for this bucket: retire
             self.slots.remove(slot)
+            self.retired.append(slot.name)
             _close(slot)
         slot = shared_memory.SharedMemory(create=True, size=_HEADER + -(-int(nbytes * _SPARE) // 65536) * 65536)
         slot.buf[0] = 0
@@ -101,17 +111,40 @@ def to_ring(batch: dict) -> RingBatch:
     return _worker_ring.put(batch)
 
 
-_attached: dict[str, shared_memory.SharedMemory] = {}
+_attached: dict[str, tuple[shared_memory.SharedMemory, int]] = {}  # name -> (mapping, worker pid)
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
+def _attach(name: str, pid: int) -> shared_memory.SharedMemory:
     if name not in _attached:
+        _forget_exited_workers()
         shm = shared_memory.SharedMemory(name)
         # Both processes have it mapped now; the name is no longer needed. unlink() also takes it off
         # the resource tracker, so it does not report the block as leaked.
         shm.unlink()
-        _attached[name] = shm
-    return _attached[name]
+        _attached[name] = (shm, pid)
+    return _attached[name][0]
+
+
+def _forget(name: str) -> None:
+    """Unmap a slot no array views any more (busy flag 0: the last view of its batch is gone)."""
+    shm, _ = _attached.pop(name)
+    shm.close()
+
+
+def _forget_exited_workers() -> None:
+    for name, (shm, pid) in list(_attached.items()):
+        if shm.buf[0] == 0 and not _alive(pid):
+            _forget(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _release(slot: shared_memory.SharedMemory) -> None:
@@ -123,7 +156,10 @@ def from_ring(ring_batch: RingBatch) -> dict:
 
     Raises if the slot was not handed over (a worker wrote into a slot the main process still reads).
     """
-    slot = _attach(ring_batch.slot)
+    for name in ring_batch.retired:
+        if name in _attached:
+            _forget(name)
+    slot = _attach(ring_batch.slot, ring_batch.pid)
     if slot.buf[0] != 1:
         raise RuntimeError(f"shared-memory slot {ring_batch.slot} arrived without its busy flag set")
     end = max((off + n for _, off, n, _, _ in ring_batch.arrays), default=0)
