@@ -54,7 +54,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.train_text_encoders = False
     c.diffusion = ml_collections.ConfigDict({
         "prediction": "epsilon", "weighting": "none", "min_snr_gamma": 5.0, "offset_noise": 0.0,
-        "t_min": 0, "t_max": 1000, "zero_terminal_snr": False,
+        "t_min": 0, "t_max": 1000, "timestep_shift": 1.0, "zero_terminal_snr": False,
     })  # fmt: skip
     c.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "text_encoder_learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0,
@@ -81,6 +81,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"diffusion.prediction {c.diffusion.prediction!r} not in {PREDICTIONS}")
     if c.diffusion.weighting not in WEIGHTINGS:
         errors.append(f"diffusion.weighting {c.diffusion.weighting!r} not in {WEIGHTINGS}")
+    if not c.diffusion.timestep_shift > 0:
+        errors.append(f"diffusion.timestep_shift must be > 0, got {c.diffusion.timestep_shift}")
     if not 0 <= c.diffusion.t_min < c.diffusion.t_max <= 1000:
         errors.append(f"need 0 <= diffusion.t_min < t_max <= 1000, got {c.diffusion.t_min}, {c.diffusion.t_max}")
     if c.optimizer.schedule not in LR_SCHEDULES:

@@ -68,15 +68,16 @@ def diffusion_loss(model, diffusion: ml_collections.ConfigDict, x0, cond, key) -
     """The weighted MSE of one batch: (loss, {"t", "noise", "weights": per example}).
 
     model(x_t, t, cond) -> eps or v, `[B, h, w, C]`; noise = N(0, 1) + offset_noise * N(0, 1) per
-    (example, channel); t uniform integers in [t_min, t_max); x_t = sqrt(ab) x0 + sqrt(1 - ab) noise;
-    target eps or v; weights per `diffusion.weighting` (see `losses.loss_weights`).
+    (example, channel); t integers in [t_min, t_max); x_t = sqrt(ab) x0 + sqrt(1 - ab) noise;
+    target eps, v or x0; weights per `diffusion.weighting` (see `losses.loss_weights`); t shifted toward
+    high noise by `diffusion.timestep_shift` (`losses.sample_timesteps`).
     """
     k_noise, k_offset, k_t = jax.random.split(key, 3)
     b, c = x0.shape[0], x0.shape[-1]
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     if diffusion.offset_noise:
         noise = noise + diffusion.offset_noise * jax.random.normal(k_offset, (b, 1, 1, c), jnp.float32)
-    t = jax.random.randint(k_t, (b,), diffusion.t_min, diffusion.t_max)
+    t = losses.sample_timesteps(k_t, b, diffusion.t_min, diffusion.t_max, diffusion.timestep_shift)
     ab = jnp.asarray(alphas_cumprod(diffusion))[t]
     out = model(losses.noisy_latents(x0, noise, ab), t, cond)
     weights = losses.loss_weights(losses.snr(ab), diffusion.weighting, diffusion.prediction, diffusion.min_snr_gamma)

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sdxl_jax.diffusion import schedules
+from sdxl_jax.diffusion import losses, schedules
 from sdxl_jax.train_state import ema_decay, lr_schedule
 from sdxl_jax.train_step import alphas_cumprod, diffusion_loss
 
@@ -16,7 +16,7 @@ ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
 
 def diffusion_cfg(**changes):
     base = dict(prediction="epsilon", weighting="none", min_snr_gamma=5.0, offset_noise=0.0, t_min=0, t_max=1000,
-                zero_terminal_snr=False)
+                timestep_shift=1.0, zero_terminal_snr=False)
     return ml_collections.ConfigDict(base | changes)
 
 
@@ -27,18 +27,18 @@ def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
     target = {"epsilon": noise, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0, "sample": x0}[prediction]
     snr = ALPHABAR[t] / (1 - ALPHABAR[t])
     eps_weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma) / snr,
-                   "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0))}[weighting]
-    weights = eps_weights
-    if prediction == "v_prediction" and weighting == "min_snr":
-        weights = np.minimum(snr, gamma) / (snr + 1)
+                   "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma) / snr}
+    weights = eps_weights[weighting]
+    if prediction == "v_prediction" and weighting in ("min_snr", "min_snr_v"):
+        weights = np.minimum(snr + (weighting == "min_snr_v"), gamma) / (snr + 1)
     if prediction == "sample":  # x0 error² = eps error² / snr: the eps weight times snr (before clipping)
         weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma),
-                   "debiased": np.sqrt(np.minimum(snr, 1000.0))}[weighting]
+                   "debiased": np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma)}[weighting]
     return x_t, target, weights
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("weighting", ["none", "min_snr", "debiased"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr", "debiased", "min_snr_v"])
 def test_loss_matches_closed_form(prediction, weighting):
     x0 = np.random.default_rng(0).standard_normal((6, 4, 4, 4)).astype(np.float32)
     seen = {}
@@ -64,6 +64,50 @@ def test_timesteps_stay_in_the_configured_range():
     assert t.min() >= 0 and t.max() < 200 and t.max() > 150  # the refiner's t < 200, spread over it
     _, aux = diffusion_loss(lambda x, t, c: x, diffusion_cfg(t_min=900, t_max=1000), x0, None, jax.random.key(0))
     assert np.asarray(aux["t"]).min() >= 900
+
+
+@pytest.mark.parametrize("weighting", ["min_snr", "min_snr_v"])  # debiased uses eps's weight for v as-is
+def test_a_weighting_weighs_the_same_x0_error_alike_in_every_prediction(weighting):
+    """One denoised estimate, expressed as each prediction type's output: the weighted losses agree."""
+    rng = np.random.default_rng(1)
+    x0, noise = rng.standard_normal((2, 64, 4, 4, 4))
+    t = np.array([0, 50, 200, 400, 600, 800, 950, 999] * 8)
+    ab = alphas_cumprod(diffusion_cfg(zero_terminal_snr=True)).astype(np.float64)[t][:, None, None, None]
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+    x0_hat = x0 + 0.1 * rng.standard_normal(x0.shape)
+    eps_hat = (x_t - np.sqrt(ab) * x0_hat) / np.sqrt(1 - ab)
+    outputs = {"sample": x0_hat, "epsilon": eps_hat, "v_prediction": np.sqrt(ab) * eps_hat - np.sqrt(1 - ab) * x0_hat}
+    snr = losses.snr(ab[:, 0, 0, 0])
+    per_prediction = {}
+    for prediction, out in outputs.items():
+        weights = losses.loss_weights(snr, weighting, prediction, gamma=5.0)
+        target = losses.target(x0, noise, ab[:, 0, 0, 0], prediction)
+        per_prediction[prediction] = float(losses.diffusion_loss(out, target, weights))
+    # eps at the last step (snr 2^-24) amplifies float32 rounding; still within 1e-3
+    np.testing.assert_allclose(per_prediction["epsilon"], per_prediction["sample"], rtol=1e-3)
+    np.testing.assert_allclose(per_prediction["v_prediction"], per_prediction["sample"], rtol=1e-4)
+
+
+def test_min_snr_v_keeps_weight_at_pure_noise():
+    snr = jnp.array([0.0, 1.0, 3.0, 10.0])
+    np.testing.assert_allclose(losses.loss_weights(snr, "min_snr_v", "sample", 5.0), [1, 2, 4, 5])
+    np.testing.assert_allclose(losses.loss_weights(snr, "min_snr", "sample", 5.0), [0, 1, 3, 5])
+
+
+def test_shifted_timesteps_follow_the_shifted_distribution():
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(losses.sample_timesteps(key, 64, 0, 1000), jax.random.randint(key, (64,), 0, 1000))
+    t = np.asarray(losses.sample_timesteps(key, 200_000, 0, 1000, shift=3.0))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    # P(t >= 500) = P(u' >= 1/2) = s / (s + 1); P(t < 100) = P(u < 0.1 / (s - 0.1 (s - 1))) = 1/28
+    assert abs((t >= 500).mean() - 0.75) < 0.005 and abs((t < 100).mean() - 1 / 28) < 0.002
+    t = np.asarray(losses.sample_timesteps(key, 10_000, 900, 1000, shift=3.0))
+    assert t.min() >= 900 and t.max() <= 999 and (t >= 950).mean() > 0.7
+    with pytest.raises(ValueError, match="shift"):
+        losses.sample_timesteps(key, 4, 0, 1000, shift=0.0)
+    cfg = diffusion_cfg(timestep_shift=3.0)
+    _, aux = diffusion_loss(lambda x, t, c: x, cfg, jnp.zeros((4096, 1, 1, 4)), None, jax.random.key(0))
+    assert abs((np.asarray(aux["t"]) >= 500).mean() - 0.75) < 0.03  # the trainer's step uses it
 
 
 def test_offset_noise_adds_a_per_channel_constant():

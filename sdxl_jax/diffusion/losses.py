@@ -11,6 +11,12 @@ Weights (multiply the per-example MSE):
                  min(snr, gamma) for sample (the paper's x0 form)
     "debiased"   debiased estimation (Yu et al. 2024): 1 / sqrt(snr), snr clipped at 1000; sqrt(snr) for
                  sample (the same weight on the equivalent eps error, since eps error² = snr x0 error²)
+    "min_snr_v"  the v-MSE with its x0 weight clipped: v error² = (snr + 1) x0 error², so min(snr + 1,
+                 gamma) for sample, that / (snr + 1) for v, / snr for eps. Unlike min_snr's x0 form it
+                 keeps weight 1 at snr -> 0, the pure-noise step that zero terminal SNR samples from.
+
+Timesteps (`sample_timesteps`): uniform integers, or with `shift` > 1 moved toward high noise the
+way SD3 shifts its schedule for larger images: u ~ U[0, 1), u -> shift u / (1 + (shift - 1) u).
 """
 
 from typing import Literal
@@ -20,8 +26,8 @@ import jax.numpy as jnp
 
 from sdxl_jax.diffusion.denoisers import Prediction
 
-Weighting = Literal["none", "min_snr", "debiased"]
-WEIGHTINGS = ("none", "min_snr", "debiased")
+Weighting = Literal["none", "min_snr", "debiased", "min_snr_v"]
+WEIGHTINGS = ("none", "min_snr", "debiased", "min_snr_v")
 DEBIASED_MAX_SNR = 1000.0
 
 
@@ -65,7 +71,27 @@ def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: flo
     if weighting == "debiased":
         clipped = jnp.minimum(snr_t, DEBIASED_MAX_SNR)
         return jnp.sqrt(clipped) if prediction == "sample" else jax.lax.rsqrt(clipped)
+    if weighting == "min_snr_v":
+        x0_weight = jnp.minimum(snr_t + 1, gamma)
+        if prediction == "sample":
+            return x0_weight
+        return x0_weight / (snr_t + 1) if prediction == "v_prediction" else x0_weight / snr_t
     raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+
+
+def sample_timesteps(key, batch: int, t_min: int, t_max: int, shift: float = 1.0) -> jax.Array:
+    """Training timesteps int32 `[batch]` in [t_min, t_max): uniform, or shifted toward t_max.
+
+    shift 1: `randint` (the draws of every run before the shift existed). shift s > 1: u ~ U[0, 1),
+    u' = s u / (1 + (s - 1) u), t = t_min + floor(u' (t_max - t_min)); P(u' >= 1/2) = s / (s + 1).
+    """
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return jax.random.randint(key, (batch,), t_min, t_max)
+    u = jax.random.uniform(key, (batch,), jnp.float32)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return jnp.minimum(t_min + jnp.floor(shifted * (t_max - t_min)).astype(jnp.int32), t_max - 1)
 
 
 def diffusion_loss(prediction_out, target_out, weights=None) -> jax.Array:
