@@ -121,8 +121,10 @@ def test_held_out_prompts_get_their_colours(held_out):
 
 
 def test_held_out_prompts_get_their_shapes_far_more_often_than_by_chance(held_out):
-    right, report = score(held_out, (0, 1))  # a guess among 3 shapes is right 1/3 of the time
-    assert right >= 0.55 * len(held_out), f"{right}/{len(held_out)} right:\n{report}"
+    right, report = score(held_out, (0, 1))
+    # a random shape is right 1/3 of the time; one shape for every prompt at most 10/23 (triangles)
+    most_common = max(sum(want[0] == s for _, want, _ in held_out) for s in shapes.SHAPES)
+    assert right >= 0.55 * len(held_out) > most_common, f"{right}/{len(held_out)} right:\n{report}"
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped demo model gets shape and colour right for 15/23 held-out "
