@@ -29,8 +29,10 @@ def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
     eps_weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma) / snr,
                    "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma) / snr}
     weights = eps_weights[weighting]
-    if prediction == "v_prediction" and weighting in ("min_snr", "min_snr_v"):
-        weights = np.minimum(snr + (weighting == "min_snr_v"), gamma) / (snr + 1)
+    if prediction == "v_prediction" and weighting == "min_snr":
+        weights = np.minimum(snr, gamma) / (snr + 1)
+    if prediction == "v_prediction" and weighting == "min_snr_v":
+        weights = np.minimum(snr + 1, gamma) / (snr + 1)
     if prediction == "sample":  # x0 error² = eps error² / snr: the eps weight times snr (before clipping)
         weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma),
                    "debiased": np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma)}[weighting]

@@ -59,23 +59,25 @@ def snr(alphas_cumprod_t):
     return ab / (1 - ab)
 
 
+def _from_x0_weight(x0_weight, snr_t, prediction: Prediction):
+    """The weight on a prediction's own error that puts `x0_weight` on the x0 error
+    (eps error² = snr x0 error², v error² = (snr + 1) x0 error²)."""
+    if prediction == "sample":
+        return x0_weight
+    return x0_weight / (snr_t + 1) if prediction == "v_prediction" else x0_weight / snr_t
+
+
 def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: float = 5.0) -> jax.Array:
     snr_t = jnp.asarray(snr_t, jnp.float32)
     if weighting == "none":
         return jnp.ones_like(snr_t)
     if weighting == "min_snr":
-        clipped = jnp.minimum(snr_t, gamma)
-        if prediction == "sample":
-            return clipped
-        return clipped / (snr_t + 1) if prediction == "v_prediction" else clipped / snr_t
+        return _from_x0_weight(jnp.minimum(snr_t, gamma), snr_t, prediction)
+    if weighting == "min_snr_v":
+        return _from_x0_weight(jnp.minimum(snr_t + 1, gamma), snr_t, prediction)
     if weighting == "debiased":
         clipped = jnp.minimum(snr_t, DEBIASED_MAX_SNR)
         return jnp.sqrt(clipped) if prediction == "sample" else jax.lax.rsqrt(clipped)
-    if weighting == "min_snr_v":
-        x0_weight = jnp.minimum(snr_t + 1, gamma)
-        if prediction == "sample":
-            return x0_weight
-        return x0_weight / (snr_t + 1) if prediction == "v_prediction" else x0_weight / snr_t
     raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
