@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from sdxl_jax import checkpoint, train_config
 from sdxl_jax.feed import bucket, global_batch, make_data
+from sdxl_jax.huge_pages import reexec_with_huge_pages
 from sdxl_jax.mesh import batch_shards, batch_sharding, initialize_distributed, make_mesh, tracing_context
 from sdxl_jax.metrics import MetricsWriter
 from sdxl_jax.train_export import export_run
@@ -92,6 +93,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config.malloc_huge_pages:
+        reexec_with_huge_pages()  # replaces this process, so before any work
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     train(FLAGS.config, FLAGS.workdir)
 

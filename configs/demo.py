@@ -18,7 +18,9 @@ step) and training timesteps are shifted toward high noise (3, as SD3 does for l
 both, and a stochastic sampler (DPM++ 2M SDE, 40 steps), shapes came out right about twice as often.
 Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain folder
 loader into three 32²-area buckets with random crops. What it learns in its 2600 steps (colours, and
-shapes often but not reliably): README, "The demo".
+shapes often but not reliably): README, "The demo". `malloc_huge_pages` restarts train.py once with
+glibc's malloc on transparent huge pages (`sdxl_jax/huge_pages.py`): on a CPU its steps take about a
+sixth less time.
 
 `get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
 points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
@@ -89,5 +91,6 @@ def get_config(arg=None):
     c.optimizer.text_encoder_learning_rate = 1e-3
     c.export_on_finish = "project"
     c.peak_flops_per_device = 1e12  # nominal, for a CPU
+    c.malloc_huge_pages = True  # XLA:CPU's step buffers on huge pages: 0.27 -> 0.23 s a step here
     c.sample = sampling()
     return c

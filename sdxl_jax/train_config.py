@@ -71,6 +71,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.export_on_finish = "none"
     c.export_ema = True
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
+    c.malloc_huge_pages = False  # restart train.py with glibc malloc on huge pages (sdxl_jax/huge_pages.py; CPU runs)
     return c
 
 
