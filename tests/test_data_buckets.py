@@ -48,6 +48,16 @@ def test_generator_bounds_and_errors():
         generate_buckets(64 * 64, 64, min_side=128, max_side=256)
 
 
+def test_listed_tables_are_exactly_the_sizes_named():
+    table = bucket_table("24x24, 32x24,24x32")
+    assert table == (Bucket(32, 24), Bucket(24, 24), Bucket(24, 32))  # WxH, sorted tallest first
+    assert [b.name for b in table] == ["24x32", "24x24", "32x24"]
+    assert bucket_table("area=32,step=8,min=24,max=40") == bucket_table("24x40,32x32,40x24")  # "max" has an x
+    for bad in ("24x24,24x24", "24x0", "24x24,x32", "24x2.5", "area512"):
+        with pytest.raises(ValueError, match="bucket spec"):
+            bucket_table(bad)
+
+
 @pytest.mark.parametrize("hw,expected", [
     ((1080, 1920), "1344x768"),   # 16:9 landscape
     ((1920, 1080), "768x1344"),   # 9:16 portrait

@@ -15,6 +15,7 @@ Bucket tables are named by a spec string (the `buckets` field of the data config
     "sdxl"                                 SDXL's 26 sizes at ~1024² (sgm's list)
     "area=512"                             generated: sides step 64, area <= 512², aspect <= 4
     "area=256,step=32,min=128,max=1024,ratio=2"
+    "24x24,32x24,24x32"                    listed: each size as SDXL's tables name them, WxH
 """
 
 import math
@@ -82,6 +83,8 @@ def bucket_table(spec: str) -> tuple[Bucket, ...]:
     """A table from its spec string (see the module docstring)."""
     if spec == "sdxl":
         return SDXL_BUCKETS
+    if "=" not in spec:
+        return listed_buckets(spec)
     keys = dict(area="area", step="step", min="min_side", max="max_side", ratio="max_ratio")
     fields = {}
     for part in spec.split(","):
@@ -93,6 +96,20 @@ def bucket_table(spec: str) -> tuple[Bucket, ...]:
         raise ValueError(f"bucket spec {spec!r} has no area=")
     side = fields.pop("area")
     return generate_buckets(side * side, **fields)  # "area=512" means 512², the way stages are named
+
+
+def listed_buckets(spec: str) -> tuple[Bucket, ...]:
+    """"WxH,WxH,...": exactly these sizes (positive, no repeats)."""
+    sizes = []
+    for part in spec.split(","):
+        w, _, h = part.strip().partition("x")
+        if not (w.isdigit() and h.isdigit()) or int(w) <= 0 or int(h) <= 0:
+            raise ValueError(f"bucket spec {spec!r}: expected 'sdxl', 'area=N[,...]' or 'WxH,WxH,...'; "
+                             f"{part!r} is not WxH with positive integer sides")
+        sizes.append(Bucket(int(h), int(w)))
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"bucket spec {spec!r} lists a size twice")
+    return _by_aspect(sizes)
 
 
 def log_aspects(buckets) -> np.ndarray:

@@ -38,7 +38,8 @@ The data config (`default_data_config()`; an `ml_collections.ConfigDict`):
     image_feature   TFDS image feature ('/' for nesting)
     text_feature    TFDS text feature (text or a sequence of texts)
     caption_ext     folder: sidecar caption extension (".txt")
-    buckets         bucket spec: "sdxl" or "area=512[,step=64,min=256,max=1024,ratio=4]" (`buckets.bucket_table`);
+    buckets         bucket spec: "sdxl", "area=512[,step=64,min=256,max=1024,ratio=4]" or "WxH,WxH,..."
+                    (`buckets.bucket_table`);
                     for prepared shards it must equal the spec they were prepared with
     random_crop     True: uniform crop offset; False: centre crop
     flip_prob       probability of a horizontal flip (0 = never)

@@ -1,6 +1,6 @@
 """Raw images -> bucketed ArrayRecord shards the loader reads fast (and, optionally, cached latents).
 
-    python -m sdxl_jax.data.prepare SRC OUT [--buckets sdxl|area=512] [--num_shards N]
+    python -m sdxl_jax.data.prepare SRC OUT [--buckets sdxl|area=512|1024x1024,...] [--num_shards N]
         [--cache_latents --checkpoint PATH] [--image_format jpeg|png] [--min_original_size N] ...
 
 SRC: an image folder, a folder / file / glob of WebDataset `.tar` shards, or `tfds:NAME[:SPLIT]`
@@ -239,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="image folder, .tar shard(s) (folder, file or glob), or tfds:NAME[:SPLIT]")
     p.add_argument("out", help="output folder (created; re-running continues an unfinished run)")
-    p.add_argument("--buckets", default="sdxl", help="'sdxl' or 'area=512[,step=64,min=..,max=..,ratio=..]'")
+    p.add_argument("--buckets", default="sdxl", help="'sdxl', 'area=512[,step=64,min=..,max=..,ratio=..]' or 'WxH,WxH,..'")
     p.add_argument("--num_shards", type=int, default=None, help=f"default: one per {RECORDS_PER_SHARD} records")
     p.add_argument("--cache_latents", action="store_true", help="store VAE latents + text encodings, not pixels")
     p.add_argument("--checkpoint", default=None, help="SDXL weights for --cache_latents (any format load_pipeline_weights reads)")
