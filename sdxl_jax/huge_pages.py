@@ -53,5 +53,5 @@ def reexec_with_huge_pages() -> None:
         return
     print(f"restarting with GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (malloc on transparent huge pages; "
           "config.malloc_huge_pages)", flush=True)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stderr.flush()  # exec discards whatever Python still buffers
     os.execve(sys.executable, sys.orig_argv, environ)
