@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 # name -> what the axis is. Activations use the first four; the rest name parameter dimensions.
@@ -95,6 +96,8 @@ def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules):
     values = nn.meta.unbox(abstract_params)
 
     def to_sharding(spec, value):
+        if isinstance(value, optax.MaskedNode):  # optimiser state of a masked-out param: no array
+            return value
         mesh_spec = nn.logical_to_mesh_axes(spec, rules)
         fitted = []
         for dim, axes in zip(value.shape, mesh_spec):

@@ -17,7 +17,7 @@ from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.samplers import SAMPLERS
 from sdxl_jax.parallel import FSDP_RULES, check_rules
 from sdxl_jax.pipeline import SCHEDULES
-from sdxl_jax.train_state import LR_SCHEDULES, Models
+from sdxl_jax.train_state import LR_SCHEDULES, OPTIMIZERS, Models
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
@@ -57,6 +57,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
         "t_min": 0, "t_max": 1000, "timestep_shift": 1.0, "zero_terminal_snr": False,
     })  # fmt: skip
     c.optimizer = ml_collections.ConfigDict({
+        "name": "adamw", "muon_beta": 0.95,  # the UNet's optimiser: "adamw" or "muon" (train_state.OPTIMIZERS)
         "learning_rate": 1e-4, "text_encoder_learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0,
         "decay_steps": 1000, "end_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
         "grad_clip_norm": 1.0, "accumulation_steps": 1,
@@ -86,6 +87,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"diffusion.timestep_shift must be > 0, got {c.diffusion.timestep_shift}")
     if not 0 <= c.diffusion.t_min < c.diffusion.t_max <= 1000:
         errors.append(f"need 0 <= diffusion.t_min < t_max <= 1000, got {c.diffusion.t_min}, {c.diffusion.t_max}")
+    if c.optimizer.name not in OPTIMIZERS:
+        errors.append(f"optimizer.name {c.optimizer.name!r} not in {sorted(OPTIMIZERS)}")
     if c.optimizer.schedule not in LR_SCHEDULES:
         errors.append(f"optimizer.schedule {c.optimizer.schedule!r} not in {sorted(LR_SCHEDULES)}")
     if c.optimizer.accumulation_steps < 1:

@@ -62,16 +62,21 @@ def test_config_builds(name, arg):
         assert c.diffusion.t_max == 200 and models.text_encoder is None
 
 
-@pytest.mark.parametrize("name,arg", [("tiny", ""), ("tiny", "refiner")])
-def test_tiny_state_is_laid_out_on_the_mesh(name, arg):
+@pytest.mark.parametrize("name,arg,optimizer", [("tiny", "", "adamw"), ("tiny", "refiner", "adamw"), ("tiny", "", "muon")])
+def test_tiny_state_is_laid_out_on_the_mesh(name, arg, optimizer):
     c = load(name, arg)
     c.train_text_encoders = True
+    c.optimizer.name = optimizer
     models = models_from_config(c.model)
-    tx, _ = make_optimizer(c.optimizer, trainable_components(c, models))
-    shardings, frozen, _ = state_shardings(models, tx, trainable_components(c, models), 0, make_mesh(c.mesh), c.sharding_rules)
+    trainable = trainable_components(c, models)
+    tx, _ = make_optimizer(c.optimizer, trainable)
+    shardings, frozen, boxed = state_shardings(models, tx, trainable, 0, make_mesh(c.mesh), c.sharding_rules)
     assert set(shardings.params) == {"unet", *(k for k in ("text_encoder", "text_encoder_2") if models.config(k))}
     assert set(frozen) == {"vae"}
     assert jax.tree.structure(shardings.params) == jax.tree.structure(shardings.ema_params)
+    # the layout has the optimiser state's own tree (Muon's entries masked out for AdamW's params included)
+    params = {k: v for k, v in nn.meta.unbox(boxed).items() if k in trainable}
+    assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(jax.eval_shape(tx.init, params))
 
 
 @pytest.mark.slow

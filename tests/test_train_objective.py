@@ -1,5 +1,5 @@
 """The training objective against closed forms: targets, weights, timestep ranges, offset noise; the
-optimiser's schedules and the EMA decay."""
+optimiser's schedules, Muon's split between kernels and the rest, and the EMA decay."""
 
 import jax
 import jax.numpy as jnp
@@ -143,9 +143,9 @@ def test_lr_schedules_and_ema_decay():
 def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     from sdxl_jax.train_state import make_optimizer
 
-    opt = ml_collections.ConfigDict(dict(learning_rate=1e-2, text_encoder_learning_rate=1e-3, schedule="constant",
-                                         warmup_steps=0, decay_steps=1, end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
+    opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, text_encoder_learning_rate=1e-3,
+                                         schedule="constant", warmup_steps=0, decay_steps=1, end_factor=0.0, b1=0.9,
+                                         b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
     params = {"unet": {"w": jnp.ones(3)}, "text_encoder_2": {"w": jnp.ones(3)}}
     g1 = jax.tree.map(lambda p: p * jnp.array([1.0, -2.0, 3.0]), params)
     g2 = jax.tree.map(lambda p: p * jnp.array([3.0, 1.0, -1.0]), params)
@@ -162,6 +162,47 @@ def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     # AdamW's first step is -lr * sign(g): the UNet's LR and the text encoders' own
     np.testing.assert_allclose(once["unet"]["w"], [-1e-2, 1e-2, -1e-2], rtol=1e-4)
     np.testing.assert_allclose(once["text_encoder_2"]["w"], [-1e-3, 1e-3, -1e-3], rtol=1e-4)
+
+
+def _singular_spread(matrix) -> float:
+    s = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False)
+    return float(s.max() / s.min())
+
+
+def test_muon_orthogonalises_every_kernel_and_adamw_moves_the_rest():
+    from sdxl_jax.train_state import make_optimizer
+
+    opt = ml_collections.ConfigDict(dict(name="muon", muon_beta=0.95, learning_rate=1e-2,
+                                         text_encoder_learning_rate=1e-3, schedule="constant", warmup_steps=0,
+                                         decay_steps=1, end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
+    shapes = {"unet": {"conv": {"kernel": (3, 3, 4, 8), "bias": (8,)}, "dense": {"kernel": (16, 8)},
+                       "scanned": {"kernel": (2, 8, 24), "bias": (2, 24)}},
+              "text_encoder_2": {"dense": {"kernel": (8, 8)}}}
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+    params = jax.tree.map(lambda shape: jnp.ones(shape), shapes, is_leaf=lambda x: isinstance(x, tuple))
+    # gradients with very unequal singular values (a random matrix times a ramp along its outputs)
+    grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape) * jnp.linspace(0.1, 3.0, p.shape[-1]), params)
+    tx, _ = make_optimizer(opt, ("unet", "text_encoder_2"))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    unet, g = updates["unet"], grads["unet"]
+    assert _singular_spread(g["conv"]["kernel"].reshape(36, 8)) > 10
+    # kernels: orthogonalised (Newton-Schulz leaves singular values within about 0.7-1.2), as [kh*kw*in, out]
+    # matrices, one per scanned layer, scaled to an RMS of 0.2 x lr
+    for matrix in (unet["conv"]["kernel"].reshape(36, 8), unet["dense"]["kernel"], *unet["scanned"]["kernel"]):
+        assert _singular_spread(matrix) < 2.0
+        assert 0.1 * 1e-2 < float(jnp.sqrt(jnp.mean(matrix**2))) < 0.3 * 1e-2
+    # biases (also a scanned [layers, C] one): Nesterov AdamW (optax's Muon takes its Nesterov flag there
+    # too), whose first step is -lr * (1 + b1 / (1 + b1)) * sign(g)
+    nadam = 1e-2 * (1 + 0.9 / 1.9)
+    np.testing.assert_allclose(unet["conv"]["bias"], -nadam * jnp.sign(g["conv"]["bias"]), rtol=1e-4)
+    np.testing.assert_allclose(unet["scanned"]["bias"], -nadam * jnp.sign(g["scanned"]["bias"]), rtol=1e-4)
+    # the text encoders: plain AdamW, -lr * sign(g) on the first step
+    text = updates["text_encoder_2"]["dense"]["kernel"]
+    np.testing.assert_allclose(text, -1e-3 * jnp.sign(grads["text_encoder_2"]["dense"]["kernel"]), rtol=1e-4)
+    opt.name = "sgd"
+    with pytest.raises(ValueError, match="optimizer.name 'sgd'"):
+        make_optimizer(opt, ("unet",))
 
 
 def test_a_sample_prediction_model_is_its_own_denoiser():

@@ -34,6 +34,16 @@ def test_resume_is_bitwise(tmp_path, compile_cache, straight):
     assert_bitwise(resumed, straight, range(1, 7))  # params, EMA, optimiser state, step; losses 4-6 after resume
 
 
+@pytest.mark.slow
+def test_resume_with_muon_is_bitwise(tmp_path, compile_cache):
+    """Muon's state holds masked-out entries (the params AdamW takes); they checkpoint and restore too."""
+    muon = COMMON | {"optimizer.name": "muon"}
+    want = run_child(tmp_path / "straight", compile_cache, muon)
+    run_child(tmp_path / "run", compile_cache, muon | {"num_steps": 3, "checkpoint_every": 3})
+    resumed = run_child(tmp_path / "run", compile_cache, muon | {"checkpoint_every": 3})
+    assert_bitwise(resumed, want, range(1, 7))
+
+
 # Orbax's commit of step 4 (the rename of its temporary folder into `4/`, in the background save
 # thread) is held back, so the kill lands while step 4 is written but not committed.
 HOLD_STEP_4 = """
