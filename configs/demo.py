@@ -16,11 +16,12 @@ noise level a small image's mean colour leaks through, and colours come out at r
 weighted by min(SNR + 1, 5) (`min_snr_v`: unlike min-SNR's x0 form it still trains the pure-noise
 step) and training timesteps are shifted toward high noise (3, as SD3 does for larger images): with
 both, and a stochastic sampler (DPM++ 2M SDE, 40 steps), shapes came out right about twice as often.
-Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain folder
-loader into three 32²-area buckets with random crops. What it learns in its 2600 steps (colours, and
-shapes often but not reliably): README, "The demo". `malloc_huge_pages` restarts train.py once with
-glibc's malloc on transparent huge pages (`sdxl_jax/huge_pages.py`): on a CPU its steps take about a
-sixth less time.
+The UNet's kernels train with Muon (`optimizer.name`): at the same number of steps it drew the right
+shape for 76% of held-out prompts where AdamW got 58%, so 2200 of its dearer steps replace 2600 of
+AdamW's. Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain
+folder loader into three 32²-area buckets with random crops. What it learns: README, "The demo".
+`malloc_huge_pages` restarts train.py once with glibc's malloc on transparent huge pages
+(`sdxl_jax/huge_pages.py`): on a CPU its steps take about a sixth less time.
 
 `get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
 points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
@@ -75,17 +76,18 @@ def get_config(arg=None):
     with data.unlocked():
         data.num_images, data.shapes_seed = 4000, 0
     c = skeleton(models, data)
-    c.num_steps = 2600
+    c.num_steps = 2200
     c.batch_size = 32  # more, smaller steps learned more in the same 15 minutes than 1300 x 64
     c.log_every = 100
     c.checkpoint_every = 1000
     c.mesh.update(data=-1, fsdp=1)
-    c.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, decay_steps=2600, end_factor=0.05,
-                       weight_decay=0.0)
+    # Muon for the UNet's kernels: a step costs a third more here, but it learns shapes in far fewer steps
+    c.optimizer.update(name="muon", learning_rate=1e-3, schedule="cosine", warmup_steps=100, decay_steps=2200,
+                       end_factor=0.05, weight_decay=0.0)
     c.ema.decay = 0.999
     c.diffusion.update(prediction="sample", zero_terminal_snr=True, weighting="min_snr_v", min_snr_gamma=5.0,
                        timestep_shift=3.0)
-    c.validation.update(every=2600, prompts=("a green triangle on a white background", "a red circle on a blue background"),
+    c.validation.update(every=2200, prompts=("a green triangle on a white background", "a red circle on a blue background"),
                         steps=40, sampler="dpmpp_2m_sde", schedule="trailing", guidance_scale=4.0, height=32, width=32)
     c.train_text_encoders = True  # the words' embeddings learn too (cheap; faster than reading frozen random ones)
     c.optimizer.text_encoder_learning_rate = 1e-3
