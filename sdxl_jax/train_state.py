@@ -169,7 +169,11 @@ def muon_dimensions(params):
 
     def one(path, x):  # the last dict key names the param (boxed params add a `.value` after it)
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        return dims[x.ndim] if name == "kernel" else None
+        if name != "kernel":
+            return None
+        if x.ndim not in dims:
+            raise ValueError(f"Muon: no matrix layout for a {x.ndim}-D kernel at {jax.tree_util.keystr(path)}")
+        return dims[x.ndim]
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -178,9 +182,9 @@ def _muon(opt, schedule):
     """Muon (optax.contrib): Nesterov momentum, orthogonalised by Newton-Schulz, for the kernels; AdamW
     with Nesterov momentum (NAdamW: optax's Muon uses its flag for both) for the rest. `consistent_rms`
     0.2 scales each update to AdamW's typical RMS, so the same learning rate and weight decay carry over
-    (Moonlight's recipe)."""
-    return optax.contrib.muon(schedule, beta=opt.muon_beta, weight_decay=opt.weight_decay, adam_b1=opt.b1,
-                              adam_b2=opt.b2, adam_weight_decay=opt.weight_decay,
+    (Moonlight's recipe). optax uses one `eps` for both Newton-Schulz's normalisation and AdamW."""
+    return optax.contrib.muon(schedule, beta=opt.muon_beta, eps=opt.eps, weight_decay=opt.weight_decay,
+                              adam_b1=opt.b1, adam_b2=opt.b2, adam_weight_decay=opt.weight_decay,
                               muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
 
 
