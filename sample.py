@@ -19,8 +19,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image, PngImagePlugin
 
+from sdxl_jax import __version__
 from sdxl_jax import pipeline as pipeline_lib
-from sdxl_jax.convert.export import sdxl_jax_version
 from sdxl_jax.diffusion import samplers
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (configs/sdxl_base.py, or a training config with a `sample` section such as configs/demo.py)")
@@ -106,7 +106,7 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
                "Model": model}
     if config.refiner and config.denoising_end > 0:
         fields |= {"Refiner": Path(config.refiner).name, "Refiner switch at": config.denoising_end}
-    fields["Version"] = f"sdxl_jax {sdxl_jax_version()}"
+    fields["Version"] = f"sdxl_jax {__version__}"
     lines = [prompt]
     if config.negative_prompt:
         lines.append(f"Negative prompt: {config.negative_prompt}")

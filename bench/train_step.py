@@ -1,4 +1,4 @@
-"""Train-step throughput: steps/s, images/s, model FLOPs (`sdxl_jax.flops`) and MFU.
+"""Train-step throughput: steps/s, images/s, model FLOPs (`sdxl_jax.train.flops`) and MFU.
 
     python bench/train_step.py --preset tiny --devices 1            # one setting
     python bench/train_step.py --cpu_table                          # tiny and mid, 1 and 8 fake CPU devices
@@ -50,22 +50,20 @@ def bench(preset: str, batch_per_device: int, steps: int, remat: str | None, pea
     import jax
     import numpy as np
 
-    from sdxl_jax.feed import global_batch, make_data
-    from sdxl_jax.mesh import batch_sharding, make_mesh, tracing_context
-    from sdxl_jax.train_state import create_sharded_state, make_optimizer, models_from_config, trainable_components
-    from sdxl_jax.train_step import compiled_steps
+    from sdxl_jax.sharding import make_mesh, tracing_context
+    from sdxl_jax.train.data import global_batch, make_data
+    from sdxl_jax.train.state import create_sharded_state
+    from sdxl_jax.train.step import CompiledSteps, StepSpec
 
     c = build_config(preset, remat)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     mesh = make_mesh(c.mesh)
     c.batch_size = batch_per_device * mesh.size
-    models = models_from_config(c.model)
-    tx, lr = make_optimizer(c.optimizer, trainable_components(c, models))
-    state, frozen, shardings = create_sharded_state(c, models, tx, mesh)
-    bsh = batch_sharding(mesh, c.sharding_rules)
-    step = compiled_steps(models, tx, lr, c, shardings, jax.tree.map(lambda x: x.sharding, frozen), bsh,
-                          lambda: tracing_context(c, mesh))
-    batch = global_batch(next(make_data(c)), bsh)
+    spec = StepSpec.build(c, mesh)
+    models = spec.models
+    state, frozen = create_sharded_state(spec)
+    step = CompiledSteps(spec, lambda: tracing_context(c, mesh))
+    batch = global_batch(next(make_data(c)), spec.batch_sharding)
     for _ in range(2):
         state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)

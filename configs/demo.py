@@ -21,7 +21,7 @@ shape for 76% of held-out prompts where AdamW got 58%, so 2200 of its dearer ste
 AdamW's. Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain
 folder loader into three 32²-area buckets with random crops. What it learns: README, "The demo".
 `malloc_huge_pages` restarts train.py once with glibc's malloc on transparent huge pages
-(`sdxl_jax/huge_pages.py`): on a CPU its steps take about a sixth less time.
+(`sdxl_jax/train/huge_pages.py`): on a CPU its steps take about a sixth less time.
 
 `get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
 points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
@@ -34,8 +34,8 @@ import ml_collections
 from sdxl_jax.data.loader import default_data_config
 from sdxl_jax.models import CLIPTextConfig, UNetConfig
 from sdxl_jax.models.pixel_space import PixelSpaceConfig
-from sdxl_jax.train_config import skeleton
-from sdxl_jax.train_state import BASE_TIME_IDS, Models
+from sdxl_jax.train.config import skeleton
+from sdxl_jax.train.state import BASE_TIME_IDS, Models
 
 SHIPPED = Path(__file__).resolve().parent.parent / "sdxl_jax" / "assets" / "demo"
 WIDTH_L, WIDTH_G, POOLED, TIME_ID_DIM = 32, 32, 32, 8

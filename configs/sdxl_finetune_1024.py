@@ -10,7 +10,7 @@ batch 1 per device has to fit 16 GiB on a TPU v5e; see `python -m sdxl_jax.plan`
 """
 
 from configs.sdxl_pretrain_256 import data_config, sdxl_models
-from sdxl_jax.train_config import skeleton
+from sdxl_jax.train.config import skeleton
 
 
 def get_config(arg=None):

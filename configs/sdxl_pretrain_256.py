@@ -11,8 +11,8 @@ import ml_collections
 
 from sdxl_jax.data.loader import default_data_config
 from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
-from sdxl_jax.train_config import skeleton
-from sdxl_jax.train_state import Models
+from sdxl_jax.train.config import skeleton
+from sdxl_jax.train.state import Models
 
 
 def sdxl_models(remat: str = "minimal") -> Models:

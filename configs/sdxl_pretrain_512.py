@@ -7,7 +7,7 @@
 """
 
 from configs.sdxl_pretrain_256 import data_config, sdxl_models
-from sdxl_jax.train_config import skeleton
+from sdxl_jax.train.config import skeleton
 
 
 def get_config(arg=None):

@@ -9,8 +9,8 @@ Argument: the UNet remat policy (default full).
 
 from configs.sdxl_pretrain_256 import data_config
 from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
-from sdxl_jax.train_config import skeleton
-from sdxl_jax.train_state import Models
+from sdxl_jax.train.config import skeleton
+from sdxl_jax.train.state import Models
 
 
 def refiner_models(remat: str) -> Models:

@@ -13,8 +13,8 @@ import ml_collections
 
 from sdxl_jax.data.loader import default_data_config
 from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
-from sdxl_jax.train_config import skeleton
-from sdxl_jax.train_state import BASE_TIME_IDS, REFINER_TIME_IDS, Models
+from sdxl_jax.train.config import skeleton
+from sdxl_jax.train.state import BASE_TIME_IDS, REFINER_TIME_IDS, Models
 
 WIDTH_L, WIDTH_G, POOLED, TIME_ID_DIM = 16, 32, 16, 4
 

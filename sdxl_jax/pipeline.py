@@ -23,23 +23,22 @@ import time
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from sdxl_jax import conditioning, generation, parallel
+from sdxl_jax import conditioning, generation
 from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
 from sdxl_jax.diffusion import guidance, samplers, schedules
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.vae import to_latents
+from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
 log = logging.getLogger("sdxl_jax")
 
 SCHEDULES = ("leading", "trailing", "linspace", "karras", "sgm", "turbo")
-PARAM_SHARDINGS = ("replicated", "fsdp")
 # Which diffusers scheduler family each sampler's sigma grid reproduces (see diffusion/schedules.py).
 _EULER_FAMILY = ("euler", "euler_a", "heun")
 _DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")
@@ -109,7 +108,7 @@ class _Placer:
         dtype = jnp.dtype(cfg.param_dtype)
         params = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False),
                               weights.params(name))
-        placed = jax.device_put(params, _param_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
+        placed = jax.device_put(params, placement_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
         jax.block_until_ready(placed)
         if self.release:
             weights.components[name] = (weights.config(name), None)
@@ -150,9 +149,9 @@ class Pipeline:
             raise ValueError(f"the first model must be an SDXL base, got a {base.model}")
         if refiner is not None and refiner.model != "refiner":
             raise ValueError(f"the refiner weights hold an SDXL {refiner.model}")
-        if param_sharding not in PARAM_SHARDINGS:
-            raise ValueError(f"unknown param_sharding {param_sharding!r}; valid: {', '.join(PARAM_SHARDINGS)}")
-        mesh = mesh if mesh is not None else default_mesh()
+        if param_sharding not in PLACEMENTS:
+            raise ValueError(f"unknown param_sharding {param_sharding!r}; valid: {', '.join(PLACEMENTS)}")
+        mesh = mesh if mesh is not None else data_mesh()
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis for the batch, has {mesh.axis_names}")
         place = _Placer(mesh, param_sharding, release_host_copies)
@@ -312,32 +311,6 @@ def _encode(vae_cfg, vae_params, images):
 
 
 _encode_jit = jax.jit(_encode, static_argnums=0)
-
-
-def default_mesh() -> jax.sharding.Mesh:
-    """Every device along `data` (pure data parallel)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-
-
-def _param_shardings(abstract_params, mesh, how: str):
-    """NamedShardings for a boxed abstract param tree: all replicated, or FSDP by the logical axes."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    if how == "replicated":
-        return jax.tree.map(lambda _: replicated, abstract_params, is_leaf=_is_boxed)
-    if "fsdp" not in mesh.axis_names:
-        raise ValueError(f"param_sharding='fsdp' needs a mesh with an 'fsdp' axis, got {mesh.axis_names}")
-    # The training rules, restricted to the mesh's axes (a sampling mesh may lack `tensor`).
-    rules = tuple((name, _present(target, mesh.axis_names)) for name, target in parallel.FSDP_RULES)
-    return parallel.param_shardings(abstract_params, mesh, rules)
-
-
-def _present(target, axis_names):
-    axes = tuple(a for a in (target if isinstance(target, tuple) else (target,)) if a in axis_names)
-    return axes[0] if len(axes) == 1 else (axes or None)
-
-
-def _is_boxed(x) -> bool:
-    return isinstance(x, nn.LogicallyPartitioned)
 
 
 def _seeds(seed, batch: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from sdxl_jax.convert.text_encoder import (
     text_encoder_params_to_transformers,
 )
 from sdxl_jax.models.clip import CLIPTextConfig, CLIPTextModel, abstract_params, clip_param_count, end_token_positions
-from sdxl_jax.parallel import FSDP_RULES, logical_names_in, param_shardings
+from sdxl_jax.sharding import FSDP_RULES, logical_names_in, param_shardings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PRESETS = {"text_encoder": CLIPTextConfig.clip_vit_l14, "text_encoder_2": CLIPTextConfig.openclip_vit_bigg14}

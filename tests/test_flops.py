@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax.flops import jaxpr_flops
+from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.models import UNet, UNetConfig
 from sdxl_jax.models.unet import abstract_params
 
@@ -75,16 +75,16 @@ def test_model_flops_of_the_train_step_leave_out_remat():
     """The step's model FLOPs are those of the same step without remat; the rematerialised program's own
     jaxpr repeats forward passes (more FLOPs) that MFU must not count."""
     from configs import tiny
-    from sdxl_jax.plan import abstract_step
-    from sdxl_jax.train_step import make_train_step, model_flops
+    from sdxl_jax.train.memory_plan import abstract_step
+    from sdxl_jax.train.step import make_train_step, model_flops
 
     counts = {}
     for remat in ("none", "full"):
         config = tiny.get_config()
         config.model.unet.remat = remat
-        _, models, step_args, inputs = abstract_step(config, {"data": 1, "fsdp": 1, "tensor": 1}, 2, 32, 32, False)
-        counts[remat] = model_flops(models, *step_args, *inputs)
+        spec, inputs = abstract_step(config, {"data": 1, "fsdp": 1, "tensor": 1}, 2, 32, 32, False)
+        counts[remat] = model_flops(spec, *inputs)
         if remat == "full":
-            repeated = jaxpr_flops(make_train_step(models, *step_args).trace(*inputs).jaxpr)
+            repeated = jaxpr_flops(make_train_step(spec).trace(*inputs).jaxpr)
     assert counts["full"] == counts["none"]
     assert repeated > 1.1 * counts["none"]  # full remat runs the UNet forward twice

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sdxl_jax import huge_pages
+from sdxl_jax.train import huge_pages
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_the_kernel_mode_is_read_from_its_bracket(tmp_path, monkeypatch):
 
 def test_the_process_restarts_once_with_the_same_arguments():
     """A real restart: the child script records its environment and arguments, twice at most."""
-    code = ("import os, sys; from sdxl_jax import huge_pages; "
+    code = ("import os, sys; from sdxl_jax.train import huge_pages; "
             "print('run', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True); "
             "huge_pages.reexec_with_huge_pages()")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

@@ -8,7 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-from sdxl_jax.parallel import FSDP_RULES, LOGICAL_AXES
+import flax.linen as nn
+import pytest
+
+from sdxl_jax.sharding import ACTIVATION_AXES, ACTIVATION_OF, FSDP_RULES, LOGICAL_AXES
 
 SCRIPT = textwrap.dedent(
     """
@@ -18,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import AxisType
     from sdxl_jax.models import UNet, UNetConfig
     from sdxl_jax.models.unet import abstract_params
-    from sdxl_jax.parallel import FSDP_RULES, LOGICAL_AXES, logical_names_in, param_shardings
+    from sdxl_jax.sharding import FSDP_RULES, LOGICAL_AXES, logical_names_in, param_shardings
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
@@ -65,9 +68,9 @@ CONSTRAINED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import flax.linen as nn
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
-    from sdxl_jax.mesh import sharding_context
+    from sdxl_jax.sharding import sharding_context
     from sdxl_jax.models.attention import SpatialTransformer
-    from sdxl_jax.parallel import FSDP_RULES, param_shardings
+    from sdxl_jax.sharding import FSDP_RULES, param_shardings
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     block = SpatialTransformer(1, 2, 32, 8, 1e-6, 1e-5, "xla", "none", False, jnp.float32, jnp.float32)
@@ -96,7 +99,26 @@ CONSTRAINED_SCRIPT = textwrap.dedent(
 
 
 def test_rules_use_only_known_names():
-    assert {name for name, _ in FSDP_RULES} == set(LOGICAL_AXES)
+    names = [name for name, _ in FSDP_RULES]
+    assert len(names) == len(set(names))  # one rule per name
+    assert set(names) == set(LOGICAL_AXES) | set(ACTIVATION_AXES)
+    assert set(ACTIVATION_OF.values()) <= set(ACTIVATION_AXES)
+
+
+# Every activation spec the models constrain: block boundaries and each Dense's input and output.
+ACTIVATION_SPECS = [("act_batch", "act_height", "act_width", "act_channels"), ("act_batch", "act_length", "act_embed")]
+ACTIVATION_SPECS += [("act_batch", "act_length", a) for a in ACTIVATION_OF.values()]
+ACTIVATION_SPECS += [("act_batch", a) for a in ACTIVATION_OF.values()]
+WANT = {"act_batch": ("data", "fsdp"), "act_heads": "tensor", "act_mlp": "tensor"}  # everything else: None
+
+
+@pytest.mark.parametrize("spec", ACTIVATION_SPECS)
+def test_activation_layouts_do_not_depend_on_rule_order(spec):
+    """Activations have names of their own, so flax's first-come assignment of mesh axes (a later
+    dimension skips an axis an earlier rule gave away) cannot change their layout."""
+    want = tuple(WANT.get(name) for name in spec)
+    assert tuple(nn.logical_to_mesh_axes(spec, FSDP_RULES)) == want
+    assert tuple(nn.logical_to_mesh_axes(spec, tuple(reversed(FSDP_RULES)))) == want
 
 
 def test_full_base_unet_fsdp_on_8_fake_devices():

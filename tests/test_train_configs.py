@@ -11,11 +11,12 @@ import jax
 import ml_collections
 import pytest
 
-from sdxl_jax import train_config
+from sdxl_jax.train import config as train_config
 from sdxl_jax.data.buckets import bucket_table
-from sdxl_jax.feed import DATA_SOURCES
-from sdxl_jax.mesh import make_mesh, mesh_shape
-from sdxl_jax.train_state import make_optimizer, models_from_config, state_shardings, trainable_components
+from sdxl_jax.train.data import DATA_SOURCES
+from sdxl_jax.sharding import make_mesh, mesh_shape
+from sdxl_jax.train.state import init_params, models_from_config, trainable_components
+from sdxl_jax.train.step import StepSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING = {"tiny": ["", "refiner", "latents", "refiner,latents", "folder"], "sdxl_pretrain_256": ["", "none", "full"],
@@ -67,16 +68,16 @@ def test_tiny_state_is_laid_out_on_the_mesh(name, arg, optimizer):
     c = load(name, arg)
     c.train_text_encoders = True
     c.optimizer.name = optimizer
-    models = models_from_config(c.model)
+    spec = StepSpec.build(c, make_mesh(c.mesh))
+    models, shardings, frozen = spec.models, spec.state_shardings, spec.frozen_shardings
     trainable = trainable_components(c, models)
-    tx, _ = make_optimizer(c.optimizer, trainable)
-    shardings, frozen, boxed = state_shardings(models, tx, trainable, 0, make_mesh(c.mesh), c.sharding_rules)
+    boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
     assert set(shardings.params) == {"unet", *(k for k in ("text_encoder", "text_encoder_2") if models.config(k))}
     assert set(frozen) == {"vae"}
     assert jax.tree.structure(shardings.params) == jax.tree.structure(shardings.ema_params)
     # the layout has the optimiser state's own tree (Muon's entries masked out for AdamW's params included)
     params = {k: v for k, v in nn.meta.unbox(boxed).items() if k in trainable}
-    assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(jax.eval_shape(tx.init, params))
+    assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(jax.eval_shape(spec.tx.init, params))
 
 
 @pytest.mark.slow
@@ -84,10 +85,9 @@ def test_tiny_state_is_laid_out_on_the_mesh(name, arg, optimizer):
 def test_full_size_state_shardings(name):
     """The whole abstract state of a full-size config: parameter and optimiser-state layouts."""
     c = load(name, "")
-    models = models_from_config(c.model)
-    trainable = trainable_components(c, models)
-    tx, _ = make_optimizer(c.optimizer, trainable)
-    shardings, frozen, boxed = state_shardings(models, tx, trainable, 0, make_mesh(c.mesh), c.sharding_rules)
+    spec = StepSpec.build(c, make_mesh(c.mesh))
+    models, shardings, frozen = spec.models, spec.state_shardings, spec.frozen_shardings
+    boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed["unet"])))
     assert n == {"base": 2_567_463_684, "refiner": 2_259_526_660}[models.kind]
     leaves = jax.tree.leaves(nn.meta.unbox(boxed["unet"]))
@@ -114,7 +114,7 @@ def test_init_from_loads_weights_and_converts_the_layer_layout(tmp_path):
     from configs.tiny import tiny_models
     from sdxl_jax.convert import PipelineWeights, save_project
     from sdxl_jax.convert.unet import stack_scanned_blocks
-    from sdxl_jax.train_state import init_params, load_params
+    from sdxl_jax.train.state import init_params, load_params
 
     models = tiny_models(refiner=False)
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sdxl_jax.data.synthetic import make_synthetic
-from sdxl_jax.tensorboard import EventWriter, crc32c, read_events
+from sdxl_jax.train.tensorboard import EventWriter, crc32c, read_events
 
 CFG = ml_collections.ConfigDict(dict(num_examples=10, buckets=((32, 32), (48, 32)), caption_dropout=0.25,
                                      cached_latents=False, context_dim=48, pooled_dim=16))

@@ -18,15 +18,14 @@ import sys
 sys.path.insert(0, {str(REPO)!r})
 import jax, numpy as np
 from configs.tiny import get_config
-from sdxl_jax import checkpoint
-from sdxl_jax.train_export import host_params
-from sdxl_jax.train_state import create_sharded_state, make_optimizer, models_from_config, trainable_components
-from sdxl_jax.mesh import make_mesh
+from sdxl_jax.train import checkpoint
+from sdxl_jax.train.export import host_params
+from sdxl_jax.train.state import create_sharded_state
+from sdxl_jax.train.step import StepSpec
+from sdxl_jax.sharding import make_mesh
 config = get_config()
 config.mesh.fsdp = 1
-models = models_from_config(config.model)
-tx, _ = make_optimizer(config.optimizer, trainable_components(config, models))
-state, _, _ = create_sharded_state(config, models, tx, make_mesh(config.mesh))
+state, _ = create_sharded_state(StepSpec.build(config, make_mesh(config.mesh)))
 manager = checkpoint.make_manager(sys.argv[1] + "/checkpoints", config)
 restored = checkpoint.restore(manager, manager.latest_step(), state)
 trees = {{"params": host_params(restored.params), "ema": host_params(restored.ema_params),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sdxl_jax.diffusion import losses, schedules
-from sdxl_jax.train_state import ema_decay, lr_schedule
-from sdxl_jax.train_step import alphas_cumprod, diffusion_loss
+from sdxl_jax.train.optim import ema_decay, lr_schedule
+from sdxl_jax.train.objective import alphas_cumprod, diffusion_loss
 
 ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
 
@@ -141,7 +141,7 @@ def test_lr_schedules_and_ema_decay():
 
 
 def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
-    from sdxl_jax.train_state import make_optimizer
+    from sdxl_jax.train.optim import make_optimizer
 
     opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, text_encoder_learning_rate=1e-3,
                                          schedule="constant", warmup_steps=0, decay_steps=1, end_factor=0.0, b1=0.9,
@@ -170,7 +170,7 @@ def _singular_spread(matrix) -> float:
 
 
 def test_muon_orthogonalises_every_kernel_and_adamw_moves_the_rest():
-    from sdxl_jax.train_state import make_optimizer
+    from sdxl_jax.train.optim import make_optimizer
 
     opt = ml_collections.ConfigDict(dict(name="muon", muon_beta=0.95, learning_rate=1e-2,
                                          text_encoder_learning_rate=1e-3, schedule="constant", warmup_steps=0,

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdxl_jax.tensorboard import read_events
+from sdxl_jax.train.tensorboard import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -42,19 +42,17 @@ def run_train_py(workdir: Path, cache: Path, *flags: str, config: str = "configs
 # A child that runs `train(config, workdir)` in-process and saves the final params and EMA (npz):
 #   python -c CHILD CONFIG_ARG OVERRIDES_JSON WORKDIR OUT.npz
 CHILD = f"""
-import importlib.util, json, sys
+import json, sys
 sys.path.insert(0, {str(REPO)!r})
 import jax, numpy as np
 from configs.tiny import get_config
-from sdxl_jax.train_export import host_params
-spec = importlib.util.spec_from_file_location("train_main", {str(REPO / "train.py")!r})
-train_main = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_main)
+from sdxl_jax.train.export import host_params
+from sdxl_jax.train.loop import train
 arg, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 config = get_config(arg or None)
 for key, value in overrides.items():
     config.update_from_flattened_dict({{key: tuple(map(tuple, value)) if key == "data.buckets" else value}})
-state = train_main.train(config, workdir)
+state = train(config, workdir)
 trees = {{"params": host_params(state.params), "ema": host_params(state.ema_params),
           "opt": host_params(state.opt_state), "step": np.asarray(state.step)}}
 if jax.process_index() == 0:

@@ -34,7 +34,7 @@ from sdxl_jax.models.vae import (
     vae_param_count,
 )
 from sdxl_jax.models.vae_tiling import tile_starts, tiled_decode, tiled_encode, tiled_map
-from sdxl_jax.parallel import LOGICAL_AXES, logical_names_in
+from sdxl_jax.sharding import LOGICAL_AXES, logical_names_in
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(

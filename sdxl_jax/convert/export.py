@@ -18,7 +18,6 @@ into `sdxl_jax_export.json` at the top of a diffusers folder.
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import flax
 import numpy as np
 from flax.linen import meta
 
+from sdxl_jax import __version__
 from sdxl_jax.convert.files import stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, key_table
 from sdxl_jax.convert.pipeline_weights import DTYPES, PipelineWeights, check_params
@@ -271,17 +271,10 @@ def atomic_output(path: str | Path, folder: bool) -> Iterator[Path]:
 # ---- the exports ----------------------------------------------------------------------------------------
 
 
-def sdxl_jax_version() -> str:
-    try:
-        return importlib.metadata.version("sdxl_jax")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def export_metadata(weights: PipelineWeights, states: Mapping[str, Mapping], dtype: str | None) -> dict[str, str]:
     """The source's metadata plus what this export is: model, dtype written, sdxl_jax version, time."""
     written = sorted({target_dtype(dtype, np.dtype(v.dtype)).name for s in states.values() for v in s.values()})
-    exported = dict(model=weights.model, dtype=",".join(written), sdxl_jax_version=sdxl_jax_version(),
+    exported = dict(model=weights.model, dtype=",".join(written), sdxl_jax_version=__version__,
                     exported=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
     return {k: str(v) for k, v in weights.metadata.items()} | exported
 

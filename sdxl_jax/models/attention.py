@@ -100,7 +100,7 @@ class TransformerBlock(nn.Module):
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
         x = x + FeedForward(4, name="ff", **kw)(norm("norm3")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 class _ScannedTransformerBlock(TransformerBlock):

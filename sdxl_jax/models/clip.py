@@ -182,7 +182,7 @@ class CLIPEncoderLayer(nn.Module):
         mlp = CLIPMLP(cfg.intermediate_size, cfg.activation, name="mlp", **kw)
         x = x + attn(LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x))
         x = x + mlp(LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 class CLIPTextModel(nn.Module):

@@ -1,7 +1,7 @@
 """Building blocks shared by the UNet (and later the VAE): norms, convolutions, resnets, embeddings.
 
 All tensors are channels-last: images `[B, H, W, C]`, sequences `[B, L, C]`. Every parameter is
-annotated with logical axis names from `sdxl_jax.parallel.LOGICAL_AXES`.
+annotated with logical axis names from `sdxl_jax.sharding.LOGICAL_AXES`.
 """
 
 import math
@@ -10,6 +10,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sdxl_jax.sharding import ACTIVATION_OF
 
 Dtype = jnp.dtype
 
@@ -29,10 +31,10 @@ def maybe_remat(module_cls, policy_name: str):
 
 
 class Dense(nn.Dense):
-    """`nn.Dense` whose input and output are pinned to the logical axes of its kernel.
+    """`nn.Dense` whose input and output are pinned to the activation names of its kernel's axes.
 
-    x `[B, ..., in]` is constrained to ("batch", "length", ..., names[0]) and the result to
-    ("batch", "length", ..., names[1]): with `activation_constraints` every matmul's operands and
+    x `[B, ..., in]` is constrained to ("act_batch", "act_length", ..., ACTIVATION_OF[names[0]]) and the
+    result to (..., ACTIVATION_OF[names[1]]): with `activation_constraints` every matmul's operands and
     result carry an explicit sharding (heads/mlp split over `tensor`, the rest replicated there), so
     XLA's SPMD partitioner never picks the layout around a tensor-parallel weight itself. Left to
     choose, it miscompiles some of them: a dot with the batch over (data, fsdp), the contraction
@@ -45,9 +47,9 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        middle = (("length",) + (None,) * (x.ndim - 3)) if x.ndim > 2 else ()
-        x = nn.with_logical_constraint(x, ("batch", *middle, self.names[0]))
-        return nn.with_logical_constraint(super().__call__(x), ("batch", *middle, self.names[1]))
+        middle = (("act_length",) + (None,) * (x.ndim - 3)) if x.ndim > 2 else ()
+        x = nn.with_logical_constraint(x, ("act_batch", *middle, ACTIVATION_OF[self.names[0]]))
+        return nn.with_logical_constraint(super().__call__(x), ("act_batch", *middle, ACTIVATION_OF[self.names[1]]))
 
 
 def dense(features: int, names: tuple[str, str], *, use_bias=True, dtype, param_dtype, name=None):

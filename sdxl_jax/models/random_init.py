@@ -77,7 +77,7 @@ def random_params(name: str, cfg, seed: int = 0):
 def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
     """Random parameters for every component, as device arrays, built from the param tree's shapes
     (`jax.eval_shape`; no model is run, so even the full SDXL architecture takes seconds). For tests and
-    benchmarks; training from scratch uses the modules' own initialisers (`train_state`)."""
+    benchmarks; training from scratch uses the modules' own initialisers (`train.state`)."""
     components = {}
     for i, (name, cfg) in enumerate(sorted(configs.items())):
         components[name] = (cfg, random_params(name, cfg, seed * 1000 + i))

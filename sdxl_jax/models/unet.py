@@ -142,7 +142,7 @@ def _transformer(cfg: UNetConfig, channels: int, depth: int, name: str) -> nn.Mo
 
 
 def _boundary(h: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(h, ("batch", "height", "width", "conv_out"))
+    return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
 
 
 class DownBlock(nn.Module):

@@ -140,7 +140,7 @@ def _kw(cfg: VAEConfig) -> dict:
 
 
 def _boundary(h: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(h, ("batch", "height", "width", "conv_out"))
+    return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
 
 
 def _conv_kernel_init():

@@ -15,9 +15,9 @@ import numpy as np
 
 from sdxl_jax import conditioning, generation
 from sdxl_jax.diffusion import guidance, schedules
-from sdxl_jax.mesh import tracing_context
+from sdxl_jax.sharding import tracing_context
 from sdxl_jax.pipeline import make_schedule
-from sdxl_jax.train_state import Models
+from sdxl_jax.train.state import Models
 
 
 def make_validation(models: Models, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):

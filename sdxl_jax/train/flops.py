@@ -5,11 +5,10 @@
 
 What MFU divides by. XLA's cost analysis is not used for it: it counts the body of a `while` loop once
 (every `nn.scan` over stacked layers becomes one), and the partitioned program's count changes with
-the activation constraints (the full 1024² SDXL step read 21.8 TFLOP per example without them and
-14.4 with them on the same mesh). The jaxpr is the program before partitioning, with each scan's
+the activation constraints. The jaxpr is the program before partitioning, with each scan's
 length known. Elementwise work (norms, activations, softmax, the optimiser) is left out, as in the
 usual MFU definitions. Rematerialised forward passes are counted where a program has them (they are
-in its jaxpr); `train_step.model_flops` traces the step without remat, so MFU leaves them out. Kernels
+in its jaxpr); `step.model_flops` traces the step without remat, so MFU leaves them out. Kernels
 behind custom calls (a cuDNN or Pallas attention) are invisible here and count 0.
 """
 

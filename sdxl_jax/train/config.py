@@ -1,6 +1,6 @@
 """The trainer's config skeleton: every entry a run reads, in one place; `configs/*.py` fill it in.
 
-    config = train_config.skeleton(models, data)   # models: a `Models`; data: the data source's ConfigDict
+    config = skeleton(models, data)   # models: a `Models`; data: the data source's ConfigDict
     config.num_steps = ...                          # then each config sets what differs
 
 Every entry is present in every training config (the trainer never calls `config.get(key, default)`),
@@ -15,9 +15,10 @@ import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.samplers import SAMPLERS
-from sdxl_jax.parallel import FSDP_RULES, check_rules
+from sdxl_jax.sharding import FSDP_RULES, check_rules
 from sdxl_jax.pipeline import SCHEDULES
-from sdxl_jax.train_state import LR_SCHEDULES, OPTIMIZERS, Models
+from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
+from sdxl_jax.train.state import Models
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
@@ -45,7 +46,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.max_consecutive_skips = 10  # non-finite steps in a row before the run stops
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # one size may be -1
     c.sharding_rules = FSDP_RULES
-    c.activation_constraints = False  # the models' activation annotations (sdxl_jax/mesh.py); on in the full-size configs
+    c.activation_constraints = False  # the models' activation annotations (sdxl_jax/sharding.py); on in the full-size configs
     # jax.distributed: enabled with an empty coordinator = auto-detection (TPU pods, SLURM, ...)
     c.distributed = ml_collections.ConfigDict(
         {"enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0})
@@ -57,7 +58,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
         "t_min": 0, "t_max": 1000, "timestep_shift": 1.0, "zero_terminal_snr": False,
     })  # fmt: skip
     c.optimizer = ml_collections.ConfigDict({
-        "name": "adamw", "muon_beta": 0.95,  # the UNet's optimiser: "adamw" or "muon" (train_state.OPTIMIZERS)
+        "name": "adamw", "muon_beta": 0.95,  # the UNet's optimiser: "adamw" or "muon" (train/optim.py OPTIMIZERS)
         "learning_rate": 1e-4, "text_encoder_learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0,
         "decay_steps": 1000, "end_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
         "grad_clip_norm": 1.0, "accumulation_steps": 1,
@@ -72,7 +73,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.export_on_finish = "none"
     c.export_ema = True
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
-    c.malloc_huge_pages = False  # restart train.py with glibc malloc on huge pages (sdxl_jax/huge_pages.py; CPU runs)
+    c.malloc_huge_pages = False  # restart train.py with glibc malloc on huge pages (sdxl_jax/train/huge_pages.py; CPU runs)
     return c
 
 

@@ -9,7 +9,7 @@ needed are encoded, by hand:
     Summary.Value 1: tag (string)  2: simple_value (float)  4: image
     Summary.Image 1: height  2: width  3: colorspace (int32)  4: encoded_image_string (PNG bytes)
 
-`read_events` decodes what this module writes (tests, and `python -m sdxl_jax.tensorboard FILE`).
+`read_events` decodes what this module writes (tests, and `python -m sdxl_jax.train.tensorboard FILE`).
 """
 
 import io

@@ -1,8 +1,8 @@
-"""What a training run carries from step to step: the models, the optimiser and the `TrainState`.
+"""What a training run carries from step to step: the networks (`Models`), their params and the `TrainState`.
 
     models = models_from_config(config.model)        # the four component configs, checked together
-    tx, lr = make_optimizer(config.optimizer, trainable_components(config))
-    state, frozen = create_sharded_state(config, models, tx, mesh)   # born sharded, nothing on the host
+    spec = StepSpec.build(config, mesh)               # (step.py) the optimiser and every sharding
+    state, frozen = create_sharded_state(spec)        # born sharded, nothing on the host
 
 The state holds the *trainable* params (the UNet; with `train_text_encoders` the text encoders too),
 their optimiser state and EMA, the step and the RNG; `frozen` holds the rest (VAE, frozen text
@@ -28,7 +28,7 @@ from sdxl_jax.convert.pipeline_weights import config_from_dict, load_pipeline_we
 from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
 from sdxl_jax.models import CLIPTextConfig, CLIPTextModel, UNet, UNetConfig
 from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
-from sdxl_jax.parallel import param_shardings
+from sdxl_jax.sharding import param_shardings
 
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5  # (orig h, w, crop top, left, target h, w) / (..., aesthetic score)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -133,97 +133,6 @@ def load_params(models: Models, path: str) -> dict:
     return out
 
 
-# ---- optimiser -----------------------------------------------------------------------------------
-
-
-def _constant(opt, peak, after_warmup):
-    return optax.constant_schedule(peak)
-
-
-def _cosine(opt, peak, after_warmup):
-    return optax.cosine_decay_schedule(peak, max(opt.decay_steps - opt.warmup_steps, 1), alpha=opt.end_factor)
-
-
-LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
-
-
-def lr_schedule(opt: ml_collections.ConfigDict, peak: float) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps` optimiser updates, then constant or cosine to `end_factor * peak`."""
-    main = LR_SCHEDULES[opt.schedule](opt, peak, opt.warmup_steps)
-    if opt.warmup_steps == 0:
-        return main
-    warmup = optax.linear_schedule(0.0, peak, opt.warmup_steps)
-    return optax.join_schedules([warmup, main], [opt.warmup_steps])
-
-
-def _adamw(opt, schedule):
-    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-
-
-def muon_dimensions(params):
-    """Which axes of each param Muon orthogonalises: every `kernel` as an `[inputs, outputs]` matrix
-    (dense `[in, out]`, scanned dense `[layers, in, out]` one matrix per layer, conv `[kh, kw, in, out]`
-    as `[kh * kw * in, out]`); None (AdamW) for biases and norm scales."""
-    dims = {2: optax.contrib.MuonDimensionNumbers(0, 1), 3: optax.contrib.MuonDimensionNumbers(1, 2),
-            4: optax.contrib.MuonDimensionNumbers((0, 1, 2), 3)}
-
-    def one(path, x):  # the last dict key names the param (boxed params add a `.value` after it)
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name != "kernel":
-            return None
-        if x.ndim not in dims:
-            raise ValueError(f"Muon: no matrix layout for a {x.ndim}-D kernel at {jax.tree_util.keystr(path)}")
-        return dims[x.ndim]
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def _muon(opt, schedule):
-    """Muon (optax.contrib): Nesterov momentum, orthogonalised by Newton-Schulz, for the kernels; AdamW
-    with Nesterov momentum (NAdamW: optax's Muon uses its flag for both) for the rest. `consistent_rms`
-    0.2 scales each update to AdamW's typical RMS, so the same learning rate and weight decay carry over
-    (Moonlight's recipe). optax uses one `eps` for both Newton-Schulz's normalisation and AdamW."""
-    return optax.contrib.muon(schedule, beta=opt.muon_beta, eps=opt.eps, weight_decay=opt.weight_decay,
-                              adam_b1=opt.b1, adam_b2=opt.b2, adam_weight_decay=opt.weight_decay,
-                              muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
-
-
-OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # the UNet's; the text encoders always take AdamW
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, trainable: tuple[str, ...]):
-    """(GradientTransformation over `{component: params}`, the UNet's LR schedule).
-
-    Global-norm clipping over all trainable params, then the UNet's `opt.name` (AdamW or Muon) and
-    AdamW for the text encoders with their own LR (their largest params are token-embedding tables,
-    looked up row by row, not the matrices Muon is made for), wrapped in `optax.MultiSteps` when
-    `accumulation_steps > 1` (one update per that many batches; the accumulator costs one more copy
-    of the params, so it is only there when asked for).
-    """
-    if opt.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer.name {opt.name!r} not in {sorted(OPTIMIZERS)}")
-    schedule = lr_schedule(opt, opt.learning_rate)
-    unet = OPTIMIZERS[opt.name](opt, schedule)
-    if trainable == ("unet",):
-        inner = unet
-    else:
-        text = _adamw(opt, lr_schedule(opt, opt.text_encoder_learning_rate))
-        labels = {name: "unet" if name == "unet" else "text" for name in trainable}
-        inner = optax.partition({"unet": unet, "text": text}, labels)
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), inner)
-    if opt.accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=opt.accumulation_steps)
-    return tx, schedule
-
-
-def ema_decay(ema: ml_collections.ConfigDict, updates: jax.Array) -> jax.Array:
-    """The EMA decay after `updates` optimiser updates: `min(decay, (1 + n) / (10 + n))` with warmup."""
-    if not ema.warmup:
-        return jnp.float32(ema.decay)
-    n = updates.astype(jnp.float32)
-    return jnp.minimum(jnp.float32(ema.decay), (1.0 + n) / (10.0 + n))
-
-
 # ---- the state -----------------------------------------------------------------------------------
 
 
@@ -252,11 +161,11 @@ def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
 
 
 def state_shardings(models: Models, tx, trainable, seed: int, mesh, rules):
-    """(`TrainState` shardings, frozen-params shardings, abstract boxed params), from `eval_shape` alone."""
+    """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone."""
     boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(seed)))
     train, frozen = split_params(boxed, trainable)
     abstract_state = jax.eval_shape(lambda p: new_state(p, tx, seed), train)
-    return param_shardings(abstract_state, mesh, rules), param_shardings(frozen, mesh, rules), boxed
+    return param_shardings(abstract_state, mesh, rules), param_shardings(frozen, mesh, rules)
 
 
 def place(tree, shardings):
@@ -266,22 +175,19 @@ def place(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def create_sharded_state(config: ml_collections.ConfigDict, models: Models, tx, mesh) -> tuple[TrainState, dict, Any]:
-    """(state, frozen params, state shardings), every array created directly with its sharding.
+def create_sharded_state(spec) -> tuple[TrainState, dict]:
+    """(state, frozen params) of `spec` (a `step.StepSpec`), every array created directly with its sharding.
 
     Random init: `jax.jit(init, out_shardings=...)`, so no device ever holds a whole model it does not
     own a copy of; `init_from`: the loaded numpy params are sliced onto the devices, then the optimiser
     state is built on device.
     """
-    trainable = trainable_components(config, models)
-    rules = config.sharding_rules
-    st_shardings, frozen_shardings, boxed = state_shardings(models, tx, trainable, config.seed, mesh, rules)
-    param_sh = param_shardings(boxed, mesh, rules)
+    config, models = spec.config, spec.models
     if config.init_from:
-        params = place(load_params(models, config.init_from), param_sh)
+        params = place(load_params(models, config.init_from), spec.param_shardings)
     else:
         init = lambda key: nn.meta.unbox(init_params(models, key))  # noqa: E731
-        params = jax.jit(init, out_shardings=param_sh)(jax.random.key(config.seed))
-    train, frozen = split_params(params, trainable)
-    make = jax.jit(lambda p: new_state(p, tx, config.seed), out_shardings=st_shardings, donate_argnums=0)
-    return make(train), frozen, st_shardings
+        params = jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(config.seed))
+    train, frozen = split_params(params, trainable_components(config, models))
+    make = jax.jit(lambda p: new_state(p, spec.tx, config.seed), out_shardings=spec.state_shardings, donate_argnums=0)
+    return make(train), frozen

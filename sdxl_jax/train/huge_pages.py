@@ -2,14 +2,12 @@
 
     reexec_with_huge_pages()   # in train.py when config.malloc_huge_pages: execve's itself at most once
 
-XLA:CPU allocates a step's temporary buffers afresh every step (a few hundred MB in the demo), and
-glibc hands blocks that large back to the kernel when they are freed, so each step faults them in again
-in 4 KiB pages. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc madvise its memory for
-transparent huge pages. On the 2-core machine of the README's figures, a 300-step demo run took 24.7 M
-minor page faults without it and 0.84 M with it, and its step went from 0.27 to 0.22 s. The faults are
-likely not the whole story (glibc without mmap has none and is no faster; README, "Hardware notes"):
-huge pages also mean fewer TLB misses. glibc reads tunables only when a process starts, so the
-trainer re-executes itself (same pid, same arguments) with the tunable added to `GLIBC_TUNABLES`.
+XLA:CPU allocates a step's temporary buffers afresh every step, and glibc hands blocks that large
+back to the kernel when they are freed, so each step faults them in again in 4 KiB pages. glibc's
+tunable `glibc.malloc.hugetlb=1` makes malloc madvise its memory for transparent huge pages (fewer
+faults and fewer TLB misses; measured effect: README, "Hardware notes"). glibc reads tunables only when
+a process starts, so the trainer re-executes itself (same pid, same arguments) with the tunable added
+to `GLIBC_TUNABLES`.
 
 Nothing happens where it cannot help: off Linux, off glibc, when the kernel's THP mode is `never`, or
 when `GLIBC_TUNABLES` already names the tunable (which is also what stops a second re-exec). glibc

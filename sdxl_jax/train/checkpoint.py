@@ -1,7 +1,8 @@
 """Checkpoints of a run: the train state and the data iterator together, with Orbax.
 
     manager = make_manager(workdir / "checkpoints", config)
-    state = restore_latest(manager, state, data) or state     # onto the state's (new) shardings
+    restored, step = restore_latest(manager, state, data)  # (None, None) without a checkpoint; onto
+    state = state if restored is None else restored          # the state's (new) shardings
     save(manager, step, state, data)       # async: returns once the arrays are copied off the devices
     manager.wait_until_finished()          # at the end, or on preemption
 

@@ -6,7 +6,7 @@
 
 The run's config goes to `config.json` (the seed included). One JSON object per logged step: `step`,
 `loss`, `lr`, `grad_norm`, `images_per_s`, `step_time_s`, `eta_s`, `skipped_total`, and, once known,
-`flops_per_step` (model FLOPs of all devices: `train_step.model_flops`) and `mfu` (against
+`flops_per_step` (model FLOPs of all devices: `step.model_flops`) and `mfu` (against
 `config.peak_flops_per_device`). Only process 0 writes.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sdxl_jax.tensorboard import EventWriter, png
+from sdxl_jax.train.tensorboard import EventWriter, png
 
 
 class MetricsWriter:

@@ -1,0 +1,166 @@
+"""The training step as a pure function, (state, frozen params, global batch) -> (state, metrics), and
+what compiling it needs: one frozen `StepSpec`.
+
+    spec = StepSpec.build(config, mesh)          # models, optimiser, LR schedule, config, shardings
+    step = compiled_steps(spec, lambda: tracing_context(config, mesh))
+    state, metrics = step(state, frozen, batch)
+
+One step: the objective's loss (`objective.py`) -> gradients -> global-norm clip, the UNet's optimiser
+(AdamW or Muon; `optim.py`), `MultiSteps` accumulation -> EMA -> the next state. A non-finite loss or
+gradient leaves the state as it was (only `step` and the skip counters move).
+
+Everything random comes from `fold_in(state.rng, state.step)`, so a step's result depends on the
+state and the batch alone: resuming from a checkpoint replays the same steps bit for bit, and with
+JAX's partitionable threefry the numbers do not depend on how the batch is sharded.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sdxl_jax.models import UNet
+from sdxl_jax.sharding import batch_sharding
+from sdxl_jax.train.flops import jaxpr_flops
+from sdxl_jax.train.objective import diffusion_loss, encode_batch
+from sdxl_jax.train.optim import ema_decay, make_optimizer
+from sdxl_jax.train.state import Models, TrainState, models_from_config, state_shardings, trainable_components
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+    """Everything the compiled step closes over, built once per run (and by the planner, abstractly).
+
+    state_shardings: a `TrainState` of `NamedSharding`s; frozen_shardings: `{component: shardings}` of
+    the frozen params; batch_sharding: one `NamedSharding` (batch axis split) for every batch entry.
+    """
+
+    models: Models
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    config: ml_collections.ConfigDict
+    state_shardings: Any
+    frozen_shardings: dict
+    batch_sharding: NamedSharding
+
+    @classmethod
+    def build(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> "StepSpec":
+        """The spec of `config`'s run on `mesh`: models from `config.model`, the optimiser over the
+        trainable components, every sharding from `eval_shape` alone (nothing is allocated)."""
+        models = models_from_config(config.model)
+        trainable = trainable_components(config, models)
+        tx, lr = make_optimizer(config.optimizer, trainable)
+        st_sh, frozen_sh = state_shardings(models, tx, trainable, config.seed, mesh, config.sharding_rules)
+        return cls(models, tx, lr, config, st_sh, frozen_sh, batch_sharding(mesh, config.sharding_rules))
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.batch_sharding.mesh
+
+    @property
+    def param_shardings(self) -> dict:
+        """`{component: shardings}` of every component's params, trainable and frozen."""
+        return self.state_shardings.params | self.frozen_shardings
+
+    def without_remat(self) -> "StepSpec":
+        """The same step keeping every activation: the program whose FLOPs are the model FLOPs (MFU does
+        not count the forward passes that remat repeats)."""
+        models = dataclasses.replace(self.models, unet=self.models.unet.replace(remat="none"))
+        return dataclasses.replace(self, models=models)
+
+
+def _select(keep_new, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) -> tuple[TrainState, dict]:
+    """One batch. Returns the next state and scalar metrics (loss, grad_norm, lr, finite, updates, skipped, ...)."""
+    models, tx, config = spec.models, spec.tx, spec.config
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_vae, k_loss = jax.random.split(key)
+
+    def loss_fn(params):
+        everything = frozen | params
+        x0, cond = encode_batch(models, everything, batch, k_vae)
+        unet = lambda x_t, t, c: UNet(models.unet).apply({"params": everything["unet"]}, x_t, t, c.context, c.y)  # noqa: E731
+        return diffusion_loss(unet, config.diffusion, x0, cond, k_loss)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    applied = finite
+    if isinstance(tx, optax.MultiSteps):
+        applied = finite & (opt_state.mini_step == 0)  # the accumulation window closed: params moved
+    decay = ema_decay(config.ema, state.updates)
+    ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), state.ema_params, params)
+    new = state.replace(
+        step=state.step + 1,
+        updates=state.updates + applied.astype(jnp.int32),
+        params=_select(finite, params, state.params),
+        opt_state=_select(finite, opt_state, state.opt_state),
+        ema_params=_select(applied, ema, state.ema_params),
+        skipped=jnp.where(finite, 0, state.skipped + 1),
+        skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "lr": spec.lr_schedule(state.updates), "finite": finite,
+        "updates": new.updates, "skipped": new.skipped, "skipped_total": new.skipped_total,
+        "ema_decay": decay, "t_mean": aux["t"].astype(jnp.float32).mean(),
+    }  # fmt: skip
+    return new, metrics
+
+
+def make_train_step(spec: StepSpec):
+    """`jax.jit` of `train_step` with the state donated, in/out shardings fixed, metrics replicated."""
+    replicated = NamedSharding(spec.mesh, PartitionSpec())
+    return jax.jit(functools.partial(train_step, spec=spec),
+                   in_shardings=(spec.state_shardings, spec.frozen_shardings, spec.batch_sharding),
+                   out_shardings=(spec.state_shardings, replicated), donate_argnums=0)
+
+
+def model_flops(spec: StepSpec, state, frozen, batch) -> float:
+    """Model FLOPs of one whole step (all devices) for these (possibly abstract) inputs: the matmuls and
+    convolutions of the step traced without remat (`flops.jaxpr_flops`); nothing is compiled."""
+    return jaxpr_flops(make_train_step(spec.without_remat()).trace(state, frozen, batch).jaxpr)
+
+
+class CompiledSteps:
+    """The jitted step compiled ahead of time once per batch signature (bucket), with its model FLOPs:
+    `steps(state, frozen, batch)`, then `last_flops` (the whole step, all devices) and `last_compiled`
+    (whether that call compiled, i.e. its time is not a step time). Traced inside `context()`
+    (`sharding.tracing_context`: whether the models' activation constraints take effect).
+
+    Without remat the step's own trace is counted; with it, `model_flops` traces the step once more
+    without remat.
+    """
+
+    def __init__(self, spec: StepSpec, context):
+        self.spec, self.context = spec, context
+        self.jitted = make_train_step(spec)
+        self.has_remat = spec.models.unet.remat != "none"
+        self.compiled, self.flops = {}, {}
+        self.last_flops, self.last_compiled = None, False
+
+    @staticmethod
+    def signature(batch: dict) -> tuple:
+        return tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+
+    def __call__(self, state, frozen, batch):
+        key = self.signature(batch)
+        self.last_compiled = key not in self.compiled
+        if self.last_compiled:
+            with self.context():
+                traced = self.jitted.trace(state, frozen, batch)
+                self.compiled[key] = traced.lower().compile()
+                self.flops[key] = (model_flops(self.spec, state, frozen, batch) if self.has_remat
+                                   else jaxpr_flops(traced.jaxpr))
+        self.last_flops = self.flops[key]
+        return self.compiled[key](state, frozen, batch)
