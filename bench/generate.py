@@ -48,7 +48,7 @@ def part_tiny(args) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
     from sdxl_jax.convert.export import export_diffusers
-    from sdxl_jax.models.random_init import random_weights, tiny_configs
+    from sdxl_jax.convert.random_init import random_weights, tiny_configs
 
     weights = random_weights("base", tiny_configs("base"))
     folder = Path(tempfile.mkdtemp()) / "tiny"
@@ -77,7 +77,7 @@ def part_tiny(args) -> dict:
 def full_ours(args) -> dict:
     import numpy as np
 
-    from sdxl_jax.models.random_init import random_weights, sdxl_configs
+    from sdxl_jax.convert.random_init import random_weights, sdxl_configs
 
     start = time.perf_counter()
     pipe = ours_pipeline(random_weights("base", sdxl_configs("base")), args.dtype)

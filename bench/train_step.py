@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 def build_config(preset: str, remat: str | None):
     if preset == "sdxl":
         from configs.sdxl_finetune_1024 import get_config
-
         from configs.tiny import get_config as tiny_config
 
         c = get_config(remat or "minimal")

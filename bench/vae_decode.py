@@ -32,7 +32,7 @@ def jax_setup(args):
     import jax.numpy as jnp
     import numpy as np
 
-    from sdxl_jax.models.random_init import random_params
+    from sdxl_jax.convert.random_init import random_params
     from sdxl_jax.models.vae import AutoencoderKL, VAEConfig
     from sdxl_jax.models.vae_tiling import tiled_decode
 

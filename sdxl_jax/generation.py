@@ -28,14 +28,43 @@ from sdxl_jax import conditioning
 from sdxl_jax.conditioning import Conditioning, TextEncoders
 from sdxl_jax.diffusion import guidance, samplers, schedules
 from sdxl_jax.diffusion.denoisers import make_denoiser
-from sdxl_jax.models.unet import UNet, UNetConfig
 from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
+from sdxl_jax.models.unet import UNet, UNetConfig
 from sdxl_jax.models.vae import from_latents
 from sdxl_jax.tokenizer import TokenPair
 
 # fold_in constants of each image's random streams
 STREAMS = {"noise": 0, "base_sampler": 1, "refiner_noise": 2, "refiner_sampler": 3}
 REFINER_MODES = (None, "handoff", "img2img")
+
+
+SCHEDULES = ("leading", "trailing", "linspace", "karras", "sgm", "turbo")
+# Which diffusers scheduler family each sampler's sigma grid reproduces (see diffusion/schedules.py).
+_EULER_FAMILY = ("euler", "euler_a", "heun")
+_DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")
+
+
+def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPMTable) -> schedules.Schedule:
+    """The sigma/timestep grid diffusers would use for this sampler and spacing ("karras": Karras sigmas
+    on the leading grid; "sgm": Stability's own discretisation; "turbo": SDXL-Turbo's trailing 1–4 steps)."""
+    samplers.get_sampler(sampler)  # a clear error for an unknown name first
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule == "sgm":
+        return schedules.sgm_legacy(table, steps)
+    if schedule == "turbo":
+        return schedules.turbo(table, steps)
+    karras = schedule == "karras"
+    spacing = "leading" if karras else schedule
+    if sampler in _EULER_FAMILY:
+        return schedules.diffusers_euler(table, steps, spacing, karras=karras)
+    if sampler in _DPM_FAMILY:
+        return schedules.diffusers_dpmsolver(table, steps, spacing, karras=karras)
+    if karras:
+        raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
+    return schedules.diffusers_ddim(table, steps, spacing)
 
 
 @flax.struct.dataclass

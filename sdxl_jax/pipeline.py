@@ -31,18 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sdxl_jax import conditioning, generation
 from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
-from sdxl_jax.diffusion import guidance, samplers, schedules
+from sdxl_jax.diffusion import guidance, schedules
+from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of this module's interface)
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.vae import to_latents
 from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
 log = logging.getLogger("sdxl_jax")
-
-SCHEDULES = ("leading", "trailing", "linspace", "karras", "sgm", "turbo")
-# Which diffusers scheduler family each sampler's sigma grid reproduces (see diffusion/schedules.py).
-_EULER_FAMILY = ("euler", "euler_a", "heun")
-_DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")
-
 
 class NonFiniteImageWarning(UserWarning):
     """A decoded image held NaN or inf (written as black there)."""
@@ -62,29 +57,6 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPMTable) -> schedules.Schedule:
-    """The sigma/timestep grid diffusers would use for this sampler and spacing ("karras": Karras sigmas
-    on the leading grid; "sgm": Stability's own discretisation; "turbo": SDXL-Turbo's trailing 1–4 steps)."""
-    samplers.get_sampler(sampler)  # a clear error for an unknown name first
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if schedule == "sgm":
-        return schedules.sgm_legacy(table, steps)
-    if schedule == "turbo":
-        return schedules.turbo(table, steps)
-    karras = schedule == "karras"
-    spacing = "leading" if karras else schedule
-    if sampler in _EULER_FAMILY:
-        return schedules.diffusers_euler(table, steps, spacing, karras=karras)
-    if sampler in _DPM_FAMILY:
-        return schedules.diffusers_dpmsolver(table, steps, spacing, karras=karras)
-    if karras:
-        raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
-    return schedules.diffusers_ddim(table, steps, spacing)
 
 
 def objective_from_metadata(metadata: dict[str, str]) -> dict:

@@ -12,9 +12,15 @@ from test_unet_parity import REFINER_TINY, SDXL_TINY, TIME_ID_DIM, assert_parity
 from torch_reference import perturb_, state_dict_numpy
 
 from sdxl_jax import conditioning
-from sdxl_jax.convert import text_encoder_config_from_transformers, text_encoder_params_from_transformers, unet_config_from_diffusers, unet_params_from_diffusers
+from sdxl_jax.convert import (
+    text_encoder_config_from_transformers,
+    text_encoder_params_from_transformers,
+    unet_config_from_diffusers,
+    unet_params_from_diffusers,
+)
 from sdxl_jax.models import UNet
 from sdxl_jax.tokenizer import ASSETS_DIR
+
 
 def close(ours, expected):
     """Equal up to float32 rounding (the jitted sinusoid fuses differently from the eager one)."""

@@ -8,7 +8,15 @@ from data_fixtures import coordinate_image
 from PIL import Image
 
 from sdxl_jax.data.buckets import (
-    SDXL_BUCKETS, Bucket, assign_bucket, assign_buckets, bucket_table, cover_size, crop_offset, flipped_offset, generate_buckets,
+    SDXL_BUCKETS,
+    Bucket,
+    assign_bucket,
+    assign_buckets,
+    bucket_table,
+    cover_size,
+    crop_offset,
+    flipped_offset,
+    generate_buckets,
 )  # fmt: skip
 from sdxl_jax.data.transforms import crop_to_bucket
 

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.models import UNet, UNetConfig
 from sdxl_jax.models.unet import abstract_params
+from sdxl_jax.train.flops import jaxpr_flops
 
 
 def flops_of(fn, *args) -> float:

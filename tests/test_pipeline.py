@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 import tiny_pipeline
+import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from sdxl_jax.convert import pipeline_weights as pw

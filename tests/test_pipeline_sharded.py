@@ -18,7 +18,7 @@ import json
 import jax
 import numpy as np
 from jax.sharding import AxisType
-from sdxl_jax.models.random_init import random_weights, tiny_configs
+from sdxl_jax.convert.random_init import random_weights, tiny_configs
 from sdxl_jax.pipeline import Pipeline
 
 assert jax.device_count() == 8

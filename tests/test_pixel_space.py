@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdxl_jax.convert.pipeline_weights import (config_from_dict, config_to_dict, load_pipeline_weights,
-                                               save_project)
+from sdxl_jax.convert.pipeline_weights import config_from_dict, config_to_dict, load_pipeline_weights, save_project
+from sdxl_jax.convert.random_init import random_weights, tiny_configs
 from sdxl_jax.models import VAEConfig
 from sdxl_jax.models.pixel_space import PixelSpace, PixelSpaceConfig, depth_to_space, first_stage, space_to_depth
-from sdxl_jax.models.random_init import random_weights, tiny_configs
 
 
 def test_patchify_is_exact_and_orders_channels_by_position_then_colour():

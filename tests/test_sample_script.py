@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdxl_jax.convert.pipeline_weights import save_project
-from sdxl_jax.models.random_init import random_weights, tiny_configs
+from sdxl_jax.convert.random_init import random_weights, tiny_configs
 
 ROOT = Path(__file__).parent.parent
 

@@ -11,10 +11,10 @@ import jax
 import ml_collections
 import pytest
 
-from sdxl_jax.train import config as train_config
 from sdxl_jax.data.buckets import bucket_table
-from sdxl_jax.train.data import DATA_SOURCES
 from sdxl_jax.sharding import make_mesh, mesh_shape
+from sdxl_jax.train import config as train_config
+from sdxl_jax.train.data import DATA_SOURCES
 from sdxl_jax.train.state import init_params, models_from_config, trainable_components
 from sdxl_jax.train.step import StepSpec
 

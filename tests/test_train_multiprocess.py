@@ -2,10 +2,10 @@
 collectives over loopback) train like one process with 8 devices; their checkpoint restores in a
 single process."""
 
+import json
 import socket
 import subprocess
 import sys
-import json
 
 import numpy as np
 import pytest

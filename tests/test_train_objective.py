@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sdxl_jax.diffusion import losses, schedules
-from sdxl_jax.train.optim import ema_decay, lr_schedule
 from sdxl_jax.train.objective import alphas_cumprod, diffusion_loss
+from sdxl_jax.train.optim import ema_decay, lr_schedule
 
 ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
 

@@ -92,9 +92,9 @@ def torch_reference(out_file: str) -> None:
 
 @pytest.mark.slow
 def test_full_sdxl_base_matches_diffusers(tmp_path):
+    from sdxl_jax.conditioning import vector_conditioning
     from sdxl_jax.convert import unet_config_from_diffusers, unet_params_from_diffusers
     from sdxl_jax.models import UNet
-    from sdxl_jax.conditioning import vector_conditioning
 
     ref_file = tmp_path / "reference.npy"
     subprocess.run([sys.executable, __file__, str(ref_file)], check=True)

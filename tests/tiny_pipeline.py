@@ -7,7 +7,13 @@ the real CLIP vocabulary, and SDXL's scheduler config. Test-only (needs torch + 
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from torch_reference import perturb_
 
 from sdxl_jax.tokenizer import ASSETS_DIR

@@ -68,11 +68,11 @@ import grain
 import ml_collections
 import numpy as np
 
+from sdxl_jax.data.batch_plan import BatchPlan
 from sdxl_jax.data.buckets import bucket_table, cover_size
 from sdxl_jax.data.captions import pick_caption
 from sdxl_jax.data.images import BadImage, decode_image
 from sdxl_jax.data.index import BucketIndex, Report, ScanFilters, scan_source
-from sdxl_jax.data.batch_plan import BatchPlan
 from sdxl_jax.data.shm_ring import from_ring, to_ring
 from sdxl_jax.data.sources import FolderSource, PreparedSource, TarSource, TfdsSource, tar_shards
 from sdxl_jax.data.transforms import crop_to_bucket

@@ -15,8 +15,8 @@ import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.samplers import SAMPLERS
+from sdxl_jax.generation import SCHEDULES
 from sdxl_jax.sharding import FSDP_RULES, check_rules
-from sdxl_jax.pipeline import SCHEDULES
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from sdxl_jax.train.state import Models
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from sdxl_jax import conditioning, generation
 from sdxl_jax.diffusion import guidance, schedules
+from sdxl_jax.generation import make_schedule
 from sdxl_jax.sharding import tracing_context
-from sdxl_jax.pipeline import make_schedule
 from sdxl_jax.train.state import Models
 
 

@@ -85,7 +85,7 @@ def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:
 
 
 def main(argv=None) -> None:
-    """`python -m sdxl_jax.models.random_init OUT [--model base|refiner] [--size tiny|sdxl] [--seed N] [--overwrite]`:
+    """`python -m sdxl_jax.convert.random_init OUT [--model base|refiner] [--size tiny|sdxl] [--seed N] [--overwrite]`:
     write a random pipeline in this project's format (a stand-in checkpoint for trying sample.py)."""
     import argparse
     import shutil
