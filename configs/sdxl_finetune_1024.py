@@ -17,10 +17,7 @@ def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "full"), data_config("sdxl"))
     c.init_from = ""  # set on the command line: the run starts from SDXL's weights
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
-    c.num_steps = 10_000
-    c.batch_size = 64
-    c.log_every = 10
-    c.checkpoint_every = 500
+    c.update(num_steps=10_000, batch_size=64, log_every=10, checkpoint_every=500)
     c.diffusion.offset_noise = 0.05
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999

@@ -35,10 +35,7 @@ def data_config(buckets: str) -> ml_collections.ConfigDict:
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "minimal"), data_config("area=256,step=64"))
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
-    c.num_steps = 600_000
-    c.batch_size = 2048
-    c.log_every = 50
-    c.checkpoint_every = 2000
+    c.update(num_steps=600_000, batch_size=2048, log_every=50, checkpoint_every=2000)
     c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, schedule="constant", weight_decay=1e-2)
     c.ema.decay = 0.9999
     c.validation.update(every=5000, height=256, width=256, steps=20, prompts=(

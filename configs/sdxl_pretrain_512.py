@@ -13,10 +13,7 @@ from sdxl_jax.train.config import skeleton
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "minimal"), data_config("area=512,step=64"))
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
-    c.num_steps = 200_000
-    c.batch_size = 2048
-    c.log_every = 50
-    c.checkpoint_every = 2000
+    c.update(num_steps=200_000, batch_size=2048, log_every=50, checkpoint_every=2000)
     c.optimizer.update(learning_rate=1e-4, warmup_steps=1000, schedule="constant")
     c.validation.update(every=5000, height=512, width=512, steps=20, prompts=(
         "a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"))

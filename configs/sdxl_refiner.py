@@ -23,10 +23,7 @@ def refiner_models(remat: str) -> Models:
 def get_config(arg=None):
     c = skeleton(refiner_models(arg or "full"), data_config("sdxl"))
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
-    c.num_steps = 10_000
-    c.batch_size = 64
-    c.log_every = 10
-    c.checkpoint_every = 500
+    c.update(num_steps=10_000, batch_size=64, log_every=10, checkpoint_every=500)
     c.diffusion.t_max = 200  # the first 200 (low-noise) discrete levels
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999
