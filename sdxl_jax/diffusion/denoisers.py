@@ -6,7 +6,9 @@ A *denoiser* is `denoise(x, sigma, t, cond) -> denoised` with `x = x0 + sigma * 
 are scalars or `[B]`; the timestep is passed along from the schedule rather than re-derived from sigma
 (diffusers feeds fractional timesteps that are not a function of sigma alone).
 
-Preconditioning (k-diffusion / EDM form for a discrete DDPM model), `c_in = 1 / sqrt(sigma² + 1)`:
+Preconditioning (k-diffusion / EDM form for a discrete DDPM model): the network sees `c_in x` with
+`c_in = 1 / sqrt(sigma² + 1)`, and its output becomes the denoised estimate by its prediction type's map
+(`parameterisation.py`, shared with the training targets):
     eps:  denoised = x - sigma * eps(c_in x, t)
     v:    denoised = c_skip x + c_out v(c_in x, t),  c_skip = 1 / (sigma² + 1),  c_out = -sigma / sqrt(sigma² + 1)
     sample (x0): denoised = x0(c_in x, t)   (diffusers' prediction_type="sample"; the demo model's: a
@@ -14,22 +16,26 @@ Preconditioning (k-diffusion / EDM form for a discrete DDPM model), `c_in = 1 / 
 The arithmetic is float32 whatever the model's compute dtype.
 """
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from sdxl_jax.diffusion import parameterisation
+from sdxl_jax.diffusion.parameterisation import (  # noqa: F401  (this module's interface since before)
+    Prediction,
+    c_in,
+    denoised_to_eps,
+    denoised_to_v,
+    eps_to_denoised,
+    expand_to,
+    identity_space,
+    v_to_denoised,
+)
+
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
-Prediction = Literal["epsilon", "v_prediction", "sample"]
-
-
-def expand_to(value, x: jax.Array) -> jax.Array:
-    """A scalar, or a per-example `[B]` value reshaped to broadcast against `x` `[B, ...]` (float32)."""
-    value = jnp.asarray(value, jnp.float32)
-    if value.ndim == 0:
-        return value
-    return value.reshape(value.shape + (1,) * (x.ndim - value.ndim))
 
 
 def batch_timesteps(t, batch: int) -> jax.Array:
@@ -37,40 +43,15 @@ def batch_timesteps(t, batch: int) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
 
 
-def c_in(sigma) -> jax.Array:
-    return jax.lax.rsqrt(sigma**2 + 1.0)
-
-
 def scale_input(x, sigma) -> jax.Array:
     """The model's input `x / sqrt(sigma² + 1)` (diffusers' `scale_model_input`; unit variance for unit data)."""
     return x / jnp.sqrt(sigma**2 + 1.0)
 
 
-# Each parameterisation's output <-> denoised, at (x, sigma); guidance rescale works in these spaces.
-def denoised_to_eps(x, sigma, denoised):
-    return (x - denoised) / sigma
-
-
-def eps_to_denoised(x, sigma, eps):
-    return x - sigma * eps
-
-
-def denoised_to_v(x, sigma, denoised):
-    return (x / (sigma**2 + 1.0) - denoised) / (sigma * c_in(sigma))
-
-
-def v_to_denoised(x, sigma, v):
-    return x / (sigma**2 + 1.0) - sigma * c_in(sigma) * v
-
-
-def identity_space(x, sigma, denoised):
-    """A sample-prediction model's output is the denoised estimate itself."""
-    return denoised
-
-
-# prediction -> (denoised -> model output, model output -> denoised), both at (x, sigma)
-TO_OUTPUT = {"epsilon": denoised_to_eps, "v_prediction": denoised_to_v, "sample": identity_space}
-FROM_OUTPUT = {"epsilon": eps_to_denoised, "v_prediction": v_to_denoised, "sample": identity_space}
+# prediction -> (denoised -> model output, model output -> denoised), both at (x, sigma); guidance
+# rescale works in these spaces (see `parameterisation`).
+TO_OUTPUT = {name: p.from_denoised for name, p in parameterisation.PARAMETERISATIONS.items()}
+FROM_OUTPUT = {name: p.to_denoised for name, p in parameterisation.PARAMETERISATIONS.items()}
 
 
 def _denoiser(model: ModelFn, from_output) -> Denoiser:
@@ -90,6 +71,4 @@ def eps_denoiser(model: ModelFn) -> Denoiser:
 
 def make_denoiser(model: ModelFn, prediction: Prediction) -> Denoiser:
     """Denoiser of a model predicting eps, v (v = alpha * eps - sigma_vp * x0) or the clean latent."""
-    if prediction not in FROM_OUTPUT:
-        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(FROM_OUTPUT)}")
-    return _denoiser(model, FROM_OUTPUT[prediction])
+    return _denoiser(model, parameterisation.get(prediction).to_denoised)

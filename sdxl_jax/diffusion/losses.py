@@ -1,14 +1,15 @@
 """Training objective of a discrete DDPM model: noised inputs, eps / v targets, per-timestep weights.
 
-Targets: eps, v, or the clean latent itself ("sample", diffusers' name). Training works in the
+Targets: eps, v, or the clean latent itself ("sample", diffusers' name), each prediction's as
+`parameterisation.py` defines it (the sampler's denoisers read the same table). Training works in the
 variance-preserving form the model sees, `x_t = sqrt(ab) x0 + sqrt(1 - ab) noise`
 with `ab = alphas_cumprod[t]` (the same input as sigma space's `(x0 + sigma noise) / sqrt(sigma² + 1)`),
 `snr = ab / (1 - ab) = 1 / sigma²`.
 
 Weights (multiply the per-example MSE):
     "none"       1
-    "min_snr"    Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for eps, / (snr + 1) for v,
-                 min(snr, gamma) for sample (the paper's x0 form)
+    "min_snr"    Min-SNR-gamma (Hang et al. 2023): min(snr, gamma) on the x0 error (the paper's x0 form),
+                 so min(snr, gamma) / snr for eps, / (snr + 1) for v (`Parameterisation.error_scale`)
     "debiased"   debiased estimation (Yu et al. 2024): 1 / sqrt(snr), snr clipped at 1000; sqrt(snr) for
                  sample (the same weight on the equivalent eps error, since eps error² = snr x0 error²)
     "min_snr_v"  the v-MSE with its x0 weight clipped: v error² = (snr + 1) x0 error², so min(snr + 1,
@@ -24,34 +25,24 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.diffusion.denoisers import Prediction
+from sdxl_jax.diffusion import parameterisation
+from sdxl_jax.diffusion.parameterisation import Prediction, expand_to
 
 Weighting = Literal["none", "min_snr", "debiased", "min_snr_v"]
 WEIGHTINGS = ("none", "min_snr", "debiased", "min_snr_v")
 DEBIASED_MAX_SNR = 1000.0
 
 
-def _per_example(value, x):
-    value = jnp.asarray(value, jnp.float32)
-    return value.reshape(value.shape + (1,) * (x.ndim - value.ndim))
-
-
 def noisy_latents(x0, noise, alphas_cumprod_t):
     """The model input at timesteps with alphabar `alphas_cumprod_t` `[B]`."""
-    ab = _per_example(alphas_cumprod_t, x0)
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+    ab = expand_to(alphas_cumprod_t, x0)
+    return parameterisation.noisy(x0, noise, jnp.sqrt(ab), jnp.sqrt(1 - ab))
 
 
 def target(x0, noise, alphas_cumprod_t, prediction: Prediction):
     """eps: the noise; v: sqrt(ab) noise - sqrt(1 - ab) x0; sample: x0."""
-    if prediction == "epsilon":
-        return noise
-    if prediction == "sample":
-        return x0
-    if prediction == "v_prediction":
-        ab = _per_example(alphas_cumprod_t, x0)
-        return jnp.sqrt(ab) * noise - jnp.sqrt(1 - ab) * x0
-    raise ValueError(f"unknown prediction type {prediction!r}; valid: epsilon, v_prediction, sample")
+    ab = expand_to(alphas_cumprod_t, x0)
+    return parameterisation.get(prediction).target(x0, noise, jnp.sqrt(ab), jnp.sqrt(1 - ab))
 
 
 def snr(alphas_cumprod_t):
@@ -62,9 +53,7 @@ def snr(alphas_cumprod_t):
 def _from_x0_weight(x0_weight, snr_t, prediction: Prediction):
     """The weight on a prediction's own error that puts `x0_weight` on the x0 error
     (eps error² = snr x0 error², v error² = (snr + 1) x0 error²)."""
-    if prediction == "sample":
-        return x0_weight
-    return x0_weight / (snr_t + 1) if prediction == "v_prediction" else x0_weight / snr_t
+    return x0_weight / parameterisation.get(prediction).error_scale(snr_t)
 
 
 def loss_weights(snr_t, weighting: Weighting, prediction: Prediction, gamma: float = 5.0) -> jax.Array:

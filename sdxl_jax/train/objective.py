@@ -61,7 +61,7 @@ def encode_batch(models: Models, params: dict, batch: dict, key: jax.Array) -> t
 def diffusion_loss(model, diffusion: ml_collections.ConfigDict, x0, cond, key) -> tuple[jax.Array, dict]:
     """The weighted MSE of one batch: (loss, {"t", "noise", "weights": per example}).
 
-    model(x_t, t, cond) -> eps or v, `[B, h, w, C]`; noise = N(0, 1) + offset_noise * N(0, 1) per
+    model(x_t, t, cond) -> eps, v or x0, `[B, h, w, C]`; noise = N(0, 1) + offset_noise * N(0, 1) per
     (example, channel); t integers in [t_min, t_max); x_t = sqrt(ab) x0 + sqrt(1 - ab) noise;
     target eps, v or x0; weights per `diffusion.weighting` (see `losses.loss_weights`); t shifted toward
     high noise by `diffusion.timestep_shift` (`losses.sample_timesteps`).
