@@ -21,28 +21,22 @@ from PIL import Image, PngImagePlugin
 
 from sdxl_jax import __version__
 from sdxl_jax import pipeline as pipeline_lib
-from sdxl_jax.diffusion import samplers
+from sdxl_jax.sampling import SamplingOptions
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (configs/sdxl_base.py, or a training config with a `sample` section such as configs/demo.py)")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (configs/sdxl_base.py, "
+                                          "or a training config with a `sample` section such as configs/demo.py)")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", None, "where the PNGs go (config.outdir)")
-# Shorthand flags -> config fields.
+# Shorthand flags for the config fields of the same name (--guidance: guidance_scale), by type.
 _SHORTHANDS = {
-    "negative_prompt": (flags.DEFINE_string, "negative_prompt"),
-    "n": (flags.DEFINE_integer, "n"),
-    "steps": (flags.DEFINE_integer, "steps"),
-    "guidance": (flags.DEFINE_float, "guidance_scale"),
-    "sampler": (flags.DEFINE_string, "sampler"),
-    "schedule": (flags.DEFINE_string, "schedule"),
-    "seed": (flags.DEFINE_integer, "seed"),
-    "width": (flags.DEFINE_integer, "width"),
-    "height": (flags.DEFINE_integer, "height"),
-    "refiner": (flags.DEFINE_string, "refiner"),
-    "denoising_end": (flags.DEFINE_float, "denoising_end"),
-    "batch_size": (flags.DEFINE_integer, "batch_size"),
+    flags.DEFINE_string: ("negative_prompt", "sampler", "schedule", "refiner"),
+    flags.DEFINE_integer: ("n", "steps", "seed", "width", "height", "batch_size"),
+    flags.DEFINE_float: ("guidance", "denoising_end"),
 }
-_SHORT_FLAGS = {name: define(name, None, f"shorthand for --config.{field}") for name, (define, field) in _SHORTHANDS.items()}
+_FIELDS = {"guidance": "guidance_scale"}
+_SHORT_FLAGS = {name: define(name, None, f"shorthand for --config.{_FIELDS.get(name, name)}")
+                for define, names in _SHORTHANDS.items() for name in names}
 
 # Sampler names as the SD web UIs write them into PNG infotext.
 WEBUI_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
@@ -57,10 +51,9 @@ def sampling_config(config):
 
 
 def apply_shorthands(config) -> None:
-    for name, (_, field) in _SHORTHANDS.items():
-        value = _SHORT_FLAGS[name].value
-        if value is not None:
-            setattr(config, field, value)
+    for name, flag in _SHORT_FLAGS.items():
+        if flag.value is not None:
+            setattr(config, _FIELDS.get(name, name), flag.value)
     if _OUTDIR.value is not None:
         config.outdir = _OUTDIR.value
 
@@ -77,14 +70,25 @@ def read_prompts() -> list[str]:
     return prompts
 
 
+def sampling_options(config) -> SamplingOptions:
+    """The options of every generation call. The refiner split needs a refiner checkpoint, and a
+    denoising_end > 0 wins over refiner_strength."""
+    unset = {}
+    if not config.refiner:
+        unset = dict(denoising_end=None, refiner_strength=None)
+    elif config.denoising_end > 0:
+        unset = dict(refiner_strength=None)
+    return SamplingOptions.from_config(config, **unset)
+
+
 def check_config(config) -> None:
     """Errors for bad names and counts, before any weights are read."""
-    if config.sampler not in samplers.SAMPLERS:
-        raise app.UsageError(f"unknown sampler {config.sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
-    if config.schedule not in pipeline_lib.SCHEDULES:
-        raise app.UsageError(f"unknown schedule {config.schedule!r}; valid: {', '.join(pipeline_lib.SCHEDULES)}")
-    if config.n < 1 or config.batch_size < 1 or config.steps < 1:
-        raise app.UsageError("n, batch_size and steps must be >= 1")
+    try:
+        sampling_options(config)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if config.n < 1 or config.batch_size < 1:
+        raise app.UsageError("n and batch_size must be >= 1")
 
 
 def round_sizes(config, multiple: int) -> None:
@@ -114,18 +118,6 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
     return "\n".join(lines)
 
 
-def generate_kwargs(config) -> dict:
-    kw = dict(height=config.height, width=config.width, steps=config.steps, guidance_scale=config.guidance_scale,
-              guidance_rescale=config.guidance_rescale, sampler=config.sampler, schedule=config.schedule,
-              aesthetic_score=config.aesthetic_score, negative_aesthetic_score=config.negative_aesthetic_score,
-              prompt_mode=config.prompt_mode)
-    if config.refiner and config.denoising_end > 0:
-        kw["denoising_end"] = config.denoising_end
-    elif config.refiner and config.refiner_strength > 0:
-        kw["refiner_strength"] = config.refiner_strength
-    return kw
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -149,6 +141,7 @@ def main(argv):
     print(f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
           f"in {time.perf_counter() - start:.1f} s")
     round_sizes(config, pipe.size_multiple)
+    options = sampling_options(config)
     print("settings: " + json.dumps({k: v for k, v in config.to_dict().items() if k != "compilation_cache"}))
 
     jobs = [(prompt, config.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(config.n))]
@@ -162,7 +155,7 @@ def main(argv):
         batch = jobs[b : b + size]
         padded = batch + [batch[-1]] * (size - len(batch))  # same shape every batch: one compilation
         t0 = time.perf_counter()
-        images = pipe.generate([p for p, _ in padded], negative, seed=[s for _, s in padded], **generate_kwargs(config))
+        images = pipe.generate([p for p, _ in padded], negative, seed=[s for _, s in padded], options=options)
         seconds = time.perf_counter() - t0
         for (prompt, seed), image in zip(batch, images):
             info = PngImagePlugin.PngInfo()

@@ -34,6 +34,7 @@ import ml_collections
 from sdxl_jax.data.loader import default_data_config
 from sdxl_jax.models import CLIPTextConfig, UNetConfig
 from sdxl_jax.models.pixel_space import PixelSpaceConfig
+from sdxl_jax.sampling import SamplingOptions, sample_config
 from sdxl_jax.train.config import skeleton
 from sdxl_jax.train.state import BASE_TIME_IDS, Models
 
@@ -56,14 +57,11 @@ def demo_models() -> Models:
 
 
 def sampling() -> ml_collections.ConfigDict:
-    """What sample.py reads (the fields of configs/sdxl_base.py), for the demo model."""
-    return ml_collections.ConfigDict({
-        "checkpoint": str(SHIPPED), "refiner": "", "dtype": "fp32", "height": 32, "width": 32, "steps": 40,
-        "sampler": "dpmpp_2m_sde", "schedule": "trailing", "guidance_scale": 4.0, "guidance_rescale": 0.0,
-        "negative_prompt": "", "seed": 0, "n": 1, "batch_size": 4, "denoising_end": 0.0,
-        "refiner_strength": 0.0, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5,
-        "prompt_mode": "truncate", "compilation_cache": "", "outdir": "samples",
-    })  # fmt: skip
+    """What sample.py reads (the fields of configs/sdxl_base.py), for the demo model: the shipped
+    checkpoint in fp32, 32x32, DPM++ 2M SDE over 40 trailing steps, CFG 4."""
+    options = SamplingOptions(height=32, width=32, steps=40, sampler="dpmpp_2m_sde", schedule="trailing",
+                              guidance_scale=4.0)
+    return sample_config(options, checkpoint=str(SHIPPED), dtype="fp32")
 
 
 def get_config(arg=None):

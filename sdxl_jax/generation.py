@@ -47,11 +47,7 @@ _DPM_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde")
 def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPMTable) -> schedules.Schedule:
     """The sigma/timestep grid diffusers would use for this sampler and spacing ("karras": Karras sigmas
     on the leading grid; "sgm": Stability's own discretisation; "turbo": SDXL-Turbo's trailing 1–4 steps)."""
-    samplers.get_sampler(sampler)  # a clear error for an unknown name first
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_schedule(sampler, schedule, steps)
     if schedule == "sgm":
         return schedules.sgm_legacy(table, steps)
     if schedule == "turbo":
@@ -62,9 +58,27 @@ def make_schedule(sampler: str, schedule: str, steps: int, table: schedules.DDPM
         return schedules.diffusers_euler(table, steps, spacing, karras=karras)
     if sampler in _DPM_FAMILY:
         return schedules.diffusers_dpmsolver(table, steps, spacing, karras=karras)
-    if karras:
-        raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
     return schedules.diffusers_ddim(table, steps, spacing)
+
+
+class UnknownNameError(ValueError, KeyError):
+    """An unknown sampler or schedule name: a ValueError as every bad option is, and a KeyError as an
+    unknown sampler has always been (`samplers.get_sampler`)."""
+
+    __str__ = ValueError.__str__  # the message as written, not KeyError's quoted repr of it
+
+
+def check_schedule(sampler: str, schedule: str, steps: int) -> None:
+    """Errors for a sampler / schedule / step count that `make_schedule` cannot build (`SamplingOptions`
+    checks its values here)."""
+    if sampler not in samplers.SAMPLERS:
+        raise UnknownNameError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    if schedule not in SCHEDULES:
+        raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule == "karras" and sampler not in _EULER_FAMILY + _DPM_FAMILY:
+        raise ValueError("DDIM has no Karras variant in diffusers; use leading, trailing or linspace")
 
 
 @flax.struct.dataclass

@@ -1,14 +1,16 @@
 """Text-to-image with SDXL: `Pipeline.load(path).generate(prompts)` -> uint8 images `[B, H, W, 3]`.
 
-The host side of generation: it tokenizes, builds the schedule and the micro-conditioning, places the
-batch on the mesh and calls the one compiled program of `generation.py` (text encoding, every sampler
-step in a `lax.scan`, the refiner, VAE decode). That program is compiled once per
-(batch, size, steps, sampler, schedule split, CFG on/off, refiner mode); prompts, seeds, guidance and
-micro-conditioning are traced inputs.
+The host side of generation: it loads and places the models, turns a call's `SamplingOptions` into
+the schedule, tokens and micro-conditioning (`sampling.py`), places the batch on the mesh and calls the
+one compiled program of `generation.py` (text encoding, every sampler step in a `lax.scan`, the
+refiner, VAE decode). That program is compiled once per (batch, size, steps, sampler, schedule split,
+CFG on/off, refiner mode); prompts, seeds, guidance and micro-conditioning are traced inputs.
 
     pipe = Pipeline.load("sd_xl_base_1.0.safetensors", refiner="sd_xl_refiner_1.0.safetensors")
     images = pipe.generate(["a photo of a cat"], steps=30, guidance_scale=5.0, seed=0,
                            denoising_end=0.8)          # base 80% of the schedule, refiner the rest
+    options = SamplingOptions(steps=30, denoising_end=0.8)   # the same, as one value
+    images = pipe.generate(["a photo of a cat"], options=options, seed=0)
 
 Seeds: image i of a call with `seed=s` uses seed s + i (or `seed` may list one seed per image), and
 its noise depends on that seed alone — the same seed gives the same image at any batch size or device
@@ -28,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sdxl_jax import conditioning, generation
+from sdxl_jax import generation, sampling
 from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
-from sdxl_jax.diffusion import guidance, schedules
+from sdxl_jax.diffusion import schedules
 from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of this module's interface)
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.vae import to_latents
+from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
 log = logging.getLogger("sdxl_jax")
@@ -78,8 +81,8 @@ class _Placer:
 
     def __call__(self, weights: PipelineWeights, name: str, cfg):
         dtype = jnp.dtype(cfg.param_dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False),
-                              weights.params(name))
+        cast = lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False)  # noqa: E731
+        params = jax.tree.map(cast, weights.params(name))
         placed = jax.device_put(params, placement_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
         jax.block_until_ready(placed)
         if self.release:
@@ -154,65 +157,35 @@ class Pipeline:
         stages = [self.models.base] + ([self.models.refiner] if self.models.refiner is not None else [])
         return self.models.vae_cfg.downsample_factor * max(s.unet_cfg.downsample_factor for s in stages)
 
-    def generate(self, prompts, negative_prompts=None, *, height: int = 1024, width: int = 1024, steps: int = 30,
-                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, sampler: str = "euler",
-                 schedule: str = "leading", seed=0, latents=None, denoising_end: float | None = None,
-                 refiner_strength: float | None = None, refiner_steps: int | None = None,
-                 refiner_guidance_scale: float | None = None, refiner_noise=None, image=None, strength: float = 0.8,
-                 original_size=None, crop=(0, 0), target_size=None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5, prompt_mode: str = "truncate",
-                 return_latents: bool = False):
+    def generate(self, prompts, negative_prompts=None, *, options: SamplingOptions | None = None, seed=0,
+                 latents=None, image=None, refiner_noise=None, return_latents: bool = False, **option_fields):
         """Prompts -> uint8 images `[B, height, width, 3]` (and the final scaled latents `[B, h, w, 4]` with
         `return_latents`).
 
+        options: how to sample (`SamplingOptions`; default `SamplingOptions()`); option_fields: any of its
+        fields (height=, steps=, sampler=, guidance_scale=, denoising_end=, ...), replacing the options'.
+        seed: an int (image i gets seed + i) or one seed per image.
         latents: `[B, h, w, 4]` unit-variance noise used instead of the seeds' initial noise (NHWC).
-        image / strength: image-to-image from uint8 images `[B, H, W, 3]` or scaled latents `[B, h, w, 4]`.
-        denoising_end: hand the schedule to the refiner at this fraction (ensemble of experts).
-        refiner_strength: instead run the base to the end and the refiner as image-to-image (SDEdit),
-        `refiner_steps` (default `steps`) steps at this strength; `refiner_noise` `[B, h, w, 4]` replaces the
-        noise it adds (else drawn from the seeds).
+        image: image-to-image (at the options' `strength`) from uint8 images `[B, H, W, 3]` or scaled
+        latents `[B, h, w, 4]`.
+        refiner_noise: `[B, h, w, 4]`, replaces the noise the refiner's img2img adds (else drawn from the seeds).
         """
+        options = (options if options is not None else SamplingOptions()).replace(**option_fields)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts")
         batch = len(prompts)
-        self._check_size(height, width)
+        self._check_size(options.height, options.width)
+        if options.refiner_mode is not None and self.models.refiner is None:
+            raise ValueError("denoising_end / refiner_strength need a refiner (Pipeline.load(..., refiner=PATH))")
         f = self.models.vae_cfg.downsample_factor
-        latent_shape = (height // f, width // f, self.models.vae_cfg.latent_channels)
-        seeds = _seeds(seed, batch)
-
-        full = make_schedule(sampler, schedule, steps, self.table)
-        refiner_mode = self._refiner_mode(denoising_end, refiner_strength)
-        base_schedule, refiner_schedule = full, None
-        if refiner_mode == "handoff":
-            base_schedule, refiner_schedule = schedules.split_for_refiner(full, denoising_end)
-        elif refiner_mode == "img2img":
-            n = refiner_steps or steps
-            refiner_schedule = schedules.tail(make_schedule(sampler, schedule, n, self.table),
-                                              schedules.img2img_start(n, refiner_strength))
-        init_latents = None
-        if image is not None:
-            init_latents = self._init_latents(image, batch, latent_shape)
-            base_schedule = schedules.tail(base_schedule, schedules.img2img_start(steps, strength))
-        for name, part in (("base", base_schedule), ("refiner", refiner_schedule)):
-            if part is not None and part.num_steps < 1:
-                raise ValueError(f"the {name} gets no steps of {steps} (adjust denoising_end / strength / steps)")
-
-        micro = dict(height=height, width=width, original_size=original_size, crop_top_left=crop,
-                     target_size=target_size, aesthetic_score=aesthetic_score,
-                     negative_aesthetic_score=negative_aesthetic_score, mode=prompt_mode)
-        base_inputs, base_plan = _stage_inputs(prompts, negative_prompts, False, micro, base_schedule,
-                                               sampler, guidance_scale, guidance_rescale)
-        ref_inputs = ref_plan = None
-        if refiner_mode is not None:
-            scale = guidance_scale if refiner_guidance_scale is None else refiner_guidance_scale
-            ref_inputs, ref_plan = _stage_inputs(prompts, negative_prompts, True, micro, refiner_schedule,
-                                                 sampler, scale, guidance_rescale)
-        plan = generation.Plan(base_plan, refiner_mode, ref_plan, init_latents is not None)
+        latent_shape = (options.height // f, options.width // f, self.models.vae_cfg.latent_channels)
         noise = None if latents is None else _check_latents(latents, batch, latent_shape, "latents")
-        inputs = generation.Inputs(base_inputs, seeds, noise, np.float32(base_schedule.init_noise_sigma or 1.0),
-                                   init_latents, ref_inputs,
-                                   None if refiner_noise is None else _check_latents(refiner_noise, batch, latent_shape, "refiner_noise"))
+        if refiner_noise is not None:
+            refiner_noise = _check_latents(refiner_noise, batch, latent_shape, "refiner_noise")
+        init_latents = None if image is None else self._init_latents(image, batch, latent_shape)
+        plan, inputs = sampling.plan_and_inputs(options, self.table, prompts, negative_prompts, _seeds(seed, batch),
+                                                noise=noise, init_latents=init_latents, refiner_noise=refiner_noise)
         out = self._run(plan, inputs, latent_shape, batch)
         images = np.asarray(out.images)
         bad = np.flatnonzero(~np.asarray(out.finite))
@@ -231,15 +204,6 @@ class Pipeline:
                 lo, hi = max(m, side // m * m), (side // m + 1) * m
                 raise ValueError(f"{name} {side} is not a positive multiple of {m} (VAE factor x UNet "
                                  f"downsampling); try {lo} or {hi}")
-
-    def _refiner_mode(self, denoising_end, refiner_strength) -> str | None:
-        if denoising_end is None and refiner_strength is None:
-            return None
-        if self.models.refiner is None:
-            raise ValueError("denoising_end / refiner_strength need a refiner (Pipeline.load(..., refiner=PATH))")
-        if denoising_end is not None and refiner_strength is not None:
-            raise ValueError("give either denoising_end (handoff) or refiner_strength (img2img), not both")
-        return "handoff" if denoising_end is not None else "img2img"
 
     def _init_latents(self, image, batch: int, latent_shape) -> np.ndarray:
         """Scaled clean latents `[B, h, w, C]` from uint8 images or from latents given as they are."""
@@ -300,19 +264,6 @@ def _check_latents(latents, batch: int, latent_shape, name: str) -> np.ndarray:
     if latents.shape != (batch, *latent_shape):
         raise ValueError(f"{name} must be [B, h, w, C] = {(batch, *latent_shape)} (NHWC), got {latents.shape}")
     return latents
-
-
-def _stage_inputs(prompts, negative_prompts, refiner: bool, micro: dict, schedule: schedules.Schedule,
-                  sampler: str, scale: float, rescale: float) -> tuple[generation.StageInputs, generation.StagePlan]:
-    prepared = conditioning.prepare_prompts(prompts, negative_prompts, refiner=refiner, **micro)
-    n = schedule.num_steps
-    timesteps = schedule.timesteps
-    if timesteps.shape == (n,):
-        timesteps = np.concatenate([timesteps, np.zeros(1, np.float32)])
-    inputs = generation.StageInputs(*prepared, np.asarray(schedule.sigmas, np.float32), timesteps.astype(np.float32),
-                                    np.float32(scale), np.float32(rescale))
-    plan = generation.StagePlan(sampler, guidance.uses_cfg(scale), rescale > 0)
-    return inputs, plan
 
 
 def _pad_batch(inputs: generation.Inputs, batch: int, padded: int):

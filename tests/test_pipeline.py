@@ -14,8 +14,8 @@ import tiny_pipeline
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
-from sdxl_jax.convert import pipeline_weights as pw
 from sdxl_jax.pipeline import NonFiniteImageWarning, Pipeline, encode_images
+from sdxl_jax.sampling import SamplingOptions
 
 H, W = 64, 96  # latent 8 x 12: non-square, so a swapped height/width cannot pass
 # No "!": diffusers' bigG tokenizer has "!" as its pad token, a special token, so it turns a "!" in the
@@ -164,6 +164,48 @@ def test_an_image_depends_only_on_its_seed(ours):
     np.testing.assert_allclose(one_latent[0], latents[2], rtol=0, atol=1e-5 * np.abs(latents).max())
     assert np.abs(one_image[0].astype(int) - images[2]).max() <= 1
     assert not np.allclose(latents[0], latents[1])
+
+
+def test_options_and_keyword_arguments_are_the_same_call(ours):
+    """`options=SamplingOptions(...)` and the same fields as keyword arguments give the same images; keyword
+    arguments replace the options' fields. (The program of the recompilation test: nothing compiles.)"""
+    kw = dict(height=H, width=W, steps=3, sampler="euler_a", guidance_scale=4.0, original_size=(512, 768))
+    options = SamplingOptions(**kw)
+    images = ours.generate(PROMPTS, options=options, seed=3)
+    assert images.std() > 5
+    np.testing.assert_array_equal(images, ours.generate(PROMPTS, seed=3, **kw))
+    other = ours.generate(PROMPTS, options=options, seed=3, guidance_scale=7.0)
+    np.testing.assert_array_equal(other, ours.generate(PROMPTS, seed=3, **(kw | dict(guidance_scale=7.0))))
+    assert not np.array_equal(other, images)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(sampler="euler_b"), "unknown sampler 'euler_b'; valid: euler, euler_a"),
+    (dict(schedule="sometimes"), "unknown schedule 'sometimes'; valid: leading"),
+    (dict(steps=0), "steps must be >= 1, got 0"),
+    (dict(width=0), "width must be >= 1"),
+    (dict(sampler="ddim", schedule="karras"), "DDIM has no Karras variant"),
+    (dict(denoising_end=0.8, refiner_strength=0.3), "not both"),
+    (dict(prompt_mode="long"), "unknown prompt_mode 'long'"),
+])  # fmt: skip
+def test_bad_options_are_errors_when_made(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingOptions(**bad)
+    with pytest.raises(ValueError, match=message):
+        SamplingOptions().replace(**bad)
+
+
+def test_options_from_and_to_a_config():
+    """A config holds the `CONFIG_FIELDS`, an unset refiner split as 0; other entries are not options."""
+    import ml_collections
+
+    options = SamplingOptions(steps=4, sampler="heun", denoising_end=0.8)
+    fields = options.config_fields()
+    assert fields["refiner_strength"] == 0.0 and fields["denoising_end"] == 0.8 and fields["steps"] == 4
+    config = ml_collections.ConfigDict(fields | {"every": 10, "prompts": ("a cat",)})
+    assert SamplingOptions.from_config(config) == options
+    assert SamplingOptions.from_config(config, denoising_end=None).refiner_mode is None
+    assert SamplingOptions.from_config(ml_collections.ConfigDict({"steps": 7})) == SamplingOptions(steps=7)
 
 
 def test_bad_arguments_raise_clear_errors(ours):

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sdxl_jax.diffusion import losses, schedules
+from sdxl_jax.diffusion import losses, parameterisation, schedules
 from sdxl_jax.train.objective import alphas_cumprod, diffusion_loss
 from sdxl_jax.train.optim import ema_decay, lr_schedule
 
@@ -88,6 +88,26 @@ def test_a_weighting_weighs_the_same_x0_error_alike_in_every_prediction(weightin
     # eps at the last step (snr 2^-24) amplifies float32 rounding; still within 1e-3
     np.testing.assert_allclose(per_prediction["epsilon"], per_prediction["sample"], rtol=1e-3)
     np.testing.assert_allclose(per_prediction["v_prediction"], per_prediction["sample"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_one_parameterisation_serves_the_trainer_and_the_sampler(prediction):
+    """The training target at x_t, read through the sampler's map at the same noise level (sigma = s / alpha),
+    is x0 again; the map back gives the target; an x0 error of d moves the output by sqrt(error_scale) d."""
+    p = parameterisation.get(prediction)
+    rng = np.random.default_rng(2)
+    x0, eps, d = rng.standard_normal((3, 6, 3, 3, 4)).astype(np.float32)
+    ab = np.linspace(0.05, 0.95, 6, dtype=np.float32)
+    alpha, s = np.sqrt(ab)[:, None, None, None], np.sqrt(1 - ab)[:, None, None, None]
+    x, sigma = x0 + s / alpha * eps, s / alpha  # sigma space: x = x0 + sigma eps
+    target = np.asarray(p.target(x0, eps, alpha, s))
+    np.testing.assert_allclose(p.to_denoised(x, sigma, target), x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.from_denoised(x, sigma, x0), target, rtol=1e-4, atol=1e-4)
+    moved = np.asarray(p.from_denoised(x, sigma, x0 + d)) - np.asarray(p.from_denoised(x, sigma, x0))
+    ratio = (moved**2).sum(axis=(1, 2, 3)) / (d**2).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(ratio, np.broadcast_to(p.error_scale(ab / (1 - ab)), ab.shape), rtol=1e-4)
+    with pytest.raises(ValueError, match="valid: epsilon, v_prediction, sample"):
+        parameterisation.get("flow")
 
 
 def test_min_snr_v_keeps_weight_at_pure_noise():
