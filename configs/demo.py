@@ -56,12 +56,14 @@ def demo_models() -> Models:
     return Models("base", unet, pixels, text_l, text_g)
 
 
+# How the demo model samples: 32x32, DPM++ 2M SDE over 40 trailing steps, CFG 4 (sample.py and validation).
+OPTIONS = SamplingOptions(height=32, width=32, steps=40, sampler="dpmpp_2m_sde", schedule="trailing", guidance_scale=4.0)
+
+
 def sampling() -> ml_collections.ConfigDict:
     """What sample.py reads (the fields of configs/sdxl_base.py), for the demo model: the shipped
-    checkpoint in fp32, 32x32, DPM++ 2M SDE over 40 trailing steps, CFG 4."""
-    options = SamplingOptions(height=32, width=32, steps=40, sampler="dpmpp_2m_sde", schedule="trailing",
-                              guidance_scale=4.0)
-    return sample_config(options, checkpoint=str(SHIPPED), dtype="fp32")
+    checkpoint in fp32, sampled with `OPTIONS`."""
+    return sample_config(OPTIONS, checkpoint=str(SHIPPED), dtype="fp32")
 
 
 def get_config(arg=None):
@@ -85,8 +87,8 @@ def get_config(arg=None):
     c.ema.decay = 0.999
     c.diffusion.update(prediction="sample", zero_terminal_snr=True, weighting="min_snr_v", min_snr_gamma=5.0,
                        timestep_shift=3.0)
-    c.validation.update(every=2200, prompts=("a green triangle on a white background", "a red circle on a blue background"),
-                        steps=40, sampler="dpmpp_2m_sde", schedule="trailing", guidance_scale=4.0, height=32, width=32)
+    c.validation.update(every=2200, prompts=("a green triangle on a white background", "a red circle on a blue background"))
+    c.validation.update({k: v for k, v in OPTIONS.config_fields().items() if k in c.validation})
     c.train_text_encoders = True  # the words' embeddings learn too (cheap; faster than reading frozen random ones)
     c.optimizer.text_encoder_learning_rate = 1e-3
     c.export_on_finish = "project"

@@ -14,13 +14,13 @@ import dataclasses
 import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
-from sdxl_jax.diffusion.samplers import SAMPLERS
-from sdxl_jax.generation import SCHEDULES
+from sdxl_jax.diffusion.parameterisation import PARAMETERISATIONS
+from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import FSDP_RULES, check_rules
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from sdxl_jax.train.state import Models
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = tuple(PARAMETERISATIONS)
 EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
 
 
@@ -96,10 +96,11 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"optimizer.accumulation_steps must be >= 1, got {c.optimizer.accumulation_steps}")
     if c.export_on_finish not in EXPORT_FORMATS:
         errors.append(f"export_on_finish {c.export_on_finish!r} not in {EXPORT_FORMATS}")
-    if c.validation.every and c.validation.sampler not in SAMPLERS:
-        errors.append(f"validation.sampler {c.validation.sampler!r} not in {tuple(SAMPLERS)}")
-    if c.validation.every and c.validation.schedule not in SCHEDULES:
-        errors.append(f"validation.schedule {c.validation.schedule!r} not in {SCHEDULES}")
+    if c.validation.every:
+        try:
+            SamplingOptions.from_config(c.validation)
+        except ValueError as e:
+            errors.append(f"validation: {e}")
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         errors.append(f"mesh sizes {sizes}: positive, at most one -1")
