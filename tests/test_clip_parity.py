@@ -8,9 +8,9 @@ import torch
 import transformers
 from torch_reference import perturb_, state_dict_numpy
 
+from sdxl_jax.convert import load_text_encoder
 from sdxl_jax.convert.text_encoder import (
     TEXT_MODEL_PREFIX,
-    load_text_encoder,
     text_encoder_config_from_transformers,
     text_encoder_params_from_transformers,
     text_encoder_params_to_transformers,

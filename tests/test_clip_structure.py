@@ -80,24 +80,6 @@ def tiny_state(cfg: CLIPTextConfig, prefixed: bool = True) -> dict[str, np.ndarr
     return text_encoder_params_to_transformers(params, cfg, prefixed=prefixed)
 
 
-def test_strict_conversion_names_every_offender():
-    cfg = CLIPTextConfig.tiny(projection_dim=8)
-    good = tiny_state(cfg)
-    text_encoder_params_from_transformers(good, cfg)  # the complete dict converts
-    broken = dict(good)
-    del broken["text_model.encoder.layers.1.mlp.fc2.bias"]
-    broken["text_model.encoder.layers.3.mlp.fc2.bias"] = np.zeros(32, np.float32)  # a layer too many
-    broken["text_model.final_layer_norm.weight"] = np.zeros(31, np.float32)
-    broken["text_model.embeddings.position_ids"] = np.arange(16)[None]  # ignorable buffer: no complaint
-    with pytest.raises(ConversionError) as err:
-        text_encoder_params_from_transformers(broken, cfg)
-    text = str(err.value)
-    assert "missing (1)" in text and "text_model.encoder.layers.1.mlp.fc2.bias" in text
-    assert "unexpected (1)" in text and "text_model.encoder.layers.3.mlp.fc2.bias" in text
-    assert "shape mismatch (1)" in text and "text_model.final_layer_norm.weight" in text
-    assert "position_ids" not in text
-
-
 def test_projection_must_match_the_config():
     with_projection, without = CLIPTextConfig.tiny(projection_dim=8), CLIPTextConfig.tiny()
     with pytest.raises(ConversionError, match=r"unexpected \(1\):\n\s+text_projection.weight"):

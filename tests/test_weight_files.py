@@ -1,15 +1,31 @@
-"""Reading weight files: safetensors (single, sharded), safe pickles, variants, and loud refusals."""
+"""Reading weight files: safetensors (single, sharded), safe pickles, variants, and loud refusals; and
+the strict conversion every component's state dict goes through."""
 
 import json
 import pickle
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax.linen import meta
 from safetensors.numpy import save_file
 
-from sdxl_jax.convert import ConversionError, read_state_dict
+from sdxl_jax.convert import (
+    COMPONENTS,
+    ConversionError,
+    read_state_dict,
+    text_encoder_params_from_transformers,
+    text_encoder_params_to_transformers,
+    unet_params_from_diffusers,
+    unet_params_to_diffusers,
+    vae_params_from_diffusers,
+    vae_params_to_diffusers,
+)
 from sdxl_jax.convert.files import component_weights
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.unet import UNetConfig
+from sdxl_jax.models.vae import VAEConfig
 
 TENSORS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b.bias": np.ones(4, np.float16)}
 
@@ -81,3 +97,49 @@ def test_component_weights_prefers_safetensors_and_finds_variants(tmp_path):
     assert component_weights(tmp_path, "model").name == "model.bin"
     with pytest.raises(FileNotFoundError, match=r"no model.bf16.safetensors / .bin .* it holds \['model.bin', 'model.fp16.safetensors'\]"):
         component_weights(tmp_path, "model", "bf16")
+
+
+# Component -> (tiny config, to PyTorch, from PyTorch, a key to delete, an unexpected (key, tensor), a
+# mis-shaped (key, tensor), an ignorable buffer (key, tensor) or None).
+STRICT_CASES = {
+    "unet": (
+        UNetConfig.tiny(), unet_params_to_diffusers, unet_params_from_diffusers,
+        "mid_block.attentions.0.proj_in.weight",
+        ("mid_block.attentions.0.extra.weight", np.zeros(3, np.float32)),
+        ("conv_in.weight", np.zeros((32, 4, 5, 5), np.float32)),
+        ("denoiser.sigmas", np.zeros(1000, np.float32)),
+    ),
+    "vae": (
+        VAEConfig.tiny(), vae_params_to_diffusers, vae_params_from_diffusers,
+        "decoder.mid_block.attentions.0.to_k.bias",
+        ("encoder.mid_block.attentions.0.extra.weight", np.zeros(3, np.float32)),
+        ("decoder.conv_in.weight", np.zeros((64, 4, 5, 5), np.float32)),
+        None,
+    ),
+    "text_encoder": (
+        CLIPTextConfig.tiny(projection_dim=8), text_encoder_params_to_transformers, text_encoder_params_from_transformers,
+        "text_model.encoder.layers.1.mlp.fc2.bias",
+        ("text_model.encoder.layers.3.mlp.fc2.bias", np.zeros(32, np.float32)),  # a layer too many
+        ("text_model.final_layer_norm.weight", np.zeros(31, np.float32)),
+        ("text_model.embeddings.position_ids", np.arange(16)[None]),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("component", sorted(STRICT_CASES))
+def test_strict_conversion_names_every_offender(component):
+    cfg, to_torch, from_torch, missing, unexpected, mis_shaped, ignorable = STRICT_CASES[component]
+    abstract = meta.unbox(COMPONENTS[component].abstract_params(cfg))
+    good = to_torch(jax.tree.map(lambda s: np.broadcast_to(np.float32(1), s.shape), abstract), cfg)
+    from_torch(good, cfg)  # the complete dict converts
+    broken = dict(good)
+    del broken[missing]
+    broken.update([unexpected, mis_shaped] + ([ignorable] if ignorable else []))  # ignorable: no complaint
+    with pytest.raises(ConversionError) as err:
+        from_torch(broken, cfg)
+    text = str(err.value)
+    assert "missing (1)" in text and missing in text
+    assert "unexpected (1)" in text and unexpected[0] in text
+    assert "shape mismatch (1)" in text and mis_shaped[0] in text
+    if ignorable:
+        assert ignorable[0].split(".")[-1] not in text  # not even its last name: "position_ids", "sigmas"

@@ -1,8 +1,12 @@
-"""Checkpoint conversion between PyTorch layouts (diffusers, original single-file) and this project."""
+"""Checkpoint conversion between PyTorch layouts (diffusers, original single-file) and this project.
 
+`components.COMPONENTS` is the table of the pipeline's components (how each is read and converted);
+`pipeline_weights` reads whole pipelines through it, `export` writes them back.
+"""
+
+from sdxl_jax.convert.components import COMPONENTS, load_text_encoder, load_unet, load_vae
 from sdxl_jax.convert.export import export_diffusers, export_single_file
 from sdxl_jax.convert.files import read_safetensors, read_state_dict
-from sdxl_jax.convert.load import load_unet
 from sdxl_jax.convert.mapping import ConversionError
 from sdxl_jax.convert.pipeline_weights import (
     PipelineWeights,
@@ -21,15 +25,15 @@ from sdxl_jax.convert.single_file import (
 )
 from sdxl_jax.convert.single_file_keys import detect_model
 from sdxl_jax.convert.text_encoder import (
-    load_text_encoder,
     text_encoder_config_from_transformers,
     text_encoder_params_from_transformers,
     text_encoder_params_to_transformers,
 )
 from sdxl_jax.convert.unet import unet_config_from_diffusers, unet_params_from_diffusers, unet_params_to_diffusers
-from sdxl_jax.convert.vae import load_vae, vae_config_from_diffusers, vae_params_from_diffusers, vae_params_to_diffusers
+from sdxl_jax.convert.vae import vae_config_from_diffusers, vae_params_from_diffusers, vae_params_to_diffusers
 
 __all__ = [
+    "COMPONENTS",
     "ConversionError",
     "PipelineWeights",
     "SingleFileLayout",

@@ -16,15 +16,12 @@ Metadata (source, dtype, model, sdxl_jax version) goes into the single file's sa
 into `sdxl_jax_export.json` at the top of a diffusers folder.
 """
 
-import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,15 +30,15 @@ import numpy as np
 from flax.linen import meta
 
 from sdxl_jax import __version__
-from sdxl_jax.convert.files import stored_dtype
+from sdxl_jax.convert.components import COMPONENTS
+from sdxl_jax.convert.files import atomic_output, refuse_existing, stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, key_table
 from sdxl_jax.convert.pipeline_weights import DTYPES, PipelineWeights, check_params
 from sdxl_jax.convert.single_file import SingleFileLayout, diffusers_to_single_file
 from sdxl_jax.convert.single_file_keys import component_prefixes
-from sdxl_jax.convert.text_encoder import text_encoder_config_to_transformers, transformers_key
-from sdxl_jax.convert.torch_layouts import unet_torch_key
+from sdxl_jax.convert.text_encoder import text_encoder_config_to_transformers
 from sdxl_jax.convert.unet import unet_config_to_diffusers, unstack_scanned_blocks
-from sdxl_jax.convert.vae import vae_config_to_diffusers, vae_torch_key
+from sdxl_jax.convert.vae import vae_config_to_diffusers
 from sdxl_jax.diffusion.schedules import NUM_TRAIN_TIMESTEPS, SDXL_BETA_END, SDXL_BETA_START
 from sdxl_jax.tokenizer import ASSETS_DIR
 
@@ -58,12 +55,7 @@ PIPELINES = {
         requires_aesthetics_score=True,
     ),
 }
-WEIGHTS_FILES = {
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-    "text_encoder_2": "model.safetensors",
-}
+WEIGHTS_FILES = {name: f"{component.weights_stem}.safetensors" for name, component in COMPONENTS.items()}
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # CLIP-L pads with the end token, OpenCLIP bigG with "!" (id 0); see sdxl_jax.tokenizer.
 TOKENIZER_PAD = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
@@ -130,27 +122,18 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
 
 # ---- PyTorch state dicts as views of the params ----------------------------------------------------------
 
-# Component -> (config -> the key function of its converter: Flax path, rank -> (PyTorch key, layout rule)).
-# The same functions as `unet_params_to_diffusers` etc. use; `test_export` checks the states agree.
-TORCH_KEYS = {
-    "unet": lambda cfg: lambda path, ndim: unet_torch_key(path, ndim, cfg.use_linear_projection),
-    "vae": lambda cfg: vae_torch_key,
-    "text_encoder": lambda cfg: lambda path, ndim: transformers_key(path, ndim, prefixed=True),
-    "text_encoder_2": lambda cfg: lambda path, ndim: transformers_key(path, ndim, prefixed=True),
-}
-
-
 def torch_state(name: str, cfg, params, check: bool = True) -> dict[str, np.ndarray]:
     """One component's PyTorch state dict (diffusers / transformers keys, text encoders `text_model.`-prefixed
     as in the released files) as numpy views of `params`: nothing is copied. check: first check the
-    params against `cfg` (every parameter present, none extra, shapes), naming the offenders."""
+    params against `cfg` (every parameter present, none extra, shapes), naming the offenders. The keys come
+    from the component table's `torch_key`, the functions `unet_params_to_diffusers` etc. use."""
     if check:
         check_params(name, cfg, params)
     params = meta.unbox(params)
     if name == "unet" and cfg.scan_layers:
         params = unstack_scanned_blocks(params)
     flat = flax.traverse_util.flatten_dict(params)
-    table = key_table(params, TORCH_KEYS[name](cfg))
+    table = key_table(params, COMPONENTS[name].torch_key(cfg))
     return {key: to_torch(np.asarray(flat[path])) for path, (key, (_, _, to_torch)) in table.items()}
 
 
@@ -232,40 +215,6 @@ def write_safetensors(
                 on_tensor(name, array.nbytes)
             del array
     return offset
-
-
-# ---- atomic outputs -------------------------------------------------------------------------------------
-
-
-def refuse_existing(path: str | Path) -> None:
-    if Path(path).exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, folder: bool) -> Iterator[Path]:
-    """A temporary sibling of `path` (a folder or a file) to write into, renamed to `path` on success and
-    removed on any failure or interrupt. Refuses an existing `path`."""
-    path = Path(path)
-    refuse_existing(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-"
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod((0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make it private; the output is not
-    try:
-        yield tmp
-        refuse_existing(path)  # appeared while we were writing
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---- the exports ----------------------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """Reading PyTorch weight files into `{key: np.ndarray}`: safetensors (no torch needed), sharded sets,
-and legacy pickles loaded safely (`torch.load(weights_only=True)`; torch required only for those).
+and legacy pickles loaded safely (`torch.load(weights_only=True)`; torch required only for those);
+and `atomic_output`, through which every converter's output (folder or file) is written.
 
 A diffusers component folder holds `{stem}[.{variant}].safetensors`, a sharded
 `{stem}[.{variant}].safetensors.index.json`, or the legacy `.bin` equivalents; `component_weights` finds
 the one file to read, preferring safetensors.
 """
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -143,7 +148,8 @@ class LazySafetensors(Mapping):
     def __getitem__(self, key: str) -> np.ndarray:
         entry = self._entries[key]
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ConversionError(f"{self.path}: tensor {key} has dtype {entry['dtype']}, which this loader cannot read")
+            what = f"tensor {key} has dtype {entry['dtype']}"
+            raise ConversionError(f"{self.path}: {what}, which this loader cannot read")
         dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         count = (end - begin) // dtype.itemsize
@@ -160,3 +166,35 @@ class LazySafetensors(Mapping):
 
     def metadata(self) -> dict[str, str]:
         return self._metadata
+
+
+def refuse_existing(path: str | Path) -> None:
+    if Path(path).exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, folder: bool) -> Iterator[Path]:
+    """A temporary sibling of `path` (a folder or a file) to write into, renamed to `path` on success and
+    removed on any failure or interrupt, so nothing half-written ever stands at `path`. Refuses an
+    existing `path` (before and after the writing). The output gets the umask's permissions."""
+    path = Path(path)
+    refuse_existing(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod((0o777 if folder else 0o666) & ~umask)  # mkdtemp/mkstemp make it private; the output is not
+    try:
+        yield tmp
+        refuse_existing(path)  # appeared while we were writing
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise

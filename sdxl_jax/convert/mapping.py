@@ -1,20 +1,27 @@
-"""Strict conversion between a PyTorch state dict and a Flax parameter tree.
+"""Strict conversion between a PyTorch state dict and a Flax parameter tree, and the one strict check.
+
+`check_tensors` compares what a checkpoint or tree holds with what the model needs, by name and shape,
+and raises one ConversionError naming every missing, unexpected and mis-shaped tensor; `check_tree` is
+that check for a Flax tree against its abstract tree. Every converter and loader checks through them.
 
 Given the abstract Flax tree (from `jax.eval_shape`) and a function naming the PyTorch key and layout
-rule of every Flax leaf, `torch_to_flax` consumes every source key exactly once and produces every
-target parameter exactly once, or raises naming every offender. `flax_to_torch` is its inverse.
+rule of every Flax leaf, `torch_to_flax` checks the state dict against the PyTorch shapes the tree
+implies, then converts: every source key consumed exactly once (apart from named ignorable buffers),
+every target parameter produced exactly once. `flax_to_torch` is its inverse.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import flax
 import numpy as np
+from flax.linen import meta
 
 from sdxl_jax.convert.torch_layouts import LeafRule
 
 # Buffers that released checkpoints may carry and that no parameter corresponds to.
 IGNORABLE_SUFFIXES = ("position_ids", "logit_scale", "denoiser.sigmas")
 
+Shape = tuple[int, ...]
 KeyFn = Callable[[tuple[str, ...], int], tuple[str, LeafRule]]
 
 
@@ -22,7 +29,8 @@ class ConversionError(ValueError):
     """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
-def _problems(missing, unexpected, mismatched) -> str:
+def offenders(missing=(), unexpected=(), mismatched=()) -> str:
+    """The offender lists as an error message's body: per kind a count and the first 20, sorted."""
     parts = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if items:
@@ -30,6 +38,41 @@ def _problems(missing, unexpected, mismatched) -> str:
             more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
             parts.append(f"  {title} ({len(items)}):\n    {shown}{more}")
     return "\n".join(parts)
+
+
+def check_tensors(
+    what: str,
+    have: Mapping[str, Shape | None],
+    want: Mapping[str, Shape | None],
+    ignorable: Collection[str] = (),
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """Raise ConversionError(`what`: the offenders) unless `have` holds exactly `want`'s tensors and shapes.
+
+    have, want: tensor name -> shape; a shape of None (not known yet) is not compared. ignorable: names
+    `have` may hold without `want` asking for them. notes: name -> text added to its shape mismatch.
+    """
+    notes = notes or {}
+    missing = [k for k in want.keys() - have.keys()]
+    unexpected = [k for k in have.keys() - want.keys() if k not in ignorable]
+    mismatched = [
+        f"{k}: {tuple(have[k])}, expected {tuple(want[k])}{notes.get(k, '')}"
+        for k in want.keys() & have.keys()
+        if have[k] is not None and want[k] is not None and tuple(have[k]) != tuple(want[k])
+    ]
+    if missing or unexpected or mismatched:
+        raise ConversionError(f"{what}:\n{offenders(missing, unexpected, mismatched)}")
+
+
+def tree_shapes(tree) -> dict[str, Shape]:
+    """`"a/b/kernel"` -> shape, for every leaf of a nested param tree (arrays or `ShapeDtypeStruct`s)."""
+    return {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(meta.unbox(tree)).items()}
+
+
+def check_tree(what: str, params, abstract) -> None:
+    """Raise ConversionError naming every parameter of `params` missing, unexpected or mis-shaped against
+    `abstract` (the config's tree from `jax.eval_shape`), by its `/`-joined path."""
+    check_tensors(what, tree_shapes(params), tree_shapes(abstract))
 
 
 def key_table(abstract_params, key_fn: KeyFn) -> dict[tuple[str, ...], tuple[str, LeafRule]]:
@@ -44,6 +87,19 @@ def key_table(abstract_params, key_fn: KeyFn) -> dict[tuple[str, ...], tuple[str
     return table
 
 
+def torch_shapes(abstract_params, key_fn: KeyFn) -> dict[str, Shape]:
+    """PyTorch key -> PyTorch shape of every leaf of a (boxed or unboxed) abstract Flax tree.
+
+    The layout rules run on zero-stride placeholders of the Flax shapes: nothing is allocated.
+    """
+    abstract_params = meta.unbox(abstract_params)
+    flat = flax.traverse_util.flatten_dict(abstract_params)
+    return {
+        key: to_torch(np.broadcast_to(np.float32(0), flat[path].shape)).shape
+        for path, (key, (_, _, to_torch)) in key_table(abstract_params, key_fn).items()
+    }
+
+
 def torch_to_flax(
     state_dict: Mapping[str, np.ndarray],
     abstract_params,
@@ -56,25 +112,17 @@ def torch_to_flax(
     """Nested Flax params (numpy) from a `{key: array}` state dict, strictly.
 
     abstract_params: unboxed tree of `ShapeDtypeStruct` (the target); dtype: cast to this (default:
-    the target's dtype).
+    the target's dtype); ignorable: suffixes of the state-dict keys that may be present unasked.
+    Every tensor is checked (in PyTorch layout) before any is converted.
     """
+    have = {key: tuple(np.shape(value)) for key, value in state_dict.items()}
+    skipped = {key for key in have if key.endswith(tuple(ignorable))}
+    check_tensors(f"{what} does not match the model", have, torch_shapes(abstract_params, key_fn), skipped)
     flat_abstract = flax.traverse_util.flatten_dict(abstract_params)
-    table = key_table(abstract_params, key_fn)
-    out, missing, mismatched = {}, [], []
-    for path, (key, (_, to_flax, _)) in table.items():
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        value = to_flax(np.asarray(state_dict[key]))
-        want = flat_abstract[path]
-        if value.shape != want.shape:
-            mismatched.append(f"{key}: {tuple(state_dict[key].shape)} -> {value.shape}, expected {want.shape}")
-            continue
-        out[path] = value.astype(dtype or want.dtype, copy=False)
-    used = {key for key, _ in table.values()}
-    unexpected = [k for k in state_dict if k not in used and not k.endswith(tuple(ignorable))]
-    if missing or unexpected or mismatched:
-        raise ConversionError(f"{what} does not match the model:\n{_problems(missing, unexpected, mismatched)}")
+    out = {
+        path: to_flax(np.asarray(state_dict[key])).astype(dtype or flat_abstract[path].dtype, copy=False)
+        for path, (key, (_, to_flax, _)) in key_table(abstract_params, key_fn).items()
+    }
     return flax.traverse_util.unflatten_dict(out)
 
 
@@ -82,4 +130,6 @@ def flax_to_torch(params, key_fn: KeyFn) -> dict[str, np.ndarray]:
     """The PyTorch `{key: array}` state dict of a Flax param tree (the inverse of `torch_to_flax`)."""
     flat = flax.traverse_util.flatten_dict(params)
     table = key_table(params, key_fn)
-    return {key: np.ascontiguousarray(to_torch(np.asarray(flat[path]))) for path, (key, (_, _, to_torch)) in table.items()}
+    return {
+        key: np.ascontiguousarray(to_torch(np.asarray(flat[path]))) for path, (key, (_, _, to_torch)) in table.items()
+    }

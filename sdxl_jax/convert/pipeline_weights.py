@@ -11,19 +11,17 @@ renamed into place, so a failed or interrupted save never leaves something that 
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import numpy as np
 
-from sdxl_jax.convert.mapping import ConversionError, _problems
-from sdxl_jax.models import clip, pixel_space, unet
+from sdxl_jax.convert.components import COMPONENTS, load_component
+from sdxl_jax.convert.files import atomic_output
+from sdxl_jax.convert.mapping import ConversionError, check_tree
+from sdxl_jax.models import pixel_space
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -36,7 +34,7 @@ MODEL_COMPONENTS = {
     "base": ("unet", "vae", "text_encoder", "text_encoder_2"),
     "refiner": ("unet", "vae", "text_encoder_2"),
 }
-ABSTRACT_PARAMS = {"unet": unet.abstract_params, "vae": pixel_space.abstract_params, "text_encoder": clip.abstract_params, "text_encoder_2": clip.abstract_params}
+ABSTRACT_PARAMS = {name: component.abstract_params for name, component in COMPONENTS.items()}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -79,13 +77,7 @@ def param_dtype_overrides(dtype: str | None) -> dict:
 
 def check_params(name: str, cfg, params) -> None:
     """Raise ConversionError naming every parameter whose presence or shape disagrees with `cfg`."""
-    abstract = flax.linen.meta.unbox(ABSTRACT_PARAMS[name](cfg))
-    want = {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract).items()}
-    have = {"/".join(k): tuple(np.shape(v)) for k, v in flax.traverse_util.flatten_dict(params).items()}
-    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-    mismatched = [f"{k}: {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
-    if missing or unexpected or mismatched:
-        raise ConversionError(f"{name} params do not match its config:\n{_problems(missing, unexpected, mismatched)}")
+    check_tree(f"{name} params do not match its config", params, ABSTRACT_PARAMS[name](cfg))
 
 
 # ---- configs <-> JSON --------------------------------------------------------------------------------
@@ -112,17 +104,11 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()  # Orbax wants absolute paths
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite a checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
+    with atomic_output(path, folder=True) as tmp:
         # Orbax's default numpy handler deep-copies every array before writing; a full UNet would be
         # held twice. Save synchronously, without the copy.
-        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
         for name, (_, params) in weights.components.items():
             if not jax.tree_util.tree_leaves(params):
@@ -138,10 +124,6 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
         for note in tmp.glob("*/commit_success.txt"):  # Orbax's note naming the temporary path; not read back
             note.unlink()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -156,7 +138,8 @@ def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
     path = Path(path).absolute()
     index = json.loads((path / INDEX_FILE).read_text())
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} checkpoint (found {index.get('format')} v{index.get('version')})")
+        found = f"{index.get('format')} v{index.get('version')}"
+        raise ValueError(f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} checkpoint (found {found})")
     overrides = param_dtype_overrides(dtype)
     components = {}
     with ocp.StandardCheckpointer() as checkpointer:
@@ -164,7 +147,7 @@ def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
             cfg = config_from_dict(name, fields).replace(**overrides)
             params = checkpointer.restore(path / name) if (path / name).exists() else {}
             check_params(name, cfg, params)
-            params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(cfg.param_dtype, copy=False), params)
+            params = jax.tree_util.tree_map(lambda x, to=cfg.param_dtype: np.asarray(x).astype(to, copy=False), params)
             components[name] = (cfg, params)
     return PipelineWeights(index["model"], components, dict(index.get("metadata", {})))
 
@@ -179,21 +162,15 @@ def is_diffusers_folder(path: str | Path) -> bool:
 def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | None = None) -> PipelineWeights:
     """A diffusers SDXL repository folder (`model_index.json` + component folders); base vs refiner from
     which text encoders it has. variant: e.g. "fp16" for `*.fp16.safetensors`; dtype casts (fp32|bf16|fp16)."""
-    from sdxl_jax.convert.load import load_unet
-    from sdxl_jax.convert.text_encoder import load_text_encoder
-    from sdxl_jax.convert.vae import load_vae
-
     folder = Path(path)
     index = json.loads((folder / "model_index.json").read_text())
     present = {name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0]}
     model = "base" if "text_encoder" in present else "refiner"
     if missing := set(MODEL_COMPONENTS[model]) - present:
-        raise ConversionError(f"{folder}: an SDXL {model} folder needs {sorted(missing)} (model_index.json lists {sorted(present)})")
-    loaders = dict(unet=load_unet, vae=load_vae, text_encoder=load_text_encoder, text_encoder_2=load_text_encoder)
+        listed = f"model_index.json lists {sorted(present)}"
+        raise ConversionError(f"{folder}: an SDXL {model} folder needs {sorted(missing)} ({listed})")
     overrides = param_dtype_overrides(dtype)
-    components = {}
-    for name in MODEL_COMPONENTS[model]:
-        components[name] = loaders[name](folder / name, variant=variant, **overrides)
+    components = {name: load_component(name, folder / name, variant, **overrides) for name in MODEL_COMPONENTS[model]}
     metadata = dict(source=str(folder), source_format="diffusers", pipeline=str(index.get("_class_name")))
     return PipelineWeights(model, components, metadata)
 
@@ -201,7 +178,9 @@ def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | No
 # ---- original single files -----------------------------------------------------------------------------
 
 
-def load_single_file(path: str | Path, model: str | None = None, dtype: str | None = None, layout=None) -> PipelineWeights:
+def load_single_file(
+    path: str | Path, model: str | None = None, dtype: str | None = None, layout=None
+) -> PipelineWeights:
     """An original (sgm) SDXL single-file checkpoint: `.safetensors` (read lazily, no torch needed) or a
     weights-only `.ckpt`/`.pt` pickle. Base vs refiner is detected from the keys; `model` only checks it.
     dtype casts (fp32|bf16|fp16); default: the stored dtype. layout: a `SingleFileLayout` for files of
@@ -209,9 +188,6 @@ def load_single_file(path: str | Path, model: str | None = None, dtype: str | No
     from sdxl_jax.convert.files import PICKLE_SUFFIXES, LazySafetensors, read_torch_pickle, stored_dtype
     from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers
     from sdxl_jax.convert.single_file_keys import detect_model
-    from sdxl_jax.convert.text_encoder import text_encoder_params_from_transformers
-    from sdxl_jax.convert.unet import unet_params_from_diffusers
-    from sdxl_jax.convert.vae import vae_params_from_diffusers
 
     path = Path(path)
     if not path.is_file():
@@ -226,19 +202,19 @@ def load_single_file(path: str | Path, model: str | None = None, dtype: str | No
     if model is not None and model != found:
         raise ConversionError(f"{path} is an SDXL {found} checkpoint, not a {model}")
     layout = layout or LAYOUTS[found]()
-    converters = dict(unet=unet_params_from_diffusers, vae=vae_params_from_diffusers,
-                      text_encoder=text_encoder_params_from_transformers, text_encoder_2=text_encoder_params_from_transformers)  # fmt: skip
     overrides = param_dtype_overrides(dtype)
     components = {}
     for name, diffusers_state in iter_single_file_to_diffusers(state, layout):
         cfg = getattr(layout, name).replace(**(overrides or {"param_dtype": stored_dtype(diffusers_state)}))
-        components[name] = (cfg, converters[name](diffusers_state, cfg))
+        components[name] = (cfg, COMPONENTS[name].params_from_torch(diffusers_state, cfg))
         del diffusers_state  # drop this component's source tensors before reading the next
     metadata = dict(source=str(path), source_format="single-file")
     return PipelineWeights(found, components, metadata)
 
 
-def load_pipeline_weights(path: str | Path, model: str | None = None, dtype: str | None = None, variant: str | None = None) -> PipelineWeights:
+def load_pipeline_weights(
+    path: str | Path, model: str | None = None, dtype: str | None = None, variant: str | None = None
+) -> PipelineWeights:
     """Weights from anything users have: this project's checkpoint folder, a diffusers repository folder,
     or an original single-file checkpoint. model ("base"|"refiner") is checked when given."""
     path = Path(path)
@@ -250,7 +226,8 @@ def load_pipeline_weights(path: str | Path, model: str | None = None, dtype: str
         elif is_diffusers_folder(path):
             weights = load_diffusers(path, variant, dtype)
         else:
-            raise ConversionError(f"{path} is neither an {FORMAT_NAME} checkpoint ({INDEX_FILE}) nor a diffusers folder (model_index.json)")
+            neither = f"neither an {FORMAT_NAME} checkpoint ({INDEX_FILE}) nor a diffusers folder (model_index.json)"
+            raise ConversionError(f"{path} is {neither}")
         if model is not None and weights.model != model:
             raise ConversionError(f"{path} holds an SDXL {weights.model}, not a {model}")
         return weights

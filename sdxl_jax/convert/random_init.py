@@ -1,9 +1,11 @@
 """Freshly initialised whole pipelines: matching configs and random parameters for every component.
 
 Used by tests (a tiny pipeline needs no torch) and by benchmarks (the full SDXL architecture with
-random weights, built in seconds).
+random weights, built in seconds); from the shell it writes one in this project's format, a stand-in
+checkpoint for trying `sample.py`.
 
     weights = random_weights("base", tiny_configs("base"), seed=0)      # a PipelineWeights
+    python -m sdxl_jax.convert.random_init ckpt/random_tiny --model base --size tiny --seed 0
 """
 
 import jax
@@ -11,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, PipelineWeights
+from sdxl_jax.convert.components import COMPONENTS
+from sdxl_jax.convert.pipeline_weights import PipelineWeights
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -69,7 +72,7 @@ def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dt
 def random_params(name: str, cfg, seed: int = 0):
     """One component's random params (device arrays)."""
     rng = np.random.default_rng(seed)
-    abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
+    abstract = nn.meta.unbox(COMPONENTS[name].abstract_params(cfg))
     return jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype),
                                             abstract)
 
@@ -93,7 +96,7 @@ def main(argv=None) -> None:
 
     from sdxl_jax.convert.pipeline_weights import FORMAT_NAME, is_project, save_project
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sdxl_jax.convert.random_init", description=main.__doc__)
     parser.add_argument("out")
     parser.add_argument("--model", choices=("base", "refiner"), default="base")
     parser.add_argument("--size", choices=("tiny", "sdxl"), default="tiny")
@@ -111,7 +114,8 @@ def main(argv=None) -> None:
     configs = (tiny_configs if args.size == "tiny" else sdxl_configs)(args.model)
     weights = random_weights(args.model, configs, args.seed)
     path = save_project(weights, args.out)
-    print(f"wrote a random {args.size} SDXL {args.model} ({weights.num_parameters():,} parameters, seed {args.seed}) to {path}")
+    what = f"a random {args.size} SDXL {args.model} ({weights.num_parameters():,} parameters, seed {args.seed})"
+    print(f"wrote {what} to {path}")
 
 
 if __name__ == "__main__":

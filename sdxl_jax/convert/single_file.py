@@ -17,11 +17,10 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import flax
 import numpy as np
-from flax.linen import meta
 
-from sdxl_jax.convert.mapping import ConversionError, _problems, key_table
+from sdxl_jax.convert.components import COMPONENTS
+from sdxl_jax.convert.mapping import ConversionError, check_tensors, offenders, torch_shapes
 from sdxl_jax.convert.single_file_keys import (
     POSITION_IDS,
     NameTable,
@@ -34,10 +33,7 @@ from sdxl_jax.convert.single_file_keys import (
     unet_names,
     vae_names,
 )
-from sdxl_jax.convert.text_encoder import TEXT_MODEL_PREFIX, transformers_key
-from sdxl_jax.convert.torch_layouts import unet_torch_key
-from sdxl_jax.convert.vae import vae_torch_key
-from sdxl_jax.models import clip, unet, vae
+from sdxl_jax.convert.text_encoder import TEXT_MODEL_PREFIX
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -152,19 +148,6 @@ class Op:
 # --- the plan -------------------------------------------------------------------------------------
 
 
-def _placeholder(shape: Shape) -> np.ndarray:
-    return np.broadcast_to(np.float32(0), shape)  # zero strides: nothing allocated
-
-
-def _torch_shapes(abstract, key_fn) -> dict[str, Shape]:
-    abstract = meta.unbox(abstract)
-    flat = flax.traverse_util.flatten_dict(abstract)
-    return {
-        key: to_torch(_placeholder(flat[path].shape)).shape
-        for path, (key, (_, _, to_torch)) in key_table(abstract, key_fn).items()
-    }
-
-
 def diffusers_shapes(model: str | SingleFileLayout) -> dict[str, dict[str, Shape]]:
     """Component -> {diffusers key: PyTorch shape} of this project's Flax models for `model`.
 
@@ -172,18 +155,10 @@ def diffusers_shapes(model: str | SingleFileLayout) -> dict[str, dict[str, Shape
     Text-encoder keys are in the `text_model.`-prefixed form.
     """
     layout = _layout(model)
-    flat_unet = layout.unet.replace(scan_layers=False)
-    text = lambda path, ndim: transformers_key(path, ndim, prefixed=True)  # noqa: E731
-    models = {
-        "unet": lambda: (
-            unet.abstract_params(flat_unet),
-            lambda path, ndim: unet_torch_key(path, ndim, flat_unet.use_linear_projection),
-        ),
-        "vae": lambda: (vae.abstract_params(layout.vae), vae_torch_key),
-        "text_encoder": lambda: (clip.abstract_params(layout.text_encoder), text),
-        "text_encoder_2": lambda: (clip.abstract_params(layout.text_encoder_2), text),
+    configs = {c: getattr(layout, c) for c in layout.components} | {"unet": layout.unet.replace(scan_layers=False)}
+    return {
+        c: torch_shapes(COMPONENTS[c].abstract_params(cfg), COMPONENTS[c].torch_key(cfg)) for c, cfg in configs.items()
     }
-    return {c: _torch_shapes(*models[c]()) for c in layout.components}
 
 
 def _canonical_names(component: str, keys) -> dict[str, str]:
@@ -238,7 +213,7 @@ def single_file_plan(
         except ConversionError as e:
             problems.append(f"{name}: {e}")
     if problems:
-        raise ConversionError(f"no single-file plan for these diffusers tensors:\n{_problems([], problems, [])}")
+        raise ConversionError(f"no single-file plan for these diffusers tensors:\n{offenders(unexpected=problems)}")
     return ops
 
 
@@ -248,11 +223,6 @@ def _default_plan(layout: SingleFileLayout) -> tuple[Op, ...]:
 
 
 # --- conversion -----------------------------------------------------------------------------------
-
-
-def _check(what: str, missing, unexpected, mismatched) -> None:
-    if missing or unexpected or mismatched:
-        raise ConversionError(f"{what}:\n{_problems(missing, unexpected, mismatched)}")
 
 
 def iter_single_file_to_diffusers(
@@ -274,17 +244,16 @@ def iter_single_file_to_diffusers(
     plan = single_file_plan(layout, shapes)
     expected = {op.single_file for op in plan}
     what = f"SDXL {layout.model} single file does not match the model"
-    _check(what, sorted(expected - keys), sorted(keys - expected - ignorable_keys(layout.model)), [])
+    check_tensors(what, dict.fromkeys(keys), dict.fromkeys(expected), ignorable_keys(layout.model))  # names only
     for component in layout.components:
-        out, mismatched = {}, []
-        for op in (op for op in plan if op.component == component):
-            tensor = np.asarray(state[op.single_file])
-            if tensor.shape != op.single_file_shape:
-                expected_shape = f"expected {op.single_file_shape} (for {component} {', '.join(op.diffusers)})"
-                mismatched.append(f"{op.single_file}: {tensor.shape}, {expected_shape}")
-                continue
-            out.update(op.forward(tensor))
-        _check(what, [], [], mismatched)
+        ops = [op for op in plan if op.component == component]
+        tensors = {op.single_file: np.asarray(state[op.single_file]) for op in ops}
+        notes = {op.single_file: f" (for {component} {', '.join(op.diffusers)})" for op in ops}
+        want = {op.single_file: op.single_file_shape for op in ops}
+        check_tensors(what, {name: t.shape for name, t in tensors.items()}, want, notes=notes)
+        out = {}
+        for op in ops:
+            out.update(op.forward(tensors.pop(op.single_file)))  # each source tensor dropped once converted
         yield component, out
 
 
@@ -308,19 +277,11 @@ def diffusers_to_single_file(
         raise ConversionError(f"an SDXL {layout.model} single file holds {layout.components}, got {sorted(components)}")
     plan = single_file_plan(layout, shapes)
     given = {c: _canonical_names(c, components[c].keys()) for c in layout.components}
-    expected = {f"{op.component}: {k}" for op in plan for k in op.diffusers}
-    present = {f"{c}: {k}" for c, names in given.items() for k in names}
+    have = {f"{c}: {k}": np.shape(components[c][name]) for c, names in given.items() for k, name in names.items()}
+    want = {f"{op.component}: {k}": shape for op in plan for k, shape in zip(op.diffusers, op.diffusers_shapes)}
     ignorable = {f"{c}: {POSITION_IDS}" for c in TEXT_COMPONENTS}
-    what = f"diffusers state dicts do not match the SDXL {layout.model} model"
-    _check(what, sorted(expected - present), sorted(present - expected - ignorable), [])
-    out, mismatched = {}, []
-    for op in plan:
-        tensors = [np.asarray(components[op.component][given[op.component][k]]) for k in op.diffusers]
-        shapes_ = zip(op.diffusers, tensors, op.diffusers_shapes)
-        bad = [f"{op.component}: {k}: {t.shape}, expected {s}" for k, t, s in shapes_ if t.shape != s]
-        if bad:
-            mismatched += bad
-            continue
-        out[op.single_file] = op.inverse(tensors)
-    _check(what, [], [], mismatched)
-    return out
+    check_tensors(f"diffusers state dicts do not match the SDXL {layout.model} model", have, want, ignorable)
+    return {
+        op.single_file: op.inverse([np.asarray(components[op.component][given[op.component][k]]) for k in op.diffusers])
+        for op in plan
+    }

@@ -8,16 +8,13 @@ has no prefix, while `CLIPTextModelWithProjection` keeps it. Both forms are read
 and transformers 5.23 loads either. The `position_ids` buffer of older files is ignored.
 """
 
-import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax.convert.files import component_weights, read_state_dict, stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
 from sdxl_jax.models.clip import ACTIVATIONS, CLIPTextConfig, abstract_params
@@ -27,6 +24,16 @@ _ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _EMBEDDING: LeafRule = ("weight", lambda a: a, lambda a: a)  # nn.Embedding and nn.Embed: both `[rows, D]`
 _LEAF_RULES = {"kernel": _LINEAR, "bias": _IDENTITY, "scale": _NORM_SCALE, "embedding": _EMBEDDING}
 _LAYER = re.compile(r"^layers_(\d+)$")
+# transformers config field -> CLIPTextConfig field, for the fields taken as they are (both directions).
+_FIELDS = {
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "layer_norm_eps": "layer_norm_eps",
+}
 # transformers' CLIPTextConfig default; an `eos_token_id` of 2 selects its legacy argmax rule.
 _TRANSFORMERS_DEFAULT_EOS = 49407
 _LEGACY_ARGMAX_EOS = 2
@@ -46,7 +53,8 @@ def transformers_key(path: tuple[str, ...], flax_ndim: int, prefixed: bool) -> t
     return (TEXT_MODEL_PREFIX + key if prefixed and path[0] != "text_projection" else key), rule
 
 
-def _key_fn(prefixed: bool):
+def text_encoder_key_fn(prefixed: bool):
+    """(Flax path, rank) -> (transformers key, layout rule), with or without the `text_model.` prefix."""
     return lambda path, ndim: transformers_key(path, ndim, prefixed)
 
 
@@ -71,15 +79,8 @@ def text_encoder_config_from_transformers(config: Mapping, **overrides) -> CLIPT
     eos = config.get("eos_token_id", _TRANSFORMERS_DEFAULT_EOS)
     if isinstance(eos, (list, tuple)):
         raise ConversionError(f"eos_token_id={eos!r}: a list of end tokens is not supported")
-    fields = dict(
-        vocab_size=config["vocab_size"],
-        max_position_embeddings=config["max_position_embeddings"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
+    fields = {ours: config[theirs] for theirs, ours in _FIELDS.items()} | dict(
         activation=activation,
-        layer_norm_eps=config["layer_norm_eps"],
         projection_dim=config["projection_dim"] if architectures[0] == "CLIPTextModelWithProjection" else None,
         eos_token_id=None if eos == _LEGACY_ARGMAX_EOS else eos,
     )
@@ -95,7 +96,8 @@ def text_encoder_params_from_transformers(state_dict: Mapping[str, np.ndarray], 
     prefixed = any(k.startswith(TEXT_MODEL_PREFIX) for k in state_dict)
     target = meta.unbox(abstract_params(cfg))
     form = "prefixed" if prefixed else "unprefixed"
-    return torch_to_flax(state_dict, target, _key_fn(prefixed), what=f"transformers CLIP text state dict ({form} keys)")
+    what = f"transformers CLIP text state dict ({form} keys)"
+    return torch_to_flax(state_dict, target, text_encoder_key_fn(prefixed), what=what)
 
 
 def text_encoder_params_to_transformers(params, cfg: CLIPTextConfig, prefixed: bool = True) -> dict[str, np.ndarray]:
@@ -108,22 +110,7 @@ def text_encoder_params_to_transformers(params, cfg: CLIPTextConfig, prefixed: b
     has_projection = "text_projection" in params
     if has_projection != (cfg.projection_dim is not None):
         raise ConversionError(f"params have text_projection={has_projection}, but projection_dim={cfg.projection_dim}")
-    return flax_to_torch(params, _key_fn(prefixed))
-
-
-def load_text_encoder(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[CLIPTextConfig, dict]:
-    """(config, params) of a diffusers `text_encoder/` or `text_encoder_2/` folder.
-
-    The folder holds transformers' `config.json` and `model[.variant].safetensors` (or a sharded
-    index, or legacy `.bin`). config_overrides: CLIPTextConfig fields (dtype, param_dtype, remat, ...).
-    """
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a transformers text-encoder folder: no config.json")
-    state = read_state_dict(component_weights(folder, "model", variant))
-    overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
-    cfg = text_encoder_config_from_transformers(json.loads((folder / "config.json").read_text()), **overrides)
-    return cfg, text_encoder_params_from_transformers(state, cfg)
+    return flax_to_torch(params, text_encoder_key_fn(prefixed))
 
 
 def text_encoder_config_to_transformers(cfg: CLIPTextConfig) -> dict:
@@ -135,17 +122,10 @@ def text_encoder_config_to_transformers(cfg: CLIPTextConfig) -> dict:
     dropout and init settings are SDXL's values and do not change what the model computes.
     """
     architecture = _ARCHITECTURES[1] if cfg.projection_dim is not None else _ARCHITECTURES[0]
-    return dict(
+    return {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()} | dict(
         architectures=[architecture],
         model_type="clip_text_model",
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
         hidden_act=cfg.activation,
-        layer_norm_eps=cfg.layer_norm_eps,
         projection_dim=cfg.projection_dim if cfg.projection_dim is not None else cfg.hidden_size,
         eos_token_id=_LEGACY_ARGMAX_EOS if cfg.eos_token_id is None else cfg.eos_token_id,
         bos_token_id=0,

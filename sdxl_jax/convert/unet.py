@@ -44,6 +44,13 @@ _REQUIRED = {
     "attention_type": "default",
     "reverse_transformer_layers_per_block": None,
 }
+# Fields diffusers' SDXL configs carry that no UNetConfig field corresponds to (written as they are).
+_DIFFUSERS_UNUSED = {
+    "addition_embed_type_num_heads": 64,  # diffusers' default; used only by the "text" embedding type
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "upcast_attention": None,
+}
 _DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 
@@ -123,7 +130,8 @@ def stack_scanned_blocks(params):
     if not isinstance(params, Mapping):
         return params
     out = {k: stack_scanned_blocks(v) for k, v in params.items() if not k.startswith("transformer_blocks_")}
-    blocks = [params[f"transformer_blocks_{i}"] for i in range(sum(k.startswith("transformer_blocks_") for k in params))]
+    depth = sum(k.startswith("transformer_blocks_") for k in params)
+    blocks = [params[f"transformer_blocks_{i}"] for i in range(depth)]
     if blocks:
         out["transformer_blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
     return out
@@ -142,7 +150,8 @@ def unstack_scanned_blocks(params):
     return out
 
 
-def _key_fn(cfg: UNetConfig):
+def unet_key_fn(cfg: UNetConfig):
+    """(Flax path, rank) -> (diffusers key, layout rule) for the UNet of `cfg` (its unscanned tree)."""
     return lambda path, ndim: unet_torch_key(path, ndim, cfg.use_linear_projection)
 
 
@@ -150,7 +159,7 @@ def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: UNetCo
     """Flax UNet params (numpy, `cfg.param_dtype`) from a diffusers UNet state dict, strictly."""
     flat_cfg = cfg.replace(scan_layers=False)
     target = meta.unbox(abstract_params(flat_cfg))
-    params = torch_to_flax(state_dict, target, _key_fn(cfg), what="diffusers UNet state dict")
+    params = torch_to_flax(state_dict, target, unet_key_fn(cfg), what="diffusers UNet state dict")
     return stack_scanned_blocks(params) if cfg.scan_layers else params
 
 
@@ -159,7 +168,7 @@ def unet_params_to_diffusers(params, cfg: UNetConfig) -> dict[str, np.ndarray]:
     params = meta.unbox(params)
     if cfg.scan_layers:
         params = unstack_scanned_blocks(params)
-    return flax_to_torch(jax.tree.map(np.asarray, params), _key_fn(cfg))
+    return flax_to_torch(jax.tree.map(np.asarray, params), unet_key_fn(cfg))
 
 
 # Norms diffusers builds with a fixed eps: each spatial transformer's opening GroupNorm and the
@@ -198,6 +207,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 128) -> dict:
     add_time = cfg.adm_in_channels is not None
     return dict(
         _REQUIRED,
+        **_DIFFUSERS_UNUSED,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         block_out_channels=list(cfg.level_channels),
@@ -211,11 +221,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 128) -> dict:
         use_linear_projection=cfg.use_linear_projection,
         addition_embed_type="text_time" if add_time else None,
         addition_time_embed_dim=cfg.time_id_embed_dim,
-        addition_embed_type_num_heads=64,  # diffusers' default; used only by the "text" embedding type
         projection_class_embeddings_input_dim=cfg.adm_in_channels,
-        class_embeddings_concat=False,
-        mid_block_only_cross_attention=None,
-        upcast_attention=None,
         norm_num_groups=cfg.norm_groups,
         norm_eps=cfg.norm_eps,
         sample_size=sample_size,

@@ -1,24 +1,20 @@
 """The VAE between diffusers' `AutoencoderKL` layout and `sdxl_jax.models.vae.AutoencoderKL`.
 
 `vae_config_from_diffusers` reads a diffusers `config.json` dict (refusing what the Flax model does
-not implement), `vae_params_from_diffusers` / `vae_params_to_diffusers` convert strictly in both
-directions, and `load_vae` reads a diffusers `vae/` folder.
+not implement), and `vae_params_from_diffusers` / `vae_params_to_diffusers` convert strictly in both
+directions (`sdxl_jax.convert.load_vae` reads a diffusers `vae/` folder).
 
 The Flax tree mirrors diffusers' module tree, so keys translate segment by segment; only the names
 of the mid-block attention's projections depend on the checkpoint's vintage (`ATTENTION_LAYOUTS`).
 """
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
-import flax
 import jax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax.convert.files import component_weights, read_state_dict, stored_dtype
-from sdxl_jax.convert.mapping import ConversionError, _problems, flax_to_torch, torch_to_flax
+from sdxl_jax.convert.mapping import ConversionError, check_tree, flax_to_torch, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule, diffusers_module_name
 from sdxl_jax.models.vae import VAEConfig, abstract_params
 
@@ -46,6 +42,30 @@ _DIFFUSERS_DEFAULTS = {
 }
 # Fields whose value must be this for the Flax VAE to compute the same function.
 _REQUIRED = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
+# diffusers config field -> VAEConfig field; both directions read this table.
+_FIELDS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "latent_channels": "latent_channels",
+    "block_out_channels": "block_out_channels",
+    "layers_per_block": "layers_per_block",
+    "norm_num_groups": "norm_groups",
+    "mid_block_add_attention": "mid_block_attention",
+    "use_quant_conv": "use_quant_conv",
+    "use_post_quant_conv": "use_post_quant_conv",
+    "scaling_factor": "scaling_factor",
+    "shift_factor": "shift_factor",
+    "sample_size": "sample_size",
+}
+# VAEConfig field -> how its JSON value is read, where it is not taken as it is.
+_READ = {
+    "block_out_channels": tuple,
+    "mid_block_attention": bool,
+    "use_quant_conv": bool,
+    "use_post_quant_conv": bool,
+    "scaling_factor": float,
+    "shift_factor": lambda v: None if v is None else float(v),
+}
 
 # Flax segment -> torch segment inside `mid_block/attentions_0`, per checkpoint vintage. "legacy" is
 # diffusers' pre-0.14 attention block (diffusers itself still renames it on load). A layout whose
@@ -74,20 +94,7 @@ def vae_config_from_diffusers(config: Mapping, **overrides) -> VAEConfig:
         problems.append(f"layers_per_block={full['layers_per_block']!r} (supported: one int)")
     if problems:
         raise ConversionError("unsupported diffusers VAE config: " + "; ".join(problems))
-    fields = dict(
-        in_channels=full["in_channels"],
-        out_channels=full["out_channels"],
-        latent_channels=full["latent_channels"],
-        block_out_channels=tuple(full["block_out_channels"]),
-        layers_per_block=full["layers_per_block"],
-        norm_groups=full["norm_num_groups"],
-        mid_block_attention=bool(full["mid_block_add_attention"]),
-        use_quant_conv=bool(full["use_quant_conv"]),
-        use_post_quant_conv=bool(full["use_post_quant_conv"]),
-        scaling_factor=float(full["scaling_factor"]),
-        shift_factor=None if full["shift_factor"] is None else float(full["shift_factor"]),
-        sample_size=full["sample_size"],
-    )
+    fields = {ours: _READ.get(ours, lambda v: v)(full[theirs]) for theirs, ours in _FIELDS.items()}
     return VAEConfig(**(fields | overrides))
 
 
@@ -116,43 +123,24 @@ def vae_torch_key(path: tuple[str, ...], flax_ndim: int, attention_layout: str =
     return f"{diffusers_module_name(tuple(module))}.{rule[0]}", rule
 
 
-def _key_fn(attention_layout: str):
+def vae_key_fn(attention_layout: str = "diffusers"):
+    """(Flax path, rank) -> (diffusers key, layout rule) for a checkpoint of `attention_layout`'s vintage."""
     return lambda path, ndim: vae_torch_key(path, ndim, attention_layout)
 
 
-def vae_params_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, attention_layout: str = "diffusers"):
+def vae_params_from_diffusers(
+    state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, attention_layout: str = "diffusers"
+):
     """Flax VAE params (numpy, `cfg.param_dtype`) from a diffusers AutoencoderKL state dict, strictly."""
     target = meta.unbox(abstract_params(cfg))
-    return torch_to_flax(state_dict, target, _key_fn(attention_layout), what="diffusers VAE state dict")
+    return torch_to_flax(state_dict, target, vae_key_fn(attention_layout), what="diffusers VAE state dict")
 
 
 def vae_params_to_diffusers(params, cfg: VAEConfig, *, attention_layout: str = "diffusers") -> dict[str, np.ndarray]:
     """A diffusers AutoencoderKL state dict from Flax VAE params (the exact inverse of the import)."""
     params = jax.tree.map(np.asarray, meta.unbox(params))
-    _check_tree(params, cfg)
-    return flax_to_torch(params, _key_fn(attention_layout))
-
-
-def _check_tree(params, cfg: VAEConfig) -> None:
-    """Raises naming every parameter that is missing, unexpected or mis-shaped for `cfg`."""
-    have = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(params).items()}
-    want = {"/".join(k): v.shape for k, v in flax.traverse_util.flatten_dict(meta.unbox(abstract_params(cfg))).items()}
-    missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-    mismatched = [f"{k}: {have[k]}, expected {want[k]}" for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
-    if missing or unexpected or mismatched:
-        raise ConversionError(f"Flax VAE params do not match the config:\n{_problems(missing, unexpected, mismatched)}")
-
-
-def load_vae(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[VAEConfig, dict]:
-    """(config, params) of a diffusers `vae/` folder (`config.json` + `diffusion_pytorch_model[.variant].safetensors`,
-    sharded or `.bin`). config_overrides: VAEConfig fields to set on top (dtype, attention, ...)."""
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a diffusers VAE folder: no config.json")
-    state = read_state_dict(component_weights(folder, "diffusion_pytorch_model", variant))
-    overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
-    cfg = vae_config_from_diffusers(json.loads((folder / "config.json").read_text()), **overrides)
-    return cfg, vae_params_from_diffusers(state, cfg)
+    check_tree("Flax VAE params do not match the config", params, abstract_params(cfg))
+    return flax_to_torch(params, vae_key_fn(attention_layout))
 
 
 _DIFFUSERS_NORM_EPS = 1e-6  # diffusers builds every GroupNorm of AutoencoderKL with this eps
@@ -168,24 +156,11 @@ def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
         what = f"norm_eps={cfg.norm_eps} (diffusers: {_DIFFUSERS_NORM_EPS})"
         raise ConversionError(f"VAE config has no diffusers equivalent: {what}")
     levels = len(cfg.block_out_channels)
-    return dict(
+    fields = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
+    return fields | _REQUIRED | dict(
         _class_name="AutoencoderKL",
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
         down_block_types=["DownEncoderBlock2D"] * levels,
         up_block_types=["UpDecoderBlock2D"] * levels,
         block_out_channels=list(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        act_fn="silu",
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_groups,
-        sample_size=cfg.sample_size,
-        scaling_factor=cfg.scaling_factor,
-        shift_factor=cfg.shift_factor,
-        latents_mean=None,
-        latents_std=None,
         force_upcast=True,
-        use_quant_conv=cfg.use_quant_conv,
-        use_post_quant_conv=cfg.use_post_quant_conv,
-        mid_block_add_attention=cfg.mid_block_attention,
     )
