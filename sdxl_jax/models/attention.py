@@ -1,8 +1,10 @@
-"""Attention: one kernel entry point, and the transformer blocks built on it.
+"""Attention: one kernel entry point, one attention module, and the UNet's transformer blocks built on it.
 
-Every attention in the project goes through `dot_product_attention`, whose implementation is chosen
-by name from `ATTENTION_IMPLS` ('xla' everywhere, 'cudnn' flash attention on NVIDIA GPUs). A TPU
-kernel (Pallas splash/flash attention) plugs in with `register_attention` — nothing else changes.
+Every attention in the project (the UNet's self/cross-attention, CLIP's causal self-attention, the
+VAE's mid-block attention over pixels) is the `Attention` module, which goes through
+`dot_product_attention`, whose implementation is chosen by name from `ATTENTION_IMPLS` ('xla'
+everywhere, 'cudnn' flash attention on NVIDIA GPUs). A TPU kernel (Pallas splash/flash attention)
+plugs in with `register_attention` — nothing else changes.
 """
 
 from collections.abc import Callable
@@ -11,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models.layers import Dtype, GroupNorm, LayerNorm, dense, maybe_remat
+from sdxl_jax.models.layers import ACTIVATIONS, Dtype, GroupNorm, LayerNorm, dense, maybe_remat
 
 # fn(q, k, v, is_causal) with q `[B, T, N, H]`, k/v `[B, S, N, H]` -> `[B, T, N, H]`,
 # softmax in fp32, scale 1/sqrt(H).
@@ -37,10 +39,17 @@ def dot_product_attention(q, k, v, *, implementation: str = "xla", causal: bool 
     return ATTENTION_IMPLS[implementation](q, k, v, causal)
 
 
-class Attention(nn.Module):
-    """Multi-head attention with bias-free q/k/v projections and a biased output projection.
+# The names of the q, k, v and output projections in the checkpoint layout a model mirrors.
+DIFFUSERS_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out_0")  # the UNet's transformers, the VAE's mid block
+TRANSFORMERS_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP
 
-    Self-attention when `context` is None, cross-attention otherwise.
+
+class Attention(nn.Module):
+    """Multi-head attention: projections q, k, v -> `dot_product_attention` -> output projection.
+
+    Self-attention when `context` is None, cross-attention otherwise; `causal` masks later positions
+    (CLIP). The parameters are named `projections` (q, k, v, out); the output projection always has a
+    bias, q/k/v have one with `qkv_bias` (CLIP, the VAE; the UNet's have none).
     """
 
     num_heads: int
@@ -48,27 +57,42 @@ class Attention(nn.Module):
     implementation: str
     dtype: Dtype
     param_dtype: Dtype
+    causal: bool = False
+    qkv_bias: bool = False
+    projections: tuple[str, str, str, str] = DIFFUSERS_PROJECTIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         """x: `[B, T, C]`, context: `[B, S, D]` or None -> `[B, T, C]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q_name, k_name, v_name, out_name = self.projections
         inner = self.num_heads * self.head_dim
         kv_axis = "embed" if context is None else "context"
         context = x if context is None else context
-        split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731
-        q = split(dense(inner, ("embed", "heads"), use_bias=False, name="to_q", **kw)(x))
-        k = split(dense(inner, (kv_axis, "heads"), use_bias=False, name="to_k", **kw)(context))
-        v = split(dense(inner, (kv_axis, "heads"), use_bias=False, name="to_v", **kw)(context))
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=self.implementation)
+
+        def project(name: str, in_axis: str, t: jax.Array) -> jax.Array:  # -> `[B, T, N, H]`
+            y = dense(inner, (in_axis, "heads"), use_bias=self.qkv_bias, name=name, **kw)(t)
+            return y.reshape(*y.shape[:2], self.num_heads, self.head_dim)
+
+        q, k, v = project(q_name, "embed", x), project(k_name, kv_axis, context), project(v_name, kv_axis, context)
+        out = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), implementation=self.implementation, causal=self.causal
+        )
         out = out.reshape(*out.shape[:2], inner)
-        return dense(x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(out)
+        return dense(x.shape[-1], ("heads", "embed"), name=out_name, **kw)(out)
 
 
-class FeedForward(nn.Module):
-    """GEGLU feed-forward: Linear C -> 2*mult*C, split, `a * gelu(b)` (exact erf gelu), Linear -> C."""
+class MLP(nn.Module):
+    """A transformer's feed-forward: Linear C -> hidden, activation, Linear -> C.
 
-    mult: int
+    `gated` (the UNet's GEGLU): the first Linear is 2 x hidden wide, split into `a` and `gate`, and
+    `a * activation(gate)` goes on. The Linears are named `projections` (in, out).
+    """
+
+    hidden: int
+    activation: str  # a key of layers.ACTIVATIONS
+    gated: bool
+    projections: tuple[str, str]
     dtype: Dtype
     param_dtype: Dtype
 
@@ -76,9 +100,14 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: `[B, T, C]` -> `[B, T, C]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = self.mult * x.shape[-1]
-        a, gate = jnp.split(dense(2 * hidden, ("embed", "mlp"), name="proj_in", **kw)(x), 2, axis=-1)
-        return dense(x.shape[-1], ("mlp", "embed"), name="proj_out", **kw)(a * nn.gelu(gate, approximate=False))
+        act = ACTIVATIONS[self.activation]
+        h = dense((1 + self.gated) * self.hidden, ("embed", "mlp"), name=self.projections[0], **kw)(x)
+        if self.gated:
+            a, gate = jnp.split(h, 2, axis=-1)
+            h = a * act(gate)
+        else:
+            h = act(h)
+        return dense(x.shape[-1], ("mlp", "embed"), name=self.projections[1], **kw)(h)
 
 
 class TransformerBlock(nn.Module):
@@ -99,7 +128,8 @@ class TransformerBlock(nn.Module):
         norm = lambda name: LayerNorm(self.layer_norm_eps, name=name, **kw)  # noqa: E731
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
-        x = x + FeedForward(4, name="ff", **kw)(norm("norm3")(x))
+        ff = MLP(4 * x.shape[-1], "gelu", gated=True, projections=("proj_in", "proj_out"), name="ff", **kw)
+        x = x + ff(norm("norm3")(x))
         return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 

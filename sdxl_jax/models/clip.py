@@ -8,27 +8,19 @@ final_layer_norm, then the hidden state at the end token (`pooled`), optionally 
 """
 
 import dataclasses
-import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models.attention import ATTENTION_IMPLS, dot_product_attention
-from sdxl_jax.models.layers import REMAT_POLICIES, Dtype, LayerNorm, dense, maybe_remat
-
-# MLP activations by name (transformers' `hidden_act`): OpenAI CLIP's sigmoid approximation, and the
-# exact erf GELU of OpenCLIP.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-}
+from sdxl_jax.models.attention import MLP, TRANSFORMERS_PROJECTIONS, Attention
+from sdxl_jax.models.config import ModelConfig, check_choice
+from sdxl_jax.models.layers import ACTIVATIONS, LayerNorm, dense, maybe_remat, param_count
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(ModelConfig):
     """Hyper-parameters of a CLIP text transformer (+ optional bias-free output projection)."""
 
     vocab_size: int = 49408
@@ -49,24 +41,15 @@ class CLIPTextConfig:
     attention: str = "xla"  # a key of ATTENTION_IMPLS
     remat: str = "none"  # a key of REMAT_POLICIES
 
-    def __post_init__(self):
+    def validate(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.num_heads} heads")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        check_choice("activation", self.activation, ACTIVATIONS)
         if self.eos_token_id == 2:
             # In transformers eos_token_id == 2 *means* the argmax rule, never "find id 2".
             raise ValueError("eos_token_id=2 is transformers' marker for the argmax rule: use eos_token_id=None")
         if self.projection_dim is not None and self.projection_dim <= 0:
             raise ValueError(f"projection_dim must be positive or None, got {self.projection_dim}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention {self.attention!r} is not one of {sorted(ATTENTION_IMPLS)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a bad dtype name
-
-    def replace(self, **changes) -> "CLIPTextConfig":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def clip_vit_l14(cls, **overrides) -> "CLIPTextConfig":
@@ -120,52 +103,14 @@ class CLIPTextEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: int `[B, L]` -> `[B, L, D]`."""
         cfg = self.cfg
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
         def table(rows: int, names: tuple[str, str], name: str) -> nn.Embed:
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), names)
-            return nn.Embed(rows, cfg.hidden_size, embedding_init=init, name=name, **kw)
+            return nn.Embed(rows, cfg.hidden_size, embedding_init=init, name=name, **cfg.dtypes)
 
         token = table(cfg.vocab_size, ("vocab", "embed"), "token_embedding")
         position = table(cfg.max_position_embeddings, ("length", "embed"), "position_embedding")
         return token(input_ids) + position(jnp.arange(input_ids.shape[1]))[None]
-
-
-class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased q/k/v/out projections."""
-
-    num_heads: int
-    implementation: str
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: `[B, L, D]` -> `[B, L, D]`."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, length, width = x.shape
-        split = lambda t: t.reshape(b, length, self.num_heads, width // self.num_heads)  # noqa: E731
-        q = split(dense(width, ("embed", "heads"), name="q_proj", **kw)(x))
-        k = split(dense(width, ("embed", "heads"), name="k_proj", **kw)(x))
-        v = split(dense(width, ("embed", "heads"), name="v_proj", **kw)(x))
-        out = dot_product_attention(q, k, v, implementation=self.implementation, causal=True)
-        return dense(width, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, length, width))
-
-
-class CLIPMLP(nn.Module):
-    """fc1 (D -> intermediate) -> activation -> fc2 (-> D)."""
-
-    intermediate_size: int
-    activation: str
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: `[B, L, D]` -> `[B, L, D]`."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ACTIVATIONS[self.activation](dense(self.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x))
-        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -176,10 +121,11 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: `[B, L, D]` -> `[B, L, D]`."""
-        cfg = self.cfg
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        attn = CLIPAttention(cfg.num_heads, cfg.attention, name="self_attn", **kw)
-        mlp = CLIPMLP(cfg.intermediate_size, cfg.activation, name="mlp", **kw)
+        cfg, kw = self.cfg, self.cfg.dtypes
+        heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        attn = Attention(heads, head_dim, cfg.attention, causal=True, qkv_bias=True,
+                         projections=TRANSFORMERS_PROJECTIONS, name="self_attn", **kw)  # fmt: skip
+        mlp = MLP(cfg.intermediate_size, cfg.activation, gated=False, projections=("fc1", "fc2"), name="mlp", **kw)
         x = x + attn(LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x))
         x = x + mlp(LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x))
         return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -216,7 +162,7 @@ class CLIPTextModel(nn.Module):
         input_ids = jnp.asarray(input_ids)
         eot_positions = None if eot_positions is None else jnp.asarray(eot_positions)
         self._check_inputs(input_ids, eot_positions)
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = cfg.dtypes
 
         h = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids)
         hidden_states = [h]
@@ -245,4 +191,4 @@ def abstract_params(cfg: CLIPTextConfig, batch: int = 1, length: int = 1):
 
 def clip_param_count(cfg: CLIPTextConfig) -> int:
     """Exact parameter count from `jax.eval_shape`."""
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+    return param_count(abstract_params(cfg))

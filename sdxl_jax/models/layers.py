@@ -1,7 +1,9 @@
-"""Building blocks shared by the UNet (and later the VAE): norms, convolutions, resnets, embeddings.
+"""Building blocks of the UNet, the VAE and the text encoders: dense and conv layers, norms, the residual
+block, down/upsampling, embeddings, remat policies and activations.
 
 All tensors are channels-last: images `[B, H, W, C]`, sequences `[B, L, C]`. Every parameter is
-annotated with logical axis names from `sdxl_jax.sharding.LOGICAL_AXES`.
+annotated with logical axis names from `sdxl_jax.sharding.LOGICAL_AXES`, and block boundaries carry
+activation names (`act_*`).
 """
 
 import math
@@ -14,6 +16,13 @@ import jax.numpy as jnp
 from sdxl_jax.sharding import ACTIVATION_OF
 
 Dtype = jnp.dtype
+
+# MLP activations by name (transformers' `hidden_act`): OpenAI CLIP's sigmoid approximation, and the
+# exact erf GELU (OpenCLIP's MLP, the UNet's GEGLU gate).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+}
 
 # Remat policies by name; `None` means no rematerialisation.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -66,22 +75,38 @@ def dense(features: int, names: tuple[str, str], *, use_bias=True, dtype, param_
     )
 
 
-def conv(features: int, kernel: int = 3, stride: int = 1, *, dtype, param_dtype, name=None):
-    """nn.Conv with symmetric 'same' padding (PyTorch's `padding=kernel // 2`), kernel `[k, k, in, out]`."""
+def conv_kernel_init():
+    """The initialiser and logical axes of a conv kernel `[kh, kw, in, out]`."""
+    return nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
+    )
+
+
+def conv_bias_init():
+    """The initialiser and logical axis of a conv bias `[out]`."""
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, *, padding=None, dtype, param_dtype, name=None):
+    """nn.Conv, kernel `[k, k, in, out]`; padding ((top, bottom), (left, right)), by default symmetric
+    'same' padding (PyTorch's `padding=kernel // 2`)."""
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
+        padding=((pad, pad), (pad, pad)) if padding is None else padding,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        kernel_init=conv_kernel_init(),
+        bias_init=conv_bias_init(),
         name=name,
     )
+
+
+def spatial_boundary(h: jax.Array) -> jax.Array:
+    """Pins an image-shaped activation `[B, H, W, C]` to its activation names (the end of a UNet/VAE block)."""
+    return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
 
 
 def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
@@ -90,6 +115,13 @@ def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
     scale = module.param("scale", init(nn.initializers.ones_init()), (channels,), module.param_dtype)
     bias = module.param("bias", init(nn.initializers.zeros_init()), (channels,), module.param_dtype)
     return scale.astype(jnp.float32), bias.astype(jnp.float32)
+
+
+def _standardize(x32: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """`(x - mean) / sqrt(var + eps)` over `axes`, fp32, with torch's biased variance."""
+    mean = x32.mean(axis=axes, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis=axes, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + epsilon)
 
 
 class GroupNorm(nn.Module):
@@ -110,12 +142,9 @@ class GroupNorm(nn.Module):
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
         scale, bias = _affine(self, c)
-        x32 = x.astype(jnp.float32)
-        grouped = x32.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all spatial axes + channels in group
-        mean = grouped.mean(axis=reduce_axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        normed = _standardize(grouped, reduce_axes, self.epsilon).reshape(x.shape)
         return (normed * scale + bias).astype(self.dtype)
 
 
@@ -129,12 +158,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: `[..., C]` -> same shape."""
-        c = x.shape[-1]
-        scale, bias = _affine(self, c)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        scale, bias = _affine(self, x.shape[-1])
+        y = _standardize(x.astype(jnp.float32), (-1,), self.epsilon)
         return (y * scale + bias).astype(self.dtype)
 
 
@@ -171,9 +196,11 @@ class EmbeddingMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3 (+ timestep projection) -> GroupNorm -> SiLU -> conv3x3, residual.
+    """diffusers' ResnetBlock2D: GroupNorm -> SiLU -> conv3x3 (+ timestep projection) -> GroupNorm -> SiLU
+    -> conv3x3, residual.
 
-    A 1x1 conv maps the skip path when the channel count changes.
+    The UNet passes a timestep embedding (projected by `time_emb_proj`); the VAE passes none and its
+    blocks have no `time_emb_proj`. A 1x1 conv maps the skip path when the channel count changes.
     """
 
     out_channels: int
@@ -183,13 +210,14 @@ class ResBlock(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """x: `[B, H, W, C_in]`, temb: `[B, D_t]` -> `[B, H, W, out_channels]`."""
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x: `[B, H, W, C_in]`, temb: `[B, D_t]` or None -> `[B, H, W, out_channels]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, name=name, **kw)  # noqa: E731
         h = conv(self.out_channels, name="conv1", **kw)(nn.silu(norm("norm1")(x)))
-        t = dense(self.out_channels, ("time_embed", "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))
-        h = h + t[:, None, None, :]
+        if temb is not None:
+            t = dense(self.out_channels, ("time_embed", "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))
+            h = h + t[:, None, None, :]
         h = conv(self.out_channels, name="conv2", **kw)(nn.silu(norm("norm2")(h)))
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, kernel=1, name="conv_shortcut", **kw)(x)
@@ -197,14 +225,20 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """conv3x3 with stride 2 and padding 1: `[B, H, W, C]` -> `[B, H/2, W/2, C]`."""
+    """conv3x3 with stride 2: `[B, H, W, C]` -> `[B, H/2, W/2, C]` (H, W even).
+
+    The UNet pads 1 on every side; the VAE (diffusers' Downsample2D with `padding=0`, which pads one
+    row/column at the bottom/right only) passes `padding=((0, 1), (0, 1))`: a grid shifted by a pixel.
+    """
 
     dtype: Dtype
     param_dtype: Dtype
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv(x.shape[-1], stride=2, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return conv(x.shape[-1], stride=2, padding=self.padding, name="conv", **kw)(x)
 
 
 class Upsample(nn.Module):
@@ -217,3 +251,8 @@ class Upsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+
+
+def param_count(abstract_params) -> int:
+    """The number of parameters in a (boxed) tree of arrays or `ShapeDtypeStruct`s."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nn.meta.unbox(abstract_params)))

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_jax.models import vae
+from sdxl_jax.models.config import ModelConfig, check_positive
 from sdxl_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, check_images, check_latents
 
 POINT_MASS_LOGVAR = -30.0  # DiagonalGaussian's lower clamp
 
 
 @dataclasses.dataclass(frozen=True)
-class PixelSpaceConfig:
+class PixelSpaceConfig(ModelConfig):
     """Pixels as latents. `kind` tells a saved config apart from a `VAEConfig`."""
 
     kind: str = "pixels"
@@ -37,15 +38,15 @@ class PixelSpaceConfig:
     dtype: str = "float32"  # unused (no compute), kept so pipeline code can treat both kinds alike
     param_dtype: str = "float32"
 
-    def __post_init__(self):
+    def validate(self):
         if self.kind != "pixels":
             raise ValueError(f"PixelSpaceConfig.kind must be 'pixels', got {self.kind!r}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.in_channels != self.out_channels:
-            raise ValueError(f"pixel space needs in_channels == out_channels, got {self.in_channels}, {self.out_channels}")
-        if not self.scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
+            got = f"{self.in_channels}, {self.out_channels}"
+            raise ValueError(f"pixel space needs in_channels == out_channels, got {got}")
+        check_positive("scaling_factor", self.scaling_factor)
 
     @property
     def latent_channels(self) -> int:
@@ -54,9 +55,6 @@ class PixelSpaceConfig:
     @property
     def downsample_factor(self) -> int:
         return self.patch_size
-
-    def replace(self, **changes) -> "PixelSpaceConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def space_to_depth(x: jax.Array, p: int) -> jax.Array:

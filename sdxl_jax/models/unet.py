@@ -7,15 +7,14 @@ resnet and the text context to every transformer.
 """
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models.attention import ATTENTION_IMPLS, SpatialTransformer
+from sdxl_jax.models.attention import SpatialTransformer
+from sdxl_jax.models.config import ModelConfig, check_norm_groups
 from sdxl_jax.models.layers import (
-    REMAT_POLICIES,
     Downsample,
     EmbeddingMLP,
     GroupNorm,
@@ -23,12 +22,14 @@ from sdxl_jax.models.layers import (
     Upsample,
     conv,
     maybe_remat,
+    param_count,
+    spatial_boundary,
     timestep_embedding,
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ModelConfig):
     """Hyper-parameters of a UNet; levels are indexed from the full-resolution one (level 0)."""
 
     in_channels: int = 4
@@ -42,7 +43,8 @@ class UNetConfig:
     num_heads: int | None = None
     context_dim: int = 2048
     adm_in_channels: int | None = 2816  # width of the vector conditioning y; None = no y
-    time_id_embed_dim: int = 256  # sinusoid width per micro-conditioning scalar inside y (diffusers' addition_time_embed_dim)
+    # sinusoid width per micro-conditioning scalar inside y (diffusers' addition_time_embed_dim)
+    time_id_embed_dim: int = 256
     use_linear_projection: bool = True  # checkpoint layout of proj_in/out: Linear (True) or 1x1 conv
     norm_groups: int = 32
     norm_eps: float = 1e-5  # resnets and the output norm
@@ -54,22 +56,16 @@ class UNetConfig:
     remat: str = "none"  # a key of REMAT_POLICIES
     scan_layers: bool = False  # nn.scan over each transformer's stacked blocks
 
-    def __post_init__(self):
+    def validate(self):
         levels = len(self.channel_mult)
         if len(self.transformer_depth) != levels:
             raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per level ({levels})")
         if (self.head_dim is None) == (self.num_heads is None):
             raise ValueError("set exactly one of head_dim and num_heads")
+        check_norm_groups(self.level_channels, self.norm_groups)
         for ch in self.level_channels:
-            if ch % self.norm_groups:
-                raise ValueError(f"{ch} channels are not divisible into {self.norm_groups} norm groups")
             if ch % (self.head_dim or self.num_heads):
                 raise ValueError(f"{ch} channels do not split into heads ({self.head_dim=}, {self.num_heads=})")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention {self.attention!r} is not one of {sorted(ATTENTION_IMPLS)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a bad dtype name
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -89,9 +85,6 @@ class UNetConfig:
         if self.head_dim is not None:
             return channels // self.head_dim, self.head_dim
         return self.num_heads, channels // self.num_heads
-
-    def replace(self, **changes) -> "UNetConfig":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def sdxl_base(cls, **overrides) -> "UNetConfig":
@@ -129,20 +122,15 @@ class UNetConfig:
 
 
 def _resblock(cfg: UNetConfig, channels: int, name: str) -> nn.Module:
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    return maybe_remat(ResBlock, cfg.remat)(channels, cfg.norm_groups, cfg.norm_eps, name=name, **kw)
+    return maybe_remat(ResBlock, cfg.remat)(channels, cfg.norm_groups, cfg.norm_eps, name=name, **cfg.dtypes)
 
 
 def _transformer(cfg: UNetConfig, channels: int, depth: int, name: str) -> nn.Module:
     heads, head_dim = cfg.heads(channels)
     return SpatialTransformer(
         depth, heads, head_dim, cfg.norm_groups, cfg.transformer_norm_eps, cfg.layer_norm_eps, cfg.attention,
-        cfg.remat, cfg.scan_layers, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name,
+        cfg.remat, cfg.scan_layers, name=name, **cfg.dtypes,
     )  # fmt: skip
-
-
-def _boundary(h: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
 
 
 class DownBlock(nn.Module):
@@ -162,9 +150,9 @@ class DownBlock(nn.Module):
                 h = _transformer(cfg, ch, depth, f"attentions_{j}")(h, context)
             skips.append(h)
         if self.level < len(cfg.channel_mult) - 1:
-            h = Downsample(jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="downsampler")(h)
+            h = Downsample(name="downsampler", **cfg.dtypes)(h)
             skips.append(h)
-        return _boundary(h), skips
+        return spatial_boundary(h), skips
 
 
 class MidBlock(nn.Module):
@@ -177,7 +165,7 @@ class MidBlock(nn.Module):
         cfg, ch = self.cfg, self.cfg.level_channels[-1]
         h = _resblock(cfg, ch, "resnets_0")(h, temb)
         h = _transformer(cfg, ch, cfg.transformer_depth_middle, "attentions_0")(h, context)
-        return _boundary(_resblock(cfg, ch, "resnets_1")(h, temb))
+        return spatial_boundary(_resblock(cfg, ch, "resnets_1")(h, temb))
 
 
 class UpBlock(nn.Module):
@@ -198,8 +186,8 @@ class UpBlock(nn.Module):
             if depth:
                 h = _transformer(cfg, ch, depth, f"attentions_{j}")(h, context)
         if self.level > 0:
-            h = Upsample(jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="upsampler")(h)
-        return _boundary(h)
+            h = Upsample(name="upsampler", **cfg.dtypes)(h)
+        return spatial_boundary(h)
 
 
 class UNet(nn.Module):
@@ -234,8 +222,8 @@ class UNet(nn.Module):
         cfg = self.cfg
         timesteps = jnp.asarray(timesteps)
         self._check_inputs(x, timesteps, context, y)
-        dtype = jnp.dtype(cfg.dtype)
-        kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = cfg.dtypes
+        dtype = kw["dtype"]
 
         temb = timestep_embedding(timesteps, cfg.model_channels)
         temb = EmbeddingMLP(cfg.time_embed_dim, "time_in", name="time_embedding", **kw)(temb)
@@ -261,8 +249,7 @@ class UNet(nn.Module):
 
 def unet_param_count(cfg: UNetConfig) -> int:
     """Exact parameter count from `jax.eval_shape` (nothing is allocated)."""
-    params = abstract_params(cfg)
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nn.meta.unbox(params)))
+    return param_count(abstract_params(cfg))
 
 
 def abstract_params(cfg: UNetConfig, batch: int = 1, latent: tuple[int, int] | None = None):

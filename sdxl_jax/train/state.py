@@ -23,7 +23,6 @@ import numpy as np
 import optax
 
 from sdxl_jax.conditioning import TextEncoders
-from sdxl_jax.convert.export import architecture
 from sdxl_jax.convert.pipeline_weights import config_from_dict, load_pipeline_weights
 from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
 from sdxl_jax.models import CLIPTextConfig, CLIPTextModel, UNet, UNetConfig
@@ -122,7 +121,7 @@ def load_params(models: Models, path: str) -> dict:
         raise ValueError(f"{path} holds an SDXL {weights.model}, the config trains a {models.kind}")
     out = {}
     for name in models.components:
-        want, have = architecture(models.config(name)), architecture(weights.config(name))
+        want, have = models.config(name).architecture(), weights.config(name).architecture()
         if want != have:
             raise ValueError(f"{path}: {name} architecture differs from the config's:\n  file:   {have}\n  config: {want}")
         dtype = np.dtype(jnp.dtype(models.config(name).param_dtype))
