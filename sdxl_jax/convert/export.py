@@ -16,7 +16,6 @@ Metadata (source, dtype, model, sdxl_jax version) goes into the single file's sa
 into `sdxl_jax_export.json` at the top of a diffusers folder.
 """
 
-import dataclasses
 import json
 import shutil
 import struct
@@ -283,15 +282,10 @@ def export_diffusers(
     return Written(Path(out_dir), tally.tensors, _num_parameters(states), tally.bytes)
 
 
-# Config fields that change how a model runs, not its tensors: reset in a layout, so that one (cached)
-# single-file plan serves every dtype and implementation choice.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat", "scan_layers")
-
-
 def architecture(cfg):
-    """`cfg` with its runtime fields at their defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in RUNTIME_FIELDS}
-    return cfg.replace(**defaults)
+    """`cfg` with its runtime fields (dtype, remat, ...) at their defaults, `cfg.architecture()`: a layout
+    built from it serves every dtype and implementation choice, so one (cached) single-file plan does."""
+    return cfg.architecture()
 
 
 def single_file_layout(weights: PipelineWeights) -> SingleFileLayout:
