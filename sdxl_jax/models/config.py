@@ -7,7 +7,7 @@ A model's hyper-parameters are one frozen dataclass (`UNetConfig`, `CLIPTextConf
     class VAEConfig(ModelConfig):
         ...
         def validate(self):          # the model's own checks; the runtime fields are checked here
-            check_divisible(...)
+            check_norm_groups(self.block_out_channels, self.norm_groups)
 
 Fields split in two kinds. *Architecture* fields decide the parameter tree (widths, depths, norms).
 *Runtime* fields (`RUNTIME_FIELDS`: compute and parameter dtype, attention kernel, remat policy,
