@@ -1,7 +1,29 @@
-import os
-import sys
+"""Session settings, set before anything imports JAX (child processes inherit them through the environment):
 
-# Offline: tests build their reference models from local configs, never from a hub.
+- offline: reference models are built from local configs, never fetched from a hub;
+- XLA:CPU compiles with its backend optimisation off (`FAST_COMPILE`): on two cores most of a test's
+  time is compiling, not running, small programs; set SDXL_JAX_TEST_FULL_OPT=1 to test fully optimised code;
+- one persistent compilation cache for the session (in-process tests and children share it), so a
+  program compiled twice, in two processes or by two `jit`s of the same function, compiles once.
+"""
+
+import os
+import shutil
+import tempfile
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+if not os.environ.get("SDXL_JAX_TEST_FULL_OPT"):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="sdxl_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    if "_CACHE" in globals():
+        shutil.rmtree(_CACHE, ignore_errors=True)

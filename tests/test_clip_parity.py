@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from torch_reference import perturb_, state_dict_numpy
 
 from sdxl_jax.convert import load_text_encoder
 from sdxl_jax.convert.text_encoder import (
@@ -16,6 +15,7 @@ from sdxl_jax.convert.text_encoder import (
     text_encoder_params_to_transformers,
 )
 from sdxl_jax.models.clip import CLIPTextModel, end_token_positions
+from tests.helpers.torch_reference import perturb_, state_dict_numpy
 
 VOCAB, MAX_LEN, BOS = 64, 16, 62
 LEGACY_EOS = 2  # transformers: pool at argmax(ids), whose end token is the largest id (here VOCAB - 1)

@@ -8,8 +8,6 @@ import pytest
 import torch
 import transformers
 from diffusers import StableDiffusionXLPipeline
-from test_unet_parity import REFINER_TINY, SDXL_TINY, TIME_ID_DIM, assert_parity, make_reference, reference_forward
-from torch_reference import perturb_, state_dict_numpy
 
 from sdxl_jax import conditioning
 from sdxl_jax.convert import (
@@ -20,6 +18,15 @@ from sdxl_jax.convert import (
 )
 from sdxl_jax.models import UNet
 from sdxl_jax.tokenizer import ASSETS_DIR
+from tests.helpers.torch_reference import perturb_, state_dict_numpy
+from tests.helpers.unet_reference import (
+    REFINER_TINY,
+    SDXL_TINY,
+    TIME_ID_DIM,
+    assert_parity,
+    make_reference,
+    reference_forward,
+)
 
 
 def close(ours, expected):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from tiny_pipeline import refiner_pipeline
 
 from sdxl_jax.convert import pipeline_weights as pw
 from sdxl_jax.convert.cli import ProgressBar, main
 from sdxl_jax.convert.export import WEIGHTS_FILES, Progress
+from tests.helpers.tiny_pipeline import refiner_pipeline
 
 SUMMARY = re.compile(r"-> (\S+) \((\S+)\): (\d+) tensors, ([\d,]+) parameters, \d+\.\d\d GB in \d+\.\d s$")
 

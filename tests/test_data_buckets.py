@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-from data_fixtures import coordinate_image
 from PIL import Image
 
 from sdxl_jax.data.buckets import (
@@ -19,6 +18,7 @@ from sdxl_jax.data.buckets import (
     generate_buckets,
 )  # fmt: skip
 from sdxl_jax.data.transforms import crop_to_bucket
+from tests.helpers.data_fixtures import coordinate_image
 
 
 def test_sdxl_table_is_the_26_published_sizes():

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from data_fixtures import coordinate_image, encode, jpeg, png_header_only, with_orientation
 from PIL import Image
 
 from sdxl_jax.data.captions import parse_captions, pick_caption, shuffle_tags
 from sdxl_jax.data.images import BadImage, decode_image, decode_rgb, image_size
+from tests.helpers.data_fixtures import coordinate_image, encode, jpeg, png_header_only, with_orientation
 
 
 def test_rgb_jpeg_and_header_size_from_bytes_and_path(tmp_path):

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from data_fixtures import SMALL_BUCKETS, mixed_folder, tfds_dataset, webdataset_shards
 
 from sdxl_jax.data import build_pipeline, default_data_config, make_loader
 from sdxl_jax.tokenizer import tokenize_pair
+from tests.helpers.data_fixtures import SMALL_BUCKETS, mixed_folder, tfds_dataset, webdataset_shards
 
 KEYS = {"images", "ids_l", "ids_g", "eot_l", "eot_g", "original_size", "crop_top_left", "target_size", "drop_text",
         "aesthetic_score", "record_id"}  # fmt: skip

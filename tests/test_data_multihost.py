@@ -1,15 +1,15 @@
 """Two real JAX processes (jax.distributed on localhost) load their own halves of the same global batches."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
-from data_fixtures import SMALL_BUCKETS, mixed_folder
 
 from sdxl_jax.data import default_data_config, make_loader
+from tests.helpers.data_fixtures import SMALL_BUCKETS, mixed_folder
+from tests.helpers.processes import free_port
 
 HOST = textwrap.dedent("""
     import sys
@@ -25,12 +25,6 @@ HOST = textwrap.dedent("""
     np.savez(out, **{f"{k}/{i}": v for i, b in enumerate(batches) for k, v in b.items()}, n=len(batches))
     jax.distributed.shutdown()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_agree_on_buckets_and_split_each_global_batch(tmp_path):

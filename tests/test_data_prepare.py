@@ -1,16 +1,15 @@
 """`prepare`: raw folder -> ArrayRecord shards + index + report; resumable; bad inputs; cached latents."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from data_fixtures import SMALL_BUCKETS, bad_corpus, mixed_folder
 
 from sdxl_jax.data import default_data_config, make_loader
 from sdxl_jax.data import prepare as prep
 from sdxl_jax.data.index import load_prepared_index
 from sdxl_jax.data.sources import FolderSource, PreparedSource
+from tests.helpers.data_fixtures import SMALL_BUCKETS, bad_corpus, mixed_folder
 
 
 def run_prepare(src, out, *extra):
@@ -139,9 +138,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_cache_latents_stores_what_the_encoders_compute(tiny_checkpoint, tmp_path):
-    from data_fixtures import jpeg, write_folder
-
     from sdxl_jax.data.latent_cache import LatentEncoder
+    from tests.helpers.data_fixtures import jpeg, write_folder
 
     # two buckets (a square and a 2:1) keep the compile count, hence the test time, down
     folder = write_folder(tmp_path / "raw", {f"{i}.jpg": (jpeg(*[(70, 70), (40, 80)][i % 2], seed=i), f"picture {i}")

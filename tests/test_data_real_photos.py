@@ -3,12 +3,12 @@ the pixels equal the cover-resized photo cropped at the reported `crop_top_left`
 
 import numpy as np
 import pytest
-from data_fixtures import encode, with_orientation
 from PIL import Image
 
 from sdxl_jax.data import default_data_config, make_loader
 from sdxl_jax.data.buckets import Bucket, cover_size
 from sdxl_jax.data.sources import FolderSource
+from tests.helpers.data_fixtures import encode, with_orientation
 
 skimage_data = pytest.importorskip("skimage.data")
 

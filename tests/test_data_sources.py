@@ -5,12 +5,12 @@ import os
 
 import numpy as np
 import pytest
-from data_fixtures import SMALL_BUCKETS, jpeg, tfds_dataset, webdataset_shards, write_folder, write_tar
 
 from sdxl_jax.data.buckets import bucket_table
 from sdxl_jax.data.images import decode_rgb, image_size
 from sdxl_jax.data.index import ScanFilters, scan_source
 from sdxl_jax.data.sources import FolderSource, TarSource, TfdsSource, tar_shards
+from tests.helpers.data_fixtures import SMALL_BUCKETS, jpeg, tfds_dataset, webdataset_shards, write_folder, write_tar
 
 
 def test_folder_with_sidecars_json_and_subfolders(tmp_path):

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import demo
 from sdxl_jax.data import shapes
 
 ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT))
-from configs import demo  # noqa: E402
 
 NAMES = list(shapes.COLOURS)
 RGB = np.array([shapes.COLOURS[n] for n in NAMES], np.float64)

@@ -13,13 +13,11 @@ import flax
 import jax
 import numpy as np
 import pytest
-import tiny_pipeline
 import torch
 import transformers
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from torch_reference import state_dict_numpy, to_nchw
 
 from sdxl_jax.convert import export
 from sdxl_jax.convert import pipeline_weights as pw
@@ -43,6 +41,8 @@ from sdxl_jax.convert.vae import vae_config_from_diffusers, vae_config_to_diffus
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
+from tests.helpers import tiny_pipeline
+from tests.helpers.torch_reference import state_dict_numpy, to_nchw
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PIPELINE_CLASSES = {"base": StableDiffusionXLPipeline, "refiner": StableDiffusionXLImg2ImgPipeline}

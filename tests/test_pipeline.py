@@ -10,12 +10,12 @@ import logging
 
 import numpy as np
 import pytest
-import tiny_pipeline
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from sdxl_jax.pipeline import NonFiniteImageWarning, Pipeline, encode_images
 from sdxl_jax.sampling import SamplingOptions
+from tests.helpers import tiny_pipeline
 
 H, W = 64, 96  # latent 8 x 12: non-square, so a swapped height/width cannot pass
 # No "!": diffusers' bigG tokenizer has "!" as its pad token, a special token, so it turns a "!" in the

@@ -6,12 +6,13 @@ batches of 8 and of 5 (padded to the data axis, padding dropped).
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.helpers.processes import child_env
 
 SCRIPT = r"""
 import json
@@ -48,9 +49,9 @@ print("REPORT" + json.dumps(report))
 
 
 def run_meshes(tmp_path, meshes: tuple[str, ...], batches: tuple[int, ...]) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = f"OUT, MESHES, BATCHES = {str(tmp_path)!r}, {meshes!r}, {batches!r}\n" + SCRIPT
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run([sys.executable, "-c", script], env=child_env(devices=8), capture_output=True, text=True,
+                            timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.split("REPORT", 1)[1])
 

@@ -5,14 +5,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from tiny_pipeline import POOLED, TIME_ID_DIM, base_pipeline, refiner_pipeline
-from torch_reference import from_nchw, to_nchw
 
 from sdxl_jax.conditioning import vector_conditioning
 from sdxl_jax.convert import pipeline_weights as pw
 from sdxl_jax.convert.mapping import ConversionError
 from sdxl_jax.models import CLIPTextModel, UNet
 from sdxl_jax.models.vae import AutoencoderKL
+from tests.helpers.tiny_pipeline import POOLED, TIME_ID_DIM, base_pipeline, refiner_pipeline
+from tests.helpers.torch_reference import from_nchw, to_nchw
 
 
 @pytest.fixture(scope="module")

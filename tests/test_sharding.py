@@ -1,17 +1,16 @@
 """Logical-axis annotations: a closed vocabulary, a rule for every name, big weights sharded.
 
-Runs in a subprocess so that the 8 fake CPU devices (XLA_FLAGS) exist before jax is imported.
+The checks on a mesh run in one child process, so that the 8 fake CPU devices (XLA_FLAGS) exist before
+JAX starts.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
 import pytest
 
 from sdxl_jax.sharding import ACTIVATION_AXES, ACTIVATION_OF, FSDP_RULES, LOGICAL_AXES
+from tests.helpers.processes import run_parts
 
 SCRIPT = textwrap.dedent(
     """
@@ -54,7 +53,6 @@ SCRIPT = textwrap.dedent(
     assert kernel.names == ("layers", "embed", "heads"), kernel.names
     assert kernel.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.value.sharding
     assert kernel.value.addressable_shards[0].data.shape == (3, 8, 64)
-    print("ok")
     """
 )
 
@@ -93,7 +91,6 @@ CONSTRAINED_SCRIPT = textwrap.dedent(
         scale = float(jnp.max(jnp.abs(w))) + 1e-3
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
-    print("ok")
     """
 )
 
@@ -121,17 +118,17 @@ def test_activation_layouts_do_not_depend_on_rule_order(spec):
     assert tuple(nn.logical_to_mesh_axes(spec, tuple(reversed(FSDP_RULES)))) == want
 
 
-def test_full_base_unet_fsdp_on_8_fake_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok")
-    print(result.stdout)
+@pytest.fixture(scope="module")
+def on_8_devices():
+    return run_parts({"fsdp": SCRIPT, "constrained": CONSTRAINED_SCRIPT}, devices=8)
 
 
-def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", CONSTRAINED_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
-    assert result.stdout.strip().endswith("ok")
+def test_full_base_unet_fsdp_on_8_fake_devices(on_8_devices):
+    part = on_8_devices["fsdp"]
+    assert part["status"] == "ok", part["stdout"] + part["status"]
+    print(part["stdout"])
+
+
+def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device(on_8_devices):
+    part = on_8_devices["constrained"]
+    assert part["status"] == "ok", part["stdout"] + part["status"]

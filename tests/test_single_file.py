@@ -15,9 +15,6 @@ import torch
 import transformers
 from diffusers import AutoencoderKL
 from diffusers.loaders import single_file_utils as diffusers_sf
-from test_unet_parity import REFINER_TINY, SDXL_TINY
-from test_unet_parity import make_reference as make_unet
-from torch_reference import perturb_, state_dict_numpy
 
 from sdxl_jax.convert import ConversionError
 from sdxl_jax.convert.single_file import (
@@ -33,6 +30,9 @@ from sdxl_jax.convert.single_file_keys import BIGG_PREFIXES, detect_model, ignor
 from sdxl_jax.convert.text_encoder import TEXT_MODEL_PREFIX, text_encoder_config_from_transformers
 from sdxl_jax.convert.unet import unet_config_from_diffusers
 from sdxl_jax.convert.vae import vae_config_from_diffusers
+from tests.helpers.torch_reference import perturb_, state_dict_numpy
+from tests.helpers.unet_reference import REFINER_TINY, SDXL_TINY
+from tests.helpers.unet_reference import make_reference as make_unet
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ("base", "refiner")

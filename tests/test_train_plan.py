@@ -1,20 +1,22 @@
 """The memory planner: ahead-of-time compiles of the train step on fake CPU devices, no weights."""
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from test_train_run import FAST_COMPILE, REPO
+
+from tests.helpers.processes import child_env
+from tests.helpers.train import REPO
 
 GiB = 2**30
 
 
 def run_plan(*args: str) -> dict[str, float]:
-    env_flags = FAST_COMPILE + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    env = child_env()  # the planner sets its own device count
+    env["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     result = subprocess.run([sys.executable, "-m", "sdxl_jax.plan", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=1500, env=dict(os.environ, XLA_FLAGS=env_flags))
+                            timeout=1500, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     print(result.stdout)
     figures = {k: float(v) * 2**20 for k, v in re.findall(r"^\s+(\w+)\s+[\d.]+ GiB\s+\(([\d.]+) MiB\)", result.stdout, re.M)}

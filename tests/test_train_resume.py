@@ -4,19 +4,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-from test_train_run import CHILD, REPO, compile_cache, losses, run_child, run_train_py, train_env  # noqa: F401  (fixture)
+
+from sdxl_jax.train.loop import train
+from tests.helpers.processes import child_env
+from tests.helpers.train import REPO, child_command, losses, run_train, tiny_config
 
 COMMON = {"num_steps": 6, "checkpoint_every": 2, "max_checkpoints": 5}  # two buckets, alternating
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, compile_cache):
-    return run_child(tmp_path_factory.mktemp("straight") / "run", compile_cache, COMMON)
+def straight(tmp_path_factory):
+    return run_train(tmp_path_factory.mktemp("straight") / "run", COMMON)
 
 
 def assert_bitwise(got: dict, want: dict, steps):
@@ -27,20 +30,20 @@ def assert_bitwise(got: dict, want: dict, steps):
 
 
 @pytest.mark.slow
-def test_resume_is_bitwise(tmp_path, compile_cache, straight):
-    run_child(tmp_path / "run", compile_cache, COMMON | {"num_steps": 3, "checkpoint_every": 3})
-    resumed = run_child(tmp_path / "run", compile_cache, COMMON | {"checkpoint_every": 3})
-    assert sorted((tmp_path / "run" / "checkpoints").iterdir()) == [tmp_path / "run" / "checkpoints" / s for s in ("3", "6")]
+def test_resume_is_bitwise(tmp_path, straight):
+    run_train(tmp_path / "run", COMMON | {"num_steps": 3, "checkpoint_every": 3})
+    resumed = run_train(tmp_path / "run", COMMON | {"checkpoint_every": 3})
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3", "6"]
     assert_bitwise(resumed, straight, range(1, 7))  # params, EMA, optimiser state, step; losses 4-6 after resume
 
 
 @pytest.mark.slow
-def test_resume_with_muon_is_bitwise(tmp_path, compile_cache):
+def test_resume_with_muon_is_bitwise(tmp_path):
     """Muon's state holds masked-out entries (the params AdamW takes); they checkpoint and restore too."""
     muon = COMMON | {"optimizer.name": "muon"}
-    want = run_child(tmp_path / "straight", compile_cache, muon)
-    run_child(tmp_path / "run", compile_cache, muon | {"num_steps": 3, "checkpoint_every": 3})
-    resumed = run_child(tmp_path / "run", compile_cache, muon | {"checkpoint_every": 3})
+    want = run_train(tmp_path / "straight", muon)
+    run_train(tmp_path / "run", muon | {"num_steps": 3, "checkpoint_every": 3})
+    resumed = run_train(tmp_path / "run", muon | {"checkpoint_every": 3})
     assert_bitwise(resumed, want, range(1, 7))
 
 
@@ -60,10 +63,10 @@ atomicity.AtomicRenameTemporaryPath.finalize = held
 
 
 @pytest.mark.slow
-def test_kill_during_async_save_falls_back_to_the_newest_complete_checkpoint(tmp_path, compile_cache, straight):
+def test_kill_during_async_save_falls_back_to_the_newest_complete_checkpoint(tmp_path, straight):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-c", HOLD_STEP_4 + CHILD, "", json.dumps(COMMON), str(workdir), str(tmp_path / "x.npz")]
-    child = subprocess.Popen(cmd, cwd=REPO, env=train_env(compile_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = child_command(workdir, tmp_path / "x.npz", COMMON, prelude=HOLD_STEP_4)
+    child = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     marker = workdir.parent / "run.holding"
     deadline = time.time() + 600
     while not marker.exists() and child.poll() is None and time.time() < deadline:
@@ -75,30 +78,34 @@ def test_kill_during_async_save_falls_back_to_the_newest_complete_checkpoint(tmp
     entries = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert "2" in entries and "4" not in entries and any(name.startswith("4.") for name in entries), entries
 
-    resumed = run_child(workdir, compile_cache, COMMON)
+    resumed = run_train(workdir, COMMON)
     log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log][-4:] == [3, 4, 5, 6]  # the second run started after step 2
     assert_bitwise(resumed | {"losses": losses(workdir)}, straight, range(3, 7))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_stops(tmp_path, compile_cache):
-    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
-           "--config.num_steps=100000", "--config.checkpoint_every=100000", "--config.export_on_finish=diffusers"]
-    child = subprocess.Popen(cmd, cwd=REPO, env=train_env(compile_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_sigterm_saves_and_stops(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 600
-    while child.poll() is None and time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    child.send_signal(signal.SIGTERM)
-    out, err = child.communicate(timeout=300)
-    assert child.returncode == 0, out[-2000:] + err[-4000:]
-    assert "SIGTERM, saving and stopping" in out
+
+    def terminate_after_three_steps():  # the signal reaches the training loop on the main thread
+        deadline = time.time() + 600
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=terminate_after_three_steps, daemon=True)
+    watcher.start()
+    config = tiny_config("", {"num_steps": 100000, "checkpoint_every": 100000, "export_on_finish": "diffusers"})
+    train(config, tmp_path)
+    watcher.join()
+    assert "SIGTERM, saving and stopping" in capsys.readouterr().out
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(last)]
-    assert json.loads((tmp_path / "checkpoints" / str(last) / "data" / "process_0-of-1.json").read_text())["next_batch"] == last
+    data_state = tmp_path / "checkpoints" / str(last) / "data" / "process_0-of-1.json"
+    assert json.loads(data_state.read_text())["next_batch"] == last
     assert not (tmp_path / "export").exists()  # an unfinished run is not exported
     # ... and the next start continues from there
-    result = run_train_py(tmp_path, compile_cache, f"--config.num_steps={last + 1}", "--config.checkpoint_every=100000")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed at step {last}" in result.stdout and f"step {last + 1}/{last + 1}" in result.stdout
+    train(tiny_config("", {"num_steps": last + 1, "checkpoint_every": 100000}), tmp_path)
+    out = capsys.readouterr().out
+    assert f"resumed at step {last}" in out and f"step {last + 1}/{last + 1}" in out

@@ -18,7 +18,6 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax.linen import meta
-from torch_reference import from_nchw, perturb_, state_dict_numpy, to_nchw
 
 from sdxl_jax.convert import ConversionError, load_vae
 from sdxl_jax.convert.vae import vae_config_from_diffusers, vae_params_from_diffusers, vae_params_to_diffusers
@@ -35,6 +34,7 @@ from sdxl_jax.models.vae import (
 )
 from sdxl_jax.models.vae_tiling import tile_starts, tiled_decode, tiled_encode, tiled_map
 from sdxl_jax.sharding import LOGICAL_AXES, logical_names_in
+from tests.helpers.torch_reference import from_nchw, perturb_, state_dict_numpy, to_nchw
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(

@@ -14,11 +14,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from torch_reference import perturb_
 
 from sdxl_jax.tokenizer import ASSETS_DIR
+from tests.helpers.torch_reference import perturb_
 
-WIDTH_L, WIDTH_G, POOLED = 32, 40, 24  # encoder widths (distinct: diffusers' from_single_file tells them apart by width)
+# encoder widths (distinct: diffusers' from_single_file tells them apart by width)
+WIDTH_L, WIDTH_G, POOLED = 32, 40, 24
 TIME_ID_DIM = 8  # addition_time_embed_dim (256 in SDXL)
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -80,5 +81,6 @@ def refiner_pipeline(seed: int = 10) -> StableDiffusionXLImg2ImgPipeline:
     return StableDiffusionXLImg2ImgPipeline(
         vae=vae(seed), unet=unet(True, seed + 1), scheduler=EulerDiscreteScheduler(**SCHEDULER),
         text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
-        text_encoder_2=text_encoder(transformers.CLIPTextModelWithProjection, "gelu", seed + 3), tokenizer_2=tokenizer("!"),
+        text_encoder_2=text_encoder(transformers.CLIPTextModelWithProjection, "gelu", seed + 3),
+        tokenizer_2=tokenizer("!"),
     ).to(torch.float32)  # fmt: skip

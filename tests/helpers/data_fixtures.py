@@ -64,7 +64,9 @@ def write_folder(root: Path, items: dict[str, tuple[bytes, bytes | str | None]])
 def mixed_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
     """n JPEGs cycling through 4 aspect ratios (landscape 3:2, portrait 2:3, square, wide 3:1), captioned."""
     shapes = [(60, 90), (90, 60), (70, 70), (40, 120)]
-    items = {f"img{i:03d}.jpg": (jpeg(*shapes[i % 4], seed=seed + i), f"photo number {i}, tag a, tag b") for i in range(n)}
+    items = {
+        f"img{i:03d}.jpg": (jpeg(*shapes[i % 4], seed=seed + i), f"photo number {i}, tag a, tag b") for i in range(n)
+    }
     return write_folder(root, items)
 
 

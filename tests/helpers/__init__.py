@@ -1,0 +1,1 @@
+"""Code shared by several test modules: tiny reference models, generated data, trainer runners."""
