@@ -2,7 +2,8 @@
 
 The package, by the path of the data: `tokenizer` and `conditioning` (text -> context and vector y),
 `models/` (UNet, CLIP, VAE), `diffusion/` (schedules, denoisers, guidance, samplers, losses as pure
-functions), `generation` (the one compiled sampling program) and `pipeline` (load, place, generate);
+functions), `sampling` (`SamplingOptions`: one generation call's options), `generation` (the one compiled
+sampling program) and `pipeline` (load, place, generate);
 `sharding` (meshes, logical axes, shardings); `data/` (sources, buckets, the grain loader) and `train/`
 (the trainer); `convert/` (PyTorch checkpoints in and out).
 """
