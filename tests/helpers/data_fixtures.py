@@ -164,6 +164,10 @@ def _tfds_builder_class():
                 for i in range(self.n):
                     yield i, {"image": io.BytesIO(jpeg(*self.shapes[i % 3], seed=i)), "caption": f"tfds caption {i}"}
 
+        # TFDS finds a builder's code through its module, and for a module inside a package (this one is
+        # `tests.helpers.data_fixtures`) it needs `importlib_resources`, which it does not install. A
+        # module name it cannot resolve leaves the builder without a code path, which it does not need.
+        TinyCaptionSet.__module__ = "tiny_caption_set"
         _TFDS_BUILDER = TinyCaptionSet
     return _TFDS_BUILDER
 
