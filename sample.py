@@ -23,8 +23,11 @@ from sdxl_jax import __version__
 from sdxl_jax import pipeline as pipeline_lib
 from sdxl_jax.sampling import SamplingOptions
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl_base.py", "sampling config (configs/sdxl_base.py, "
-                                          "or a training config with a `sample` section such as configs/demo.py)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    "configs/sdxl_base.py",
+    "sampling config (configs/sdxl_base.py, or a training config with a `sample` section such as configs/demo.py)",
+)
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", None, "where the PNGs go (config.outdir)")
@@ -35,12 +38,21 @@ _SHORTHANDS = {
     flags.DEFINE_float: ("guidance", "denoising_end"),
 }
 _FIELDS = {"guidance": "guidance_scale"}
-_SHORT_FLAGS = {name: define(name, None, f"shorthand for --config.{_FIELDS.get(name, name)}")
-                for define, names in _SHORTHANDS.items() for name in names}
+_SHORT_FLAGS = {
+    name: define(name, None, f"shorthand for --config.{_FIELDS.get(name, name)}")
+    for define, names in _SHORTHANDS.items()
+    for name in names
+}
 
 # Sampler names as the SD web UIs write them into PNG infotext.
-WEBUI_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                  "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM"}
+WEBUI_SAMPLERS = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "ddim": "DDIM",
+}
 WEBUI_SCHEDULES = {"karras": "Karras", "sgm": "SGM Uniform", "turbo": "SGM Uniform"}
 
 
@@ -106,8 +118,12 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
     fields = {"Steps": config.steps, "Sampler": WEBUI_SAMPLERS[config.sampler]}
     if config.schedule in WEBUI_SCHEDULES:
         fields["Schedule type"] = WEBUI_SCHEDULES[config.schedule]
-    fields |= {"CFG scale": config.guidance_scale, "Seed": seed, "Size": f"{config.width}x{config.height}",
-               "Model": model}
+    fields |= {
+        "CFG scale": config.guidance_scale,
+        "Seed": seed,
+        "Size": f"{config.width}x{config.height}",
+        "Model": model,
+    }
     if config.refiner and config.denoising_end > 0:
         fields |= {"Refiner": Path(config.refiner).name, "Refiner switch at": config.denoising_end}
     fields["Version"] = f"sdxl_jax {__version__}"
@@ -126,8 +142,10 @@ def main(argv):
     config = sampling_config(_CONFIG.value)
     apply_shorthands(config)
     if not config.checkpoint:
-        raise app.UsageError("no checkpoint: set --config.checkpoint=PATH (this project's format, a diffusers "
-                             "folder or an SDXL .safetensors); see README 'Using real SDXL weights'")
+        raise app.UsageError(
+            "no checkpoint: set --config.checkpoint=PATH (this project's format, a diffusers "
+            "folder or an SDXL .safetensors); see README 'Using real SDXL weights'"
+        )
     prompts = read_prompts()
     check_config(config)
     if config.compilation_cache != "none":
@@ -138,8 +156,10 @@ def main(argv):
         pipe = pipeline_lib.Pipeline.load(config.checkpoint, refiner=config.refiner or None, dtype=config.dtype)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from None
-    print(f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(
+        f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     round_sizes(config, pipe.size_multiple)
     options = sampling_options(config)
     print("settings: " + json.dumps({k: v for k, v in config.to_dict().items() if k != "compilation_cache"}))
@@ -163,8 +183,10 @@ def main(argv):
             path = outdir / f"{seed:08d}.png"
             Image.fromarray(image).save(path, pnginfo=info)
             written += 1
-        print(f"batch {b // size + 1}/{-(-len(jobs) // size)}: {len(batch)} image(s) in "
-              f"{seconds:.2f} s ({len(batch) / seconds:.2f} images/s){' (includes compilation)' if b == 0 else ''}")
+        print(
+            f"batch {b // size + 1}/{-(-len(jobs) // size)}: {len(batch)} image(s) in "
+            f"{seconds:.2f} s ({len(batch) / seconds:.2f} images/s){' (includes compilation)' if b == 0 else ''}"
+        )
     print(f"wrote {written} PNG(s) to {outdir}/")
     return 0
 

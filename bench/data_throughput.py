@@ -32,7 +32,9 @@ SIZES = [(1200, 1600), (1600, 1200), (1024, 1024), (1280, 1920), (800, 1800), (1
 def photo_like(h: int, w: int, rng: np.random.Generator) -> bytes:
     """A JPEG with smooth gradients, blobs and sensor-like noise (compresses like a photo, not like flat colour)."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([128 + 100 * np.sin(x / rng.uniform(40, 200) + c) * np.cos(y / rng.uniform(40, 200)) for c in range(3)], -1)
+    img = np.stack(
+        [128 + 100 * np.sin(x / rng.uniform(40, 200) + c) * np.cos(y / rng.uniform(40, 200)) for c in range(3)], -1
+    )
     img += rng.normal(0, 12, (h, w, 3))
     out = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
@@ -75,7 +77,9 @@ def _cpu_seconds() -> float | None:
     return total
 
 
-def throughput(source: str, path: Path, workers: int, batch: int, batches: int, threads: int = 1) -> tuple[float, float | None]:
+def throughput(
+    source: str, path: Path, workers: int, batch: int, batches: int, threads: int = 1
+) -> tuple[float, float | None]:
     """(images/s, images per CPU-second or None) for one configuration."""
     c = default_data_config()
     c.update(dict(source=source, path=str(path), num_workers=workers, num_threads=threads, flip_prob=0.5))
@@ -122,12 +126,16 @@ def main() -> None:
                 print(f"{source:<10} {workers:>7} {threads:>7} {rate:>9.1f} {per_cpu}", flush=True)
         single = rates["prepared", 0, 1]
         print(f"prepared / folder with 2 workers: {rates['prepared', 2, 1] / rates['folder', 2, 1]:.2f}x")
-        print(f"prepared, 2 worker processes vs one process: {rates['prepared', 2, 1] / single:.2f}x; "
-              f"2 decode threads in one process vs 1: {rates['prepared', 0, 2] / single:.2f}x")
-        print(f"target: >= 30 images/s with 2 workers from prepared shards "
-              f"({'met' if rates['prepared', 2, 1] >= 30 else 'NOT met'}), >= 1.6x the single-process rate: "
-              f"worker processes {'met' if rates['prepared', 2, 1] >= 1.6 * single else 'NOT met'}, "
-              f"decode threads {'met' if rates['prepared', 0, 2] >= 1.6 * single else 'NOT met'}")
+        print(
+            f"prepared, 2 worker processes vs one process: {rates['prepared', 2, 1] / single:.2f}x; "
+            f"2 decode threads in one process vs 1: {rates['prepared', 0, 2] / single:.2f}x"
+        )
+        print(
+            f"target: >= 30 images/s with 2 workers from prepared shards "
+            f"({'met' if rates['prepared', 2, 1] >= 30 else 'NOT met'}), >= 1.6x the single-process rate: "
+            f"worker processes {'met' if rates['prepared', 2, 1] >= 1.6 * single else 'NOT met'}, "
+            f"decode threads {'met' if rates['prepared', 0, 2] >= 1.6 * single else 'NOT met'}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -62,16 +62,32 @@ def part_tiny(args) -> dict:
 
     def run_theirs():
         with torch.no_grad():
-            theirs(PROMPT, height=size, width=size, num_inference_steps=20, guidance_scale=5.0,
-                   latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), output_type="np")
+            theirs(
+                PROMPT,
+                height=size,
+                width=size,
+                num_inference_steps=20,
+                guidance_scale=5.0,
+                latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()),
+                output_type="np",
+            )
 
     first = timed(run_ours)
     timed(run_theirs)
     pairs = [(timed(run_ours), timed(run_theirs)) for _ in range(args.reps)]
     ratios = [o / t for o, t in pairs]
-    return dict(part="tiny", size=size, steps=20, cfg=5.0, ours_first_call_s=first,
-                ours_s=statistics.median(o for o, _ in pairs), diffusers_s=statistics.median(t for _, t in pairs),
-                ratio_median=statistics.median(ratios), ratios=ratios, target="<= 0.5")
+    return dict(
+        part="tiny",
+        size=size,
+        steps=20,
+        cfg=5.0,
+        ours_first_call_s=first,
+        ours_s=statistics.median(o for o, _ in pairs),
+        diffusers_s=statistics.median(t for _, t in pairs),
+        ratio_median=statistics.median(ratios),
+        ratios=ratios,
+        target="<= 0.5",
+    )
 
 
 def full_ours(args) -> dict:
@@ -84,12 +100,23 @@ def full_ours(args) -> dict:
     build = time.perf_counter() - start
     size = args.size or 512
     noise = np.random.default_rng(0).standard_normal((args.batch, size // 8, size // 8, 4)).astype(np.float32)
-    run = lambda: pipe.generate([PROMPT] * args.batch, height=size, width=size, steps=args.steps,  # noqa: E731
-                                guidance_scale=args.guidance, latents=noise)
+    run = lambda: pipe.generate(
+        [PROMPT] * args.batch,
+        height=size,
+        width=size,
+        steps=args.steps,  # noqa: E731
+        guidance_scale=args.guidance,
+        latents=noise,
+    )
     first = timed(run)
     steady = [timed(run) for _ in range(args.reps)]
-    return dict(build_s=build, first_call_s=first, steady_s=statistics.median(steady), steady=steady,
-                compile_s=first - statistics.median(steady))
+    return dict(
+        build_s=build,
+        first_call_s=first,
+        steady_s=statistics.median(steady),
+        steady=steady,
+        compile_s=first - statistics.median(steady),
+    )
 
 
 def full_diffusers(args) -> dict:
@@ -109,19 +136,36 @@ def full_diffusers(args) -> dict:
         text_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"]))
         text_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**configs["text_encoder_2"]))
     vocab, merges = str(ASSETS_DIR / "vocab.json"), str(ASSETS_DIR / "merges.txt")
-    tokenizers = [transformers.CLIPTokenizer(vocab, merges, pad_token=pad, model_max_length=77) for pad in ("<|endoftext|>", "!")]
-    pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, text_encoder=text_l, text_encoder_2=text_g,
-                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-                                     scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]))
+    tokenizers = [
+        transformers.CLIPTokenizer(vocab, merges, pad_token=pad, model_max_length=77) for pad in ("<|endoftext|>", "!")
+    ]
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_l,
+        text_encoder_2=text_g,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
+    )
     pipe.set_progress_bar_config(disable=True)
     build = time.perf_counter() - start
     size = args.size or 512
-    noise = torch.from_numpy(np.random.default_rng(0).standard_normal((args.batch, 4, size // 8, size // 8)).astype(np.float32))
+    noise = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((args.batch, 4, size // 8, size // 8)).astype(np.float32)
+    )
 
     def run():
         with torch.no_grad():
-            pipe([PROMPT] * args.batch, height=size, width=size, num_inference_steps=args.steps,
-                 guidance_scale=args.guidance, latents=noise, output_type="np")
+            pipe(
+                [PROMPT] * args.batch,
+                height=size,
+                width=size,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                latents=noise,
+                output_type="np",
+            )
 
     first = timed(run)
     steady = [timed(run) for _ in range(args.reps)]
@@ -131,8 +175,22 @@ def full_diffusers(args) -> dict:
 def part_full(args) -> dict:
     results = {}
     for side in ("ours", "diffusers"):
-        cmd = [sys.executable, __file__, "--worker", side, "--reps", str(args.reps), "--steps", str(args.steps),
-               "--batch", str(args.batch), "--guidance", str(args.guidance), "--dtype", args.dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            side,
+            "--reps",
+            str(args.reps),
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--guidance",
+            str(args.guidance),
+            "--dtype",
+            args.dtype,
+        ]
         if args.size:
             cmd += ["--size", str(args.size)]
         print(f"running {side} ...", file=sys.stderr, flush=True)
@@ -142,8 +200,18 @@ def part_full(args) -> dict:
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{side}: {results[side]}", file=sys.stderr, flush=True)
     ratio = results["ours"]["steady_s"] / results["diffusers"]["steady_s"]
-    return dict(part="full", size=args.size or 512, steps=args.steps, cfg=args.guidance, batch=args.batch,
-                dtype=args.dtype, **results, ratio=ratio, target="<= 1.0", load_average=os.getloadavg())
+    return dict(
+        part="full",
+        size=args.size or 512,
+        steps=args.steps,
+        cfg=args.guidance,
+        batch=args.batch,
+        dtype=args.dtype,
+        **results,
+        ratio=ratio,
+        target="<= 1.0",
+        load_average=os.getloadavg(),
+    )
 
 
 def part_gpu(args) -> dict:
@@ -153,8 +221,16 @@ def part_gpu(args) -> dict:
     result = full_ours(args)
     images_per_s = args.batch / result["steady_s"]
     tflops = TFLOP_PER_IMAGE_1024_20_STEPS * (args.size / 1024) ** 2 * images_per_s
-    return dict(part="gpu", device=str(jax.devices()[0].device_kind), batch=args.batch, **result,
-                images_per_s=images_per_s, achieved_tflops=tflops, mfu=tflops / args.peak_tflops, target=">= 1.5 images/s")
+    return dict(
+        part="gpu",
+        device=str(jax.devices()[0].device_kind),
+        batch=args.batch,
+        **result,
+        images_per_s=images_per_s,
+        achieved_tflops=tflops,
+        mfu=tflops / args.peak_tflops,
+        target=">= 1.5 images/s",
+    )
 
 
 def main():

@@ -37,8 +37,15 @@ def build_config(preset: str, remat: str | None):
     c = get_config()
     c.data.buckets = ((32, 32),)
     if preset == "mid":
-        c.model.unet.update(model_channels=128, channel_mult=(1, 2, 4), transformer_depth=(0, 1, 2),
-                            transformer_depth_middle=2, num_res_blocks=2, head_dim=32, norm_groups=32)
+        c.model.unet.update(
+            model_channels=128,
+            channel_mult=(1, 2, 4),
+            transformer_depth=(0, 1, 2),
+            transformer_depth_middle=2,
+            num_res_blocks=2,
+            head_dim=32,
+            norm_groups=32,
+        )
         c.data.buckets = ((128, 128),)
     if remat:
         c.model.unet.remat = remat
@@ -82,17 +89,29 @@ def cpu_table(steps: int) -> None:
     rows = []
     for preset, per_device in (("tiny", 8), ("mid", 2)):
         for devices in (1, 8):
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-            cmd = [sys.executable, __file__, "--preset", preset, "--devices", str(devices), "--json",
-                   "--batch_per_device", str(per_device * (8 if devices == 1 else 1)), "--steps", str(steps)]
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+            cmd = [
+                sys.executable,
+                __file__,
+                "--preset",
+                preset,
+                "--devices",
+                str(devices),
+                "--json",
+                "--batch_per_device",
+                str(per_device * (8 if devices == 1 else 1)),
+                "--steps",
+                str(steps),
+            ]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print("| preset | devices | global batch | steps/s | images/s | GFLOP/image |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['devices']} | {r['global_batch']} | {r['steps_per_s']:.2f} | "
-              f"{r['images_per_s']:.1f} | {r['tflop_per_image'] * 1e3:.2f} |")
+        print(
+            f"| {r['preset']} | {r['devices']} | {r['global_batch']} | {r['steps_per_s']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['tflop_per_image'] * 1e3:.2f} |"
+        )
 
 
 def main():
@@ -109,7 +128,9 @@ def main():
     if args.cpu_table:
         return cpu_table(args.steps)
     if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+        )
         os.environ["JAX_PLATFORMS"] = "cpu"
     result = bench(args.preset, args.batch_per_device, args.steps, args.remat, args.peak_tflops)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

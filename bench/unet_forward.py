@@ -29,10 +29,14 @@ def jax_worker(args) -> dict:
     from sdxl_jax.models import UNet, UNetConfig
     from sdxl_jax.models.unet import abstract_params
 
-    cfg = UNetConfig.sdxl_base().replace(dtype=args.dtype, param_dtype="float32" if args.dtype == "float32" else args.dtype)
+    cfg = UNetConfig.sdxl_base().replace(
+        dtype=args.dtype, param_dtype="float32" if args.dtype == "float32" else args.dtype
+    )
     abstract = jax.tree_util.tree_map(lambda b: b.value, abstract_params(cfg), is_leaf=lambda b: hasattr(b, "value"))
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32), s.dtype), abstract)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32), s.dtype), abstract
+    )
     b, h = args.batch, args.latent
     x = jnp.asarray(rng.standard_normal((b, h, h, 4), dtype=np.float32))
     t = jnp.full((b,), 500.0)
@@ -72,7 +76,10 @@ def torch_worker(args) -> dict:
     x = torch.randn(b, 4, h, h, device=device, dtype=dtype)
     t = torch.full((b,), 500.0, device=device)
     ctx = torch.randn(b, CONTEXT_LEN, 2048, device=device, dtype=dtype)
-    cond = dict(text_embeds=torch.randn(b, 1280, device=device, dtype=dtype), time_ids=torch.full((b, 6), 1024.0, device=device, dtype=dtype))
+    cond = dict(
+        text_embeds=torch.randn(b, 1280, device=device, dtype=dtype),
+        time_ids=torch.full((b, 6), 1024.0, device=device, dtype=dtype),
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
@@ -90,10 +97,30 @@ def torch_worker(args) -> dict:
 
 
 def run_worker(framework: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", framework, "--batch", str(args.batch), "--latent", str(args.latent), "--dtype", args.dtype, "--reps", str(args.reps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(CONFIGS.parents[2])})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        framework,
+        "--batch",
+        str(args.batch),
+        "--latent",
+        str(args.latent),
+        "--dtype",
+        args.dtype,
+        "--reps",
+        str(args.reps),
+    ]
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(CONFIGS.parents[2])}
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {framework:5s} " + " ".join(f"{s:.2f}s" for s in result["times"]) + (f"  (compile {result['compile_s']:.1f}s)" if "compile_s" in result else ""), flush=True)
+    print(
+        f"  {framework:5s} "
+        + " ".join(f"{s:.2f}s" for s in result["times"])
+        + (f"  (compile {result['compile_s']:.1f}s)" if "compile_s" in result else ""),
+        flush=True,
+    )
     return result
 
 
@@ -111,8 +138,12 @@ def main():
         print(json.dumps((jax_worker if args.worker == "jax" else torch_worker)(args)))
         return
 
-    print(f"SDXL base UNet forward: batch {args.batch}, {8 * args.latent}x{8 * args.latent} ({args.latent}x{args.latent} latent), "
-          f"{args.dtype}, {args.rounds} rounds x {args.reps} reps, {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"SDXL base UNet forward: batch {args.batch}, {8 * args.latent}x{8 * args.latent} "
+        f"({args.latent}x{args.latent} latent), "
+        f"{args.dtype}, {args.rounds} rounds x {args.reps} reps, {os.cpu_count()} CPUs",
+        flush=True,
+    )
     jax_runs, torch_runs = [], []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -121,12 +152,22 @@ def main():
     jax_s = statistics.median(t for run in jax_runs for t in run["times"])
     torch_s = statistics.median(t for run in torch_runs for t in run["times"])
     flops = jax_runs[0]["flops"]
-    print(f"device: jax {jax_runs[0]['device']}, torch {torch_runs[0]['device']} ({torch_runs[0].get('threads')} threads)")
+    print(
+        f"device: jax {jax_runs[0]['device']}, torch {torch_runs[0]['device']} ({torch_runs[0].get('threads')} threads)"
+    )
     print(f"XLA compile: {statistics.median(r['compile_s'] for r in jax_runs):.1f} s (median)")
-    print(f"FLOPs (XLA cost analysis): {flops / 1e12:.3f} TFLOP per call, {flops / args.batch / 1e12:.3f} TFLOP per image")
-    print(f"median forward: jax {jax_s:.3f} s ({flops / jax_s / 1e9:.1f} GFLOP/s), torch {torch_s:.3f} s ({flops / torch_s / 1e9:.1f} GFLOP/s)")
+    print(
+        f"FLOPs (XLA cost analysis): {flops / 1e12:.3f} TFLOP per call, {flops / args.batch / 1e12:.3f} TFLOP per image"
+    )
+    print(
+        f"median forward: jax {jax_s:.3f} s ({flops / jax_s / 1e9:.1f} GFLOP/s), "
+        f"torch {torch_s:.3f} s ({flops / torch_s / 1e9:.1f} GFLOP/s)"
+    )
     if args.peak_tflops:
-        print(f"MFU: jax {flops / jax_s / (args.peak_tflops * 1e12):.1%}, torch {flops / torch_s / (args.peak_tflops * 1e12):.1%}")
+        print(
+            f"MFU: jax {flops / jax_s / (args.peak_tflops * 1e12):.1%}, "
+            f"torch {flops / torch_s / (args.peak_tflops * 1e12):.1%}"
+        )
     print(f"RATIO jax/torch = {jax_s / torch_s:.3f}  (target <= 1.0)")
 
 

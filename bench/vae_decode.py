@@ -38,7 +38,9 @@ def jax_setup(args):
 
     cfg = VAEConfig.sdxl(dtype=args.dtype, attention=args.attention)
     params = random_params("vae", cfg)
-    z = jnp.asarray(np.random.default_rng(1).standard_normal((args.batch, args.latent, args.latent, 4), dtype=np.float32))
+    z = jnp.asarray(
+        np.random.default_rng(1).standard_normal((args.batch, args.latent, args.latent, 4), dtype=np.float32)
+    )
     jitted = jax.jit(lambda p, z: AutoencoderKL(cfg).apply({"params": p}, z, method=AutoencoderKL.decode))
     start = time.perf_counter()
     compiled = jitted.lower(params, z).compile()
@@ -92,7 +94,16 @@ class Worker:
     """A framework's worker process, kept alive between timed decodes."""
 
     def __init__(self, framework: str, args, tiled_memory: bool):
-        flags = ["--batch", str(args.batch), "--latent", str(args.latent), "--dtype", args.dtype, "--attention", args.attention]
+        flags = [
+            "--batch",
+            str(args.batch),
+            "--latent",
+            str(args.latent),
+            "--dtype",
+            args.dtype,
+            "--attention",
+            args.attention,
+        ]
         cmd = [sys.executable, __file__, "--worker", framework, *flags] + (["--tiled_memory"] if tiled_memory else [])
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self.name = framework
@@ -122,7 +133,9 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention", default="xla", help="a key of ATTENTION_IMPLS (JAX side)")
     parser.add_argument("--rounds", type=int, default=2, help="fresh pairs of worker processes")
-    parser.add_argument("--reps", type=int, default=4, help="alternating JAX/PyTorch decodes per round, after a warm-up")
+    parser.add_argument(
+        "--reps", type=int, default=4, help="alternating JAX/PyTorch decodes per round, after a warm-up"
+    )
     parser.add_argument("--tiled_memory", action="store_true", help="report XLA temp memory of a 2048^2 decode")
     parser.add_argument("--worker", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,8 +144,12 @@ def main():
         return
 
     cpus = f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f}"
-    print(f"SDXL VAE decode: batch {args.batch}, {8 * args.latent}x{8 * args.latent} ({args.latent}x{args.latent} latent), "
-          f"{args.dtype}, {args.rounds} rounds x {args.reps} alternating pairs, {cpus}", flush=True)
+    print(
+        f"SDXL VAE decode: batch {args.batch}, {8 * args.latent}x{8 * args.latent} "
+        f"({args.latent}x{args.latent} latent), "
+        f"{args.dtype}, {args.rounds} rounds x {args.reps} alternating pairs, {cpus}",
+        flush=True,
+    )
     jax_t, torch_t, jax_c, torch_c, ratios, jax_info, torch_info, compiles = [], [], [], [], [], None, None, []
     for r in range(args.rounds):
         jax_w, torch_w = Worker("jax", args, args.tiled_memory and r == 0), Worker("torch", args, False)
@@ -146,8 +163,11 @@ def main():
             jax_c.append(j["cpu"])
             torch_c.append(t["cpu"])
             ratios.append(j["wall"] / t["wall"])
-            print(f"  jax {j['wall']:6.2f} s (cpu {j['cpu']:6.1f} s)   torch {t['wall']:6.2f} s (cpu {t['cpu']:6.1f} s)"
-                  f"   ratio {ratios[-1]:.3f}   load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"  jax {j['wall']:6.2f} s (cpu {j['cpu']:6.1f} s)   torch {t['wall']:6.2f} s (cpu {t['cpu']:6.1f} s)"
+                f"   ratio {ratios[-1]:.3f}   load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
         jax_w.close()
         torch_w.close()
     flops = jax_info["flops"]
@@ -156,14 +176,20 @@ def main():
     print(f"device: jax {jax_info['device']}, torch {torch_info['device']} ({torch_info['threads']} threads)")
     print(f"XLA compile: {statistics.median(compiles):.1f} s (median); XLA temp memory {jax_info['temp_gib']:.2f} GiB")
     print(f"FLOPs (XLA cost analysis of the Flax graph): {flops / 1e12:.3f} TFLOP per decode")
-    print(f"median decode: jax {jax_s:.3f} s ({flops / jax_s / 1e9:.1f} GFLOP/s), torch {torch_s:.3f} s; "
-          f"fastest: jax {min(jax_t):.3f} s, torch {min(torch_t):.3f} s")
+    print(
+        f"median decode: jax {jax_s:.3f} s ({flops / jax_s / 1e9:.1f} GFLOP/s), torch {torch_s:.3f} s; "
+        f"fastest: jax {min(jax_t):.3f} s, torch {min(torch_t):.3f} s"
+    )
     if args.tiled_memory:
-        print(f"2048x2048 decode, XLA temp memory: tiled (64-latent tiles) {jax_info['tiled_2048_temp_gib']:.2f} GiB, "
-              f"untiled {jax_info['untiled_2048_temp_gib']:.2f} GiB")
+        print(
+            f"2048x2048 decode, XLA temp memory: tiled (64-latent tiles) {jax_info['tiled_2048_temp_gib']:.2f} GiB, "
+            f"untiled {jax_info['untiled_2048_temp_gib']:.2f} GiB"
+        )
     # Each pair runs back to back, so both sides see about the same load from other processes.
-    print(f"RATIO jax/torch = {statistics.median(ratios):.3f} (median of {len(ratios)} back-to-back pairs; "
-          f"ratio of medians {jax_s / torch_s:.3f}; of median CPU times {cpu_ratio:.3f}; target <= 1.0)")
+    print(
+        f"RATIO jax/torch = {statistics.median(ratios):.3f} (median of {len(ratios)} back-to-back pairs; "
+        f"ratio of medians {jax_s / torch_s:.3f}; of median CPU times {cpu_ratio:.3f}; target <= 1.0)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def demo_models() -> Models:
 
 
 # How the demo model samples: 32x32, DPM++ 2M SDE over 40 trailing steps, CFG 4 (sample.py and validation).
-OPTIONS = SamplingOptions(height=32, width=32, steps=40, sampler="dpmpp_2m_sde", schedule="trailing", guidance_scale=4.0)
+OPTIONS = SamplingOptions(
+    height=32, width=32, steps=40, sampler="dpmpp_2m_sde", schedule="trailing", guidance_scale=4.0
+)
 
 
 def sampling() -> ml_collections.ConfigDict:
@@ -71,8 +73,9 @@ def get_config(arg=None):
         raise ValueError(f"configs/demo.py takes no argument, got {arg!r}")
     models = demo_models()
     data = default_data_config()
-    data.update(source="shapes", path="runs/demo_shapes", buckets="area=32,step=8,ratio=2.0",
-                num_workers=0, caption_dropout=0.1)
+    data.update(
+        source="shapes", path="runs/demo_shapes", buckets="area=32,step=8,ratio=2.0", num_workers=0, caption_dropout=0.1
+    )
     with data.unlocked():
         data.num_images, data.shapes_seed = 4000, 0
     c = skeleton(models, data)
@@ -82,12 +85,22 @@ def get_config(arg=None):
     c.checkpoint_every = 1000
     c.mesh.update(data=-1, fsdp=1)
     # Muon for the UNet's kernels: a step costs a third more here, but it learns shapes in far fewer steps
-    c.optimizer.update(name="muon", learning_rate=1e-3, schedule="cosine", warmup_steps=100, decay_steps=2200,
-                       end_factor=0.05, weight_decay=0.0)
+    c.optimizer.update(
+        name="muon",
+        learning_rate=1e-3,
+        schedule="cosine",
+        warmup_steps=100,
+        decay_steps=2200,
+        end_factor=0.05,
+        weight_decay=0.0,
+    )
     c.ema.decay = 0.999
-    c.diffusion.update(prediction="sample", zero_terminal_snr=True, weighting="min_snr_v", min_snr_gamma=5.0,
-                       timestep_shift=3.0)
-    c.validation.update(every=2200, prompts=("a green triangle on a white background", "a red circle on a blue background"))
+    c.diffusion.update(
+        prediction="sample", zero_terminal_snr=True, weighting="min_snr_v", min_snr_gamma=5.0, timestep_shift=3.0
+    )
+    c.validation.update(
+        every=2200, prompts=("a green triangle on a white background", "a red circle on a blue background")
+    )
     c.validation.update({k: v for k, v in OPTIONS.config_fields().items() if k in c.validation})
     c.train_text_encoders = True  # the words' embeddings learn too (cheap; faster than reading frozen random ones)
     c.optimizer.text_encoder_learning_rate = 1e-3

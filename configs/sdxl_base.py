@@ -26,6 +26,7 @@ def get_config(arg=None):
     if variant == "refiner":
         options = options.replace(steps=40, denoising_end=0.8)
     elif variant == "turbo":
-        options = options.replace(height=512, width=512, steps=1, sampler="euler_a", schedule="turbo",
-                                  guidance_scale=0.0)
+        options = options.replace(
+            height=512, width=512, steps=1, sampler="euler_a", schedule="turbo", guidance_scale=0.0
+        )
     return sample_config(options)

@@ -21,6 +21,11 @@ def get_config(arg=None):
     c.diffusion.offset_noise = 0.05
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999
-    c.validation.update(every=500, height=1024, width=1024, steps=20, prompts=(
-        "a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"))
+    c.validation.update(
+        every=500,
+        height=1024,
+        width=1024,
+        steps=20,
+        prompts=("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"),
+    )
     return c

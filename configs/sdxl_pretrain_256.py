@@ -19,8 +19,13 @@ def sdxl_models(remat: str = "minimal") -> Models:
     """SDXL base: fp32 master weights, bf16 compute for the UNet and text encoders; the VAE in fp32."""
     compute = dict(dtype="bfloat16", param_dtype="float32")
     # scan_layers: each transformer's blocks compiled once (nn.scan); checkpoints convert either way
-    return Models("base", UNetConfig.sdxl_base(remat=remat, scan_layers=True, **compute), VAEConfig.sdxl(),
-                  CLIPTextConfig.clip_vit_l14(**compute), CLIPTextConfig.openclip_vit_bigg14(**compute))
+    return Models(
+        "base",
+        UNetConfig.sdxl_base(remat=remat, scan_layers=True, **compute),
+        VAEConfig.sdxl(),
+        CLIPTextConfig.clip_vit_l14(**compute),
+        CLIPTextConfig.openclip_vit_bigg14(**compute),
+    )
 
 
 def data_config(buckets: str) -> ml_collections.ConfigDict:
@@ -38,7 +43,16 @@ def get_config(arg=None):
     c.update(num_steps=600_000, batch_size=2048, log_every=50, checkpoint_every=2000)
     c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, schedule="constant", weight_decay=1e-2)
     c.ema.decay = 0.9999
-    c.validation.update(every=5000, height=256, width=256, steps=20, prompts=(
-        "a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk",
-        "a red cube on a blue sphere", "portrait of an old fisherman, studio lighting"))
+    c.validation.update(
+        every=5000,
+        height=256,
+        width=256,
+        steps=20,
+        prompts=(
+            "a photograph of an astronaut riding a horse",
+            "a watercolor painting of a lighthouse at dusk",
+            "a red cube on a blue sphere",
+            "portrait of an old fisherman, studio lighting",
+        ),
+    )
     return c

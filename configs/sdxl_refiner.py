@@ -16,8 +16,13 @@ from sdxl_jax.train.state import Models
 def refiner_models(remat: str) -> Models:
     compute = dict(dtype="bfloat16", param_dtype="float32")
     # scan_layers: each transformer's blocks compiled once (nn.scan); checkpoints convert either way
-    return Models("refiner", UNetConfig.sdxl_refiner(remat=remat, scan_layers=True, **compute), VAEConfig.sdxl(), None,
-                  CLIPTextConfig.openclip_vit_bigg14(**compute))
+    return Models(
+        "refiner",
+        UNetConfig.sdxl_refiner(remat=remat, scan_layers=True, **compute),
+        VAEConfig.sdxl(),
+        None,
+        CLIPTextConfig.openclip_vit_bigg14(**compute),
+    )
 
 
 def get_config(arg=None):
@@ -27,6 +32,12 @@ def get_config(arg=None):
     c.diffusion.t_max = 200  # the first 200 (low-noise) discrete levels
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999
-    c.validation.update(every=500, height=1024, width=1024, steps=20, aesthetic_score=6.0,
-                        prompts=("a photograph of an astronaut riding a horse",))
+    c.validation.update(
+        every=500,
+        height=1024,
+        width=1024,
+        steps=20,
+        aesthetic_score=6.0,
+        prompts=("a photograph of an astronaut riding a horse",),
+    )
     return c

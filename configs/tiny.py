@@ -56,7 +56,13 @@ def get_config(arg=None):
     c.ema.decay = 0.99
     if refiner:
         c.diffusion.t_max = 200
-    c.validation.update(every=0, prompts=("a red circle on a blue background", "a green square"), steps=4,
-                        height=32, width=32, guidance_scale=3.0)
+    c.validation.update(
+        every=0,
+        prompts=("a red circle on a blue background", "a green square"),
+        steps=4,
+        height=32,
+        width=32,
+        guidance_scale=3.0,
+    )
     c.peak_flops_per_device = 1e12  # nominal, for a CPU
     return c

@@ -159,7 +159,11 @@ def negative_is_zero(negative_prompts, batch: int, refiner: bool) -> np.ndarray:
 
 
 def condition(
-    encoders: TextEncoders, tokens: TokenPair, time_ids: jax.Array, drop: jax.Array | None = None, dim: int = SCALAR_EMBED_DIM
+    encoders: TextEncoders,
+    tokens: TokenPair,
+    time_ids: jax.Array,
+    drop: jax.Array | None = None,
+    dim: int = SCALAR_EMBED_DIM,
 ) -> Conditioning:
     """Conditioning for one branch; `drop` `[B]` bool zeroes the text of those examples (CFG training,
     and the base's empty negative prompt). time_ids: `base_time_ids` or `refiner_time_ids`, `[B, 6|5]`;
@@ -220,8 +224,9 @@ def prepare_prompts(
     return PromptBatch(tokens, negative_tokens, zero, ids, negative_ids)
 
 
-def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *,
-                  time_id_embed_dim: int = SCALAR_EMBED_DIM, **options) -> tuple[Conditioning, Conditioning]:
+def encode_prompt(
+    encoders: TextEncoders, prompts, negative_prompts=None, *, time_id_embed_dim: int = SCALAR_EMBED_DIM, **options
+) -> tuple[Conditioning, Conditioning]:
     """Prompts -> (conditional, unconditional) `Conditioning`, both `[B, ...]`, on the host's default device.
 
     options: `prepare_prompts`' keywords (height, width, original_size, crop_top_left, target_size,
@@ -232,5 +237,7 @@ def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *,
 
 
 @functools.partial(jax.jit, static_argnums=6)
-def _condition_pair(encoders, tokens, negative_tokens, zero, ids, negative_ids, dim) -> tuple[Conditioning, Conditioning]:
+def _condition_pair(
+    encoders, tokens, negative_tokens, zero, ids, negative_ids, dim
+) -> tuple[Conditioning, Conditioning]:
     return condition(encoders, tokens, ids, dim=dim), condition(encoders, negative_tokens, negative_ids, zero, dim)

@@ -181,8 +181,9 @@ def _conditioning(stage: Stage, inputs: StageInputs, use_cfg: bool) -> guidance.
     cond = conditioning.condition(stage.encoders, inputs.tokens, inputs.time_ids, dim=dim)
     uncond = None
     if use_cfg:
-        uncond = conditioning.condition(stage.encoders, inputs.negative_tokens, inputs.negative_time_ids,
-                                        inputs.negative_zero, dim)
+        uncond = conditioning.condition(
+            stage.encoders, inputs.negative_tokens, inputs.negative_time_ids, inputs.negative_zero, dim
+        )
     return guidance.Guided(cond, uncond, inputs.guidance_scale, inputs.guidance_rescale)
 
 
@@ -190,7 +191,8 @@ def run_stage(stage: Stage, plan: StagePlan, inputs: StageInputs, x: jax.Array, 
     """Denoise x `[B, h, w, C]` (sigma space, at `inputs.sigmas[0]`) over the stage's schedule."""
     denoise = make_denoiser(_model_fn(stage), stage.prediction)
     guided = guidance.classifier_free_guidance(
-        denoise, use_cfg=plan.use_cfg, rescale_space=stage.prediction if plan.rescale else None)
+        denoise, use_cfg=plan.use_cfg, rescale_space=stage.prediction if plan.rescale else None
+    )
     cond = _conditioning(stage, inputs, plan.use_cfg)
     return samplers.sample(guided, x, inputs.sigmas, inputs.timesteps, plan.sampler, keys, cond)
 

@@ -42,6 +42,7 @@ from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
 log = logging.getLogger("sdxl_jax")
 
+
 class NonFiniteImageWarning(UserWarning):
     """A decoded image held NaN or inf (written as black there)."""
 
@@ -92,11 +93,15 @@ class _Placer:
 
 def _stage(weights: PipelineWeights, dtype: str, prediction: str, place: _Placer) -> generation.Stage:
     """A Stage with UNet and text encoders' params and compute in `dtype`, placed on the mesh."""
-    cfgs = {name: weights.config(name).replace(dtype=dtype, param_dtype=dtype)
-            for name in ("unet", "text_encoder", "text_encoder_2") if name in weights.components}
+    cfgs = {
+        name: weights.config(name).replace(dtype=dtype, param_dtype=dtype)
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if name in weights.components
+    }
     params = {name: place(weights, name, cfg) for name, cfg in cfgs.items()}
-    encoders = TextEncoders(cfgs["text_encoder_2"], params["text_encoder_2"],
-                            cfgs.get("text_encoder"), params.get("text_encoder"))
+    encoders = TextEncoders(
+        cfgs["text_encoder_2"], params["text_encoder_2"], cfgs.get("text_encoder"), params.get("text_encoder")
+    )
     return generation.Stage(cfgs["unet"], params["unet"], encoders, prediction)
 
 
@@ -110,11 +115,19 @@ class Pipeline:
     source: str = ""
 
     @classmethod
-    def from_weights(cls, base: PipelineWeights, refiner: PipelineWeights | None = None, *, dtype: str = "bf16",
-                     prediction: str = "epsilon", zero_terminal_snr: bool = False,
-                     mesh: jax.sharding.Mesh | None = None,
-                     param_sharding: str = "replicated", release_host_copies: bool = False,
-                     source: str = "") -> "Pipeline":
+    def from_weights(
+        cls,
+        base: PipelineWeights,
+        refiner: PipelineWeights | None = None,
+        *,
+        dtype: str = "bf16",
+        prediction: str = "epsilon",
+        zero_terminal_snr: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
+        param_sharding: str = "replicated",
+        release_host_copies: bool = False,
+        source: str = "",
+    ) -> "Pipeline":
         """dtype ("bf16" | "fp32" | "fp16"): UNet and text encoders' params and compute; the VAE stays in
         its own config's dtype (fp32: the SDXL VAE overflows in half precision).
         release_host_copies: empty the given PipelineWeights' params as they move to the devices."""
@@ -147,8 +160,13 @@ class Pipeline:
         ref = load_pipeline_weights(refiner, model="refiner") if refiner is not None else None
         kwargs = objective_from_metadata(base.metadata) | kwargs
         pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, release_host_copies=True, **kwargs)
-        log.info("loaded %s%s in %.1f s (%s)", path, f" + refiner {refiner}" if refiner else "",
-                 time.perf_counter() - start, dtype)
+        log.info(
+            "loaded %s%s in %.1f s (%s)",
+            path,
+            f" + refiner {refiner}" if refiner else "",
+            time.perf_counter() - start,
+            dtype,
+        )
         return pipe
 
     @property
@@ -157,8 +175,19 @@ class Pipeline:
         stages = [self.models.base] + ([self.models.refiner] if self.models.refiner is not None else [])
         return self.models.vae_cfg.downsample_factor * max(s.unet_cfg.downsample_factor for s in stages)
 
-    def generate(self, prompts, negative_prompts=None, *, options: SamplingOptions | None = None, seed=0,
-                 latents=None, image=None, refiner_noise=None, return_latents: bool = False, **option_fields):
+    def generate(
+        self,
+        prompts,
+        negative_prompts=None,
+        *,
+        options: SamplingOptions | None = None,
+        seed=0,
+        latents=None,
+        image=None,
+        refiner_noise=None,
+        return_latents: bool = False,
+        **option_fields,
+    ):
         """Prompts -> uint8 images `[B, height, width, 3]` (and the final scaled latents `[B, h, w, 4]` with
         `return_latents`).
 
@@ -184,15 +213,26 @@ class Pipeline:
         if refiner_noise is not None:
             refiner_noise = _check_latents(refiner_noise, batch, latent_shape, "refiner_noise")
         init_latents = None if image is None else self._init_latents(image, batch, latent_shape)
-        plan, inputs = sampling.plan_and_inputs(options, self.table, prompts, negative_prompts, _seeds(seed, batch),
-                                                noise=noise, init_latents=init_latents, refiner_noise=refiner_noise)
+        plan, inputs = sampling.plan_and_inputs(
+            options,
+            self.table,
+            prompts,
+            negative_prompts,
+            _seeds(seed, batch),
+            noise=noise,
+            init_latents=init_latents,
+            refiner_noise=refiner_noise,
+        )
         out = self._run(plan, inputs, latent_shape, batch)
         images = np.asarray(out.images)
         bad = np.flatnonzero(~np.asarray(out.finite))
         if bad.size:
-            warnings.warn(f"image(s) {bad.tolist()} decoded to NaN/inf (written black there): the VAE overflowed; "
-                          f"decode in fp32 (the VAE config's dtype) or use the fp16-fix VAE", NonFiniteImageWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"image(s) {bad.tolist()} decoded to NaN/inf (written black there): the VAE overflowed; "
+                f"decode in fp32 (the VAE config's dtype) or use the fp16-fix VAE",
+                NonFiniteImageWarning,
+                stacklevel=2,
+            )
         return (images, np.asarray(out.latents)) if return_latents else images
 
     # ---- host-side helpers ------------------------------------------------------------------------
@@ -202,8 +242,10 @@ class Pipeline:
         for name, side in (("height", height), ("width", width)):
             if side < m or side % m:
                 lo, hi = max(m, side // m * m), (side // m + 1) * m
-                raise ValueError(f"{name} {side} is not a positive multiple of {m} (VAE factor x UNet "
-                                 f"downsampling); try {lo} or {hi}")
+                raise ValueError(
+                    f"{name} {side} is not a positive multiple of {m} (VAE factor x UNet "
+                    f"downsampling); try {lo} or {hi}"
+                )
 
     def _init_latents(self, image, batch: int, latent_shape) -> np.ndarray:
         """Scaled clean latents `[B, h, w, C]` from uint8 images or from latents given as they are."""
@@ -213,8 +255,10 @@ class Pipeline:
         f = self.models.vae_cfg.downsample_factor
         want = (batch, latent_shape[0] * f, latent_shape[1] * f, 3)
         if image.shape != want or image.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 {want} (or scaled latents {(batch, *latent_shape)}), "
-                             f"got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"image must be uint8 {want} (or scaled latents {(batch, *latent_shape)}), "
+                f"got {image.dtype} {image.shape}"
+            )
         return encode_images(self.models.vae_cfg, self.models.vae_params, jnp.asarray(image))
 
     def _run(self, plan: generation.Plan, inputs: generation.Inputs, latent_shape, batch: int) -> generation.Outputs:

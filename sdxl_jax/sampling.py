@@ -26,8 +26,20 @@ from sdxl_jax.tokenizer import MODES
 
 # The options a sampling config holds, and of those the ones a config writes as 0 when unset (a ConfigDict
 # cannot switch a None to a number from the command line).
-CONFIG_FIELDS = ("height", "width", "steps", "sampler", "schedule", "guidance_scale", "guidance_rescale",
-                 "denoising_end", "refiner_strength", "aesthetic_score", "negative_aesthetic_score", "prompt_mode")
+CONFIG_FIELDS = (
+    "height",
+    "width",
+    "steps",
+    "sampler",
+    "schedule",
+    "guidance_scale",
+    "guidance_rescale",
+    "denoising_end",
+    "refiner_strength",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "prompt_mode",
+)
 ZERO_IS_UNSET = ("denoising_end", "refiner_strength")
 
 
@@ -137,8 +149,9 @@ def stage_schedules(options: SamplingOptions, table: schedules.DDPMTable, img2im
         base, refiner = schedules.split_for_refiner(base, o.denoising_end)
     elif o.refiner_mode == "img2img":
         n = o.refiner_steps or o.steps
-        refiner = schedules.tail(make_schedule(o.sampler, o.schedule, n, table),
-                                 schedules.img2img_start(n, o.refiner_strength))
+        refiner = schedules.tail(
+            make_schedule(o.sampler, o.schedule, n, table), schedules.img2img_start(n, o.refiner_strength)
+        )
     if img2img:
         base = schedules.tail(base, schedules.img2img_start(o.steps, o.strength))
     for name, part in (("base", base), ("refiner", refiner)):
@@ -147,8 +160,9 @@ def stage_schedules(options: SamplingOptions, table: schedules.DDPMTable, img2im
     return base, refiner
 
 
-def stage_inputs(prompts, negative_prompts, options: SamplingOptions, schedule: schedules.Schedule,
-                 scale: float, *, refiner: bool) -> tuple[generation.StageInputs, generation.StagePlan]:
+def stage_inputs(
+    prompts, negative_prompts, options: SamplingOptions, schedule: schedules.Schedule, scale: float, *, refiner: bool
+) -> tuple[generation.StageInputs, generation.StagePlan]:
     """One stage's traced inputs (tokens, time ids, sigmas and timesteps `[n + 1]`) and static plan."""
     o = options
     prepared = conditioning.prepare_prompts(
@@ -158,27 +172,49 @@ def stage_inputs(prompts, negative_prompts, options: SamplingOptions, schedule: 
     timesteps = schedule.timesteps
     if timesteps.shape == (schedule.num_steps,):
         timesteps = np.concatenate([timesteps, np.zeros(1, np.float32)])
-    inputs = generation.StageInputs(*prepared, np.asarray(schedule.sigmas, np.float32), timesteps.astype(np.float32),
-                                    np.float32(scale), np.float32(o.guidance_rescale))
+    inputs = generation.StageInputs(
+        *prepared,
+        np.asarray(schedule.sigmas, np.float32),
+        timesteps.astype(np.float32),
+        np.float32(scale),
+        np.float32(o.guidance_rescale),
+    )
     return inputs, generation.StagePlan(o.sampler, guidance.uses_cfg(scale), o.guidance_rescale > 0)
 
 
-def plan_and_inputs(options: SamplingOptions, table: schedules.DDPMTable, prompts, negative_prompts, seeds, *,
-                    noise=None, init_latents=None, refiner_noise=None,
-                    refiner_first: bool = False) -> tuple[generation.Plan, generation.Inputs]:
+def plan_and_inputs(
+    options: SamplingOptions,
+    table: schedules.DDPMTable,
+    prompts,
+    negative_prompts,
+    seeds,
+    *,
+    noise=None,
+    init_latents=None,
+    refiner_noise=None,
+    refiner_first: bool = False,
+) -> tuple[generation.Plan, generation.Inputs]:
     """The static Plan and traced Inputs of `generation.generate` for one call.
 
     seeds `[B]` uint32; noise, init_latents (image-to-image), refiner_noise: `[B, h, w, C]` or None (see
     `generation.Inputs`). refiner_first: the first stage's model is itself a refiner (a refiner's validation).
     """
     base_schedule, refiner_schedule = stage_schedules(options, table, img2img=init_latents is not None)
-    base_inputs, base_plan = stage_inputs(prompts, negative_prompts, options, base_schedule, options.guidance_scale,
-                                          refiner=refiner_first)
+    base_inputs, base_plan = stage_inputs(
+        prompts, negative_prompts, options, base_schedule, options.guidance_scale, refiner=refiner_first
+    )
     ref_inputs = ref_plan = None
     if options.refiner_mode is not None:
         scale = options.guidance_scale if options.refiner_guidance_scale is None else options.refiner_guidance_scale
         ref_inputs, ref_plan = stage_inputs(prompts, negative_prompts, options, refiner_schedule, scale, refiner=True)
     plan = generation.Plan(base_plan, options.refiner_mode, ref_plan, init_latents is not None)
-    inputs = generation.Inputs(base_inputs, seeds, noise, np.float32(base_schedule.init_noise_sigma or 1.0),
-                               init_latents, ref_inputs, refiner_noise)
+    inputs = generation.Inputs(
+        base_inputs,
+        seeds,
+        noise,
+        np.float32(base_schedule.init_noise_sigma or 1.0),
+        init_latents,
+        ref_inputs,
+        refiner_noise,
+    )
     return plan, inputs

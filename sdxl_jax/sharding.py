@@ -69,8 +69,16 @@ ACTIVATION_AXES = {
 }
 
 # A Dense's kernel names its input and output features; its activations take these names.
-ACTIVATION_OF = {"embed": "act_embed", "heads": "act_heads", "context": "act_context", "mlp": "act_mlp",
-                 "time_in": "act_time", "time_embed": "act_time", "vector": "act_vector", "conv_out": "act_channels"}
+ACTIVATION_OF = {
+    "embed": "act_embed",
+    "heads": "act_heads",
+    "context": "act_context",
+    "mlp": "act_mlp",
+    "time_in": "act_time",
+    "time_embed": "act_time",
+    "vector": "act_vector",
+    "conv_out": "act_channels",
+}
 
 # Fully-sharded data parallel: the big dimension of every weight is split over `fsdp`, the batch over
 # both `data` and `fsdp`; heads/mlp go to `tensor` (a no-op while that axis has size 1). Activations
@@ -234,7 +242,9 @@ def placement_shardings(abstract_params, mesh: jax.sharding.Mesh, how: str):
         raise ValueError(f"unknown param_sharding {how!r}; valid: {', '.join(PLACEMENTS)}")
     if how == "replicated":
         replicated = NamedSharding(mesh, PartitionSpec())
-        return jax.tree.map(lambda _: replicated, abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        return jax.tree.map(
+            lambda _: replicated, abstract_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )
     if "fsdp" not in mesh.axis_names:
         raise ValueError(f"param_sharding='fsdp' needs a mesh with an 'fsdp' axis, got {mesh.axis_names}")
     rules = tuple((name, _present(target, mesh.axis_names)) for name, target in FSDP_RULES)

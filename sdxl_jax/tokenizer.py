@@ -96,8 +96,7 @@ def clean_text(text: str) -> str:
     try:
         import ftfy
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("sdxl_jax.tokenizer needs ftfy to clean text as CLIP does: "
-                                  "pip install ftfy") from e
+        raise ModuleNotFoundError("sdxl_jax.tokenizer needs ftfy to clean text as CLIP does: pip install ftfy") from e
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
@@ -151,13 +150,17 @@ class Tokenizer:
         assets_dir = Path(assets_dir)
         missing = [n for n in ("vocab.json", "merges.txt") if not (assets_dir / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"CLIP tokenizer files {missing} not found in {assets_dir}; "
-                                    "regenerate them with assets/clip_tokenizer/make_vocab.py")
+            raise FileNotFoundError(
+                f"CLIP tokenizer files {missing} not found in {assets_dir}; "
+                "regenerate them with assets/clip_tokenizer/make_vocab.py"
+            )
         hf = CLIPTokenizer.from_pretrained(str(assets_dir), local_files_only=True)
         specials = hf.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
         if len(hf) != VOCAB_SIZE or specials != [SOT_ID, EOT_ID]:
-            raise ValueError(f"{assets_dir}: vocabulary of {len(hf)} tokens with start/end ids {specials}, "
-                             f"expected {VOCAB_SIZE} and {[SOT_ID, EOT_ID]}")
+            raise ValueError(
+                f"{assets_dir}: vocabulary of {len(hf)} tokens with start/end ids {specials}, "
+                f"expected {VOCAB_SIZE} and {[SOT_ID, EOT_ID]}"
+            )
         # Only the BPE model is used as transformers configures it; the stages around it are made
         # to match open_clip:
         backend = hf.backend_tokenizer
@@ -167,10 +170,12 @@ class Tokenizer:
         # Its regex keeps '<|endoftext|>' in one piece, and its added-token matching turns that
         # text into EOT_ID; open_clip splits it as '<|', 'endoftext', '|>'.
         backend.encode_special_tokens = True
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # the split is done
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # the split is done
+            ]
+        )
         self._backend = backend
 
     def encode(self, prompts: str | list[str]) -> list[list[int]]:
@@ -195,22 +200,37 @@ class Tokenizer:
             if len(s) > limit:
                 where = "75 (one 77-id row)" if mode == "truncate" else f"{limit} ({n_chunks} chunks of 75)"
                 hint = " Use mode='chunked' to keep them." if mode == "truncate" else ""
-                logger.warning("prompt %d: %d tokens exceed the limit of %s; dropped the last %d: %r.%s",
-                               i, len(s), where, len(s) - limit, self.decode(s[limit:])[:200], hint)
+                logger.warning(
+                    "prompt %d: %d tokens exceed the limit of %s; dropped the last %d: %r.%s",
+                    i,
+                    len(s),
+                    where,
+                    len(s) - limit,
+                    self.decode(s[limit:])[:200],
+                    hint,
+                )
         return [s[:limit] for s in streams], n_chunks
 
-    def tokenize(self, prompts: str | list[str], *, pad: str, mode: str = "truncate",
-                 max_chunks: int | None = None, min_chunks: int = 1) -> Tokens:
+    def tokenize(
+        self,
+        prompts: str | list[str],
+        *,
+        pad: str,
+        mode: str = "truncate",
+        max_chunks: int | None = None,
+        min_chunks: int = 1,
+    ) -> Tokens:
         """Prompts (B of them) -> one encoder's `Tokens`: ids [B, 77] and eot [B] (truncate), or
         ids [B, C, 77] and eot [B, C] (chunked). pad: "eot" (CLIP-L) or "zero" (bigG)."""
         (out,) = self._tokens(prompts, (pad,), mode, max_chunks, min_chunks)
         return out
 
-    def tokenize_pair(self, prompts: str | list[str], *, mode: str = "truncate",
-                      max_chunks: int | None = None, min_chunks: int = 1) -> TokenPair:
+    def tokenize_pair(
+        self, prompts: str | list[str], *, mode: str = "truncate", max_chunks: int | None = None, min_chunks: int = 1
+    ) -> TokenPair:
         """Prompts -> both encoders' ids from one encoding (truncation warned once); shapes as `tokenize`."""
-        l, g = self._tokens(prompts, ("eot", "zero"), mode, max_chunks, min_chunks)
-        return TokenPair(ids_l=l.ids, ids_g=g.ids, eot_l=l.eot, eot_g=g.eot)
+        clip_l, big_g = self._tokens(prompts, ("eot", "zero"), mode, max_chunks, min_chunks)
+        return TokenPair(ids_l=clip_l.ids, ids_g=big_g.ids, eot_l=clip_l.eot, eot_g=big_g.eot)
 
     def _tokens(self, prompts, pads: tuple[str, ...], mode: str, max_chunks: int | None, min_chunks: int):
         """One `Tokens` per padding convention in `pads`, sharing one encoding and one cut."""
@@ -242,13 +262,15 @@ def load_tokenizer() -> Tokenizer:
         return _load()
 
 
-def tokenize(prompts: str | list[str], *, pad: str, mode: str = "truncate",
-             max_chunks: int | None = None, min_chunks: int = 1) -> Tokens:
+def tokenize(
+    prompts: str | list[str], *, pad: str, mode: str = "truncate", max_chunks: int | None = None, min_chunks: int = 1
+) -> Tokens:
     """`Tokenizer.tokenize` with the cached tokenizer."""
     return load_tokenizer().tokenize(prompts, pad=pad, mode=mode, max_chunks=max_chunks, min_chunks=min_chunks)
 
 
-def tokenize_pair(prompts: str | list[str], *, mode: str = "truncate",
-                  max_chunks: int | None = None, min_chunks: int = 1) -> TokenPair:
+def tokenize_pair(
+    prompts: str | list[str], *, mode: str = "truncate", max_chunks: int | None = None, min_chunks: int = 1
+) -> TokenPair:
     """`Tokenizer.tokenize_pair` with the cached tokenizer."""
     return load_tokenizer().tokenize_pair(prompts, mode=mode, max_chunks=max_chunks, min_chunks=min_chunks)

@@ -94,8 +94,16 @@ def test_drop_text_zeroes_only_the_marked_examples():
 
 def tiny_encoder(cls, activation: str, seed: int):
     config = transformers.CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, hidden_act=activation, projection_dim=24, bos_token_id=49406, eos_token_id=2,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        hidden_act=activation,
+        projection_dim=24,
+        bos_token_id=49406,
+        eos_token_id=2,
     )  # fmt: skip  (eos_token_id=2: SDXL's configs, pooling at the largest id)
     config.architectures = [cls.__name__]
     torch.manual_seed(seed)
@@ -158,7 +166,12 @@ def test_refiner_encodes_the_empty_negative_prompt(encoders):
     ctx, neg_ctx, pooled, neg_pooled = reference_encode(pipe, PROMPTS, None, text_encoders="g")
     cond, uncond = conditioning.encode_prompt(ours, PROMPTS, None, aesthetic_score=6.0, negative_aesthetic_score=2.5)
     assert cond.context.shape == (2, 77, 32) and cond.y.shape == (2, 24 + 5 * 256)
-    for a, b in ((cond.context, ctx), (cond.y[:, :24], pooled), (uncond.context, neg_ctx), (uncond.y[:, :24], neg_pooled)):
+    for a, b in (
+        (cond.context, ctx),
+        (cond.y[:, :24], pooled),
+        (uncond.context, neg_ctx),
+        (uncond.y[:, :24], neg_pooled),
+    ):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert np.abs(neg_ctx).max() > 0.1  # encoded "", not zeros
     close(cond.y[:, 24:], conditioning.embed_scalars(np.array([[1024, 1024, 0, 0, 6.0]] * 2)))
@@ -171,5 +184,7 @@ def test_chunked_prompts_concatenate_chunk_states(encoders):
     cond, uncond = conditioning.encode_prompt(ours, [long, "a cat"], None, mode="chunked")
     assert cond.context.shape == (2, 154, 64) and uncond.context.shape == (2, 154, 64)
     truncated, _ = conditioning.encode_prompt(ours, [long, "a cat"], None)
-    np.testing.assert_allclose(cond.context[:, :77], truncated.context, rtol=0, atol=1e-6)  # first chunk = truncated row
+    np.testing.assert_allclose(
+        cond.context[:, :77], truncated.context, rtol=0, atol=1e-6
+    )  # first chunk = truncated row
     np.testing.assert_allclose(cond.y, truncated.y, rtol=0, atol=1e-6)  # pooled from the first chunk

@@ -45,7 +45,9 @@ def test_converts_to_jax_and_back_to_both_pytorch_layouts(folder, tmp_path, caps
     assert (path, target, int(tensors)) == (str(tmp_path / "ckpt"), "jax", 919)
     assert int(parameters.replace(",", "")) == sum(v.size for state in source.values() for v in state.values())
 
-    code, out, err = run(capsys, tmp_path / "ckpt", tmp_path / "sdxl.safetensors", "--to", "single-file", "--dtype=fp16")
+    code, out, err = run(
+        capsys, tmp_path / "ckpt", tmp_path / "sdxl.safetensors", "--to", "single-file", "--dtype=fp16"
+    )
     assert code == 0 and "text_encoder_2 written: 907/907 tensors" in err
     written = load_file(tmp_path / "sdxl.safetensors")
     assert len(written) == int(SUMMARY.search(out).group(3)) == 907
@@ -90,7 +92,10 @@ def bad_inputs(tmp_path, folder) -> dict[str, tuple[list, str]]:
         "garbage": ([f("garbage.safetensors"), out], r"not a readable safetensors file"),
         "sd15": ([f("sd15.safetensors"), out], r"looks like an SD 1.x checkpoint .* only SDXL base/refiner"),
         "payload": ([f("payload.ckpt"), out], r"refused or unreadable as a weights-only PyTorch pickle"),
-        "wrong model": ([f("refiner.safetensors"), out, "--model", "base"], r"is an SDXL refiner checkpoint, not a base"),
+        "wrong model": (
+            [f("refiner.safetensors"), out, "--model", "base"],
+            r"is an SDXL refiner checkpoint, not a base",
+        ),
         "existing": ([folder, f("taken")], r"taken exists; refusing to overwrite it"),
         "variant": ([f("sd15.safetensors"), out, "--variant", "fp16"], r"--variant applies to a diffusers folder"),
         "suffix": ([folder, f("out.ckpt"), "--to", "single-file"], r"out.ckpt: a single-file output must be named"),

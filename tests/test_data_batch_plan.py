@@ -14,7 +14,8 @@ def make_plan(counts, g, seed=0, remainder="drop", epochs=None):
     perm = rng.permutation(len(bucket_of))  # records of a bucket are scattered through the source
     record_ids = np.arange(len(bucket_of)) * 10 + 7
     return BatchPlan(bucket_of[perm], record_ids[perm], len(counts), g, seed, remainder, epochs), dict(
-        zip(record_ids[perm].tolist(), bucket_of[perm].tolist()))
+        zip(record_ids[perm].tolist(), bucket_of[perm].tolist())
+    )
 
 
 def epoch_batches(plan, epoch):
@@ -51,7 +52,9 @@ def test_carry_uses_every_record_and_spills_remainders_into_the_next_epoch():
     counts, g = [10, 7, 3], 4
     plan, bucket_of = make_plan(counts, g, remainder="carry", epochs=4)
     assert plan.num_steps == sum(4 * n // g for n in counts) == 10 + 7 + 3
-    assert [plan.steps_in_epoch(e) for e in range(4)] == [sum((e + 1) * n // g - e * n // g for n in counts) for e in range(4)]
+    assert [plan.steps_in_epoch(e) for e in range(4)] == [
+        sum((e + 1) * n // g - e * n // g for n in counts) for e in range(4)
+    ]
     seen = collections.Counter()
     for step in range(plan.num_steps):
         bucket, ids = plan.global_batch(step)
@@ -62,7 +65,9 @@ def test_carry_uses_every_record_and_spills_remainders_into_the_next_epoch():
         uses = [seen[r] for r, bb in bucket_of.items() if bb == b]
         assert sum(uses) == 4 * n // g * g and max(uses) - min(uses) <= 1
     # the 3-record bucket never fills a batch in epoch 0 but does later
-    assert 2 not in {b for b, _ in epoch_batches(plan, 0)} and 2 in {b for e in (1, 2, 3) for b, _ in epoch_batches(plan, e)}
+    assert 2 not in {b for b, _ in epoch_batches(plan, 0)} and 2 in {
+        b for e in (1, 2, 3) for b, _ in epoch_batches(plan, e)
+    }
 
 
 def test_buckets_are_visited_in_proportion_to_their_size():

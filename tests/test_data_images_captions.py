@@ -115,7 +115,9 @@ def test_pick_caption_choice_dropout_and_determinism():
     caps = ["first", "second", "third"]
     picks = [pick_caption(caps, np.random.default_rng(s), 0.0, False, 0) for s in range(300)]
     assert {p for p, _ in picks} == set(caps) and not any(d for _, d in picks)
-    assert pick_caption(caps, np.random.default_rng(5), 0.2, False, 0) == pick_caption(caps, np.random.default_rng(5), 0.2, False, 0)
+    assert pick_caption(caps, np.random.default_rng(5), 0.2, False, 0) == pick_caption(
+        caps, np.random.default_rng(5), 0.2, False, 0
+    )
     drops = [pick_caption(caps, np.random.default_rng(s), 0.25, False, 0) for s in range(2000)]
     rate = np.mean([d for _, d in drops])
     assert 0.21 < rate < 0.29

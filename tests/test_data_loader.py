@@ -65,7 +65,9 @@ def test_batch_contract(folder):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(folder):
-    run = lambda seed: list(make_loader(config(folder), seed=seed, global_batch_size=4, process_index=0, process_count=1))
+    run = lambda seed: list(
+        make_loader(config(folder), seed=seed, global_batch_size=4, process_index=0, process_count=1)
+    )
     a, b, c = run(1), run(1), run(2)
     assert_batches_equal(a, b)
     assert [x["record_id"].tolist() for x in a] != [x["record_id"].tolist() for x in c]
@@ -73,7 +75,10 @@ def test_same_seed_same_batches_other_seed_other_batches(folder):
 
 def test_hosts_take_slices_of_the_same_global_batch(folder):
     whole = list(make_loader(config(folder), seed=3, global_batch_size=4, process_index=0, process_count=1))
-    parts = [list(make_loader(config(folder), seed=3, global_batch_size=4, process_index=p, process_count=2)) for p in range(2)]
+    parts = [
+        list(make_loader(config(folder), seed=3, global_batch_size=4, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     assert len(parts[0]) == len(parts[1]) == len(whole)
     for step, full in enumerate(whole):
         halves = [parts[0][step], parts[1][step]]

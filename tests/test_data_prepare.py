@@ -31,7 +31,12 @@ def folder(tmp_path_factory):
 def test_prepared_shards_index_report_and_same_batches_as_the_raw_folder(folder, tmp_path):
     report = run_prepare(folder, tmp_path / "out", "--num_shards", "3")
     written = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert written == {"kept": 16, "skipped": {}, "repaired": {}, "buckets": {"128x128": 4, "160x96": 4, "192x64": 4, "96x160": 4}}
+    assert written == {
+        "kept": 16,
+        "skipped": {},
+        "repaired": {},
+        "buckets": {"128x128": 4, "160x96": 4, "192x64": 4, "96x160": 4},
+    }
     assert report.to_json() == written
     index = load_prepared_index(tmp_path / "out")
     assert index.num_records == 16 and len(index.shards) == 3 and index.kind == "images"
@@ -126,14 +131,20 @@ def tiny_checkpoint(tmp_path_factory):
     from sdxl_jax.models.vae import VAEConfig
 
     text = dict(vocab_size=49408, max_position_embeddings=77, intermediate_size=64, num_layers=2, num_heads=4)
-    configs = dict(unet=UNetConfig.tiny(context_dim=72, adm_in_channels=24 + 6 * 4), vae=VAEConfig.tiny(),
-                   text_encoder=CLIPTextConfig(hidden_size=32, **text),
-                   text_encoder_2=CLIPTextConfig(hidden_size=40, activation="gelu", projection_dim=24, **text))  # fmt: skip
+    configs = dict(
+        unet=UNetConfig.tiny(context_dim=72, adm_in_channels=24 + 6 * 4),
+        vae=VAEConfig.tiny(),
+        text_encoder=CLIPTextConfig(hidden_size=32, **text),
+        text_encoder_2=CLIPTextConfig(hidden_size=40, activation="gelu", projection_dim=24, **text),
+    )
     rng = np.random.default_rng(0)
     components = {}
     for name, cfg in configs.items():
         shapes = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
-        components[name] = (cfg, jax.tree_util.tree_map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes))
+        components[name] = (
+            cfg,
+            jax.tree_util.tree_map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes),
+        )
     return save_project(PipelineWeights("base", components), tmp_path_factory.mktemp("ckpt") / "tiny_base")
 
 

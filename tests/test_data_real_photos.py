@@ -65,12 +65,17 @@ def test_real_photos_buckets_crops_and_micro_conditioning(photos):
         ch, cw = cover_size(h, w, Bucket(int(th), int(tw)))
         top, left = batch["crop_top_left"][0]
         assert 0 <= top <= ch - th and 0 <= left <= cw - tw
-        cover = np.asarray(Image.fromarray(displayed(photos / name)).resize((cw, ch), Image.Resampling.LANCZOS), np.int16)
+        cover = np.asarray(
+            Image.fromarray(displayed(photos / name)).resize((cw, ch), Image.Resampling.LANCZOS), np.int16
+        )
         got = batch["images"][0].astype(np.int16)
         plain = np.abs(cover[top : top + th, left : left + tw] - got)[4:-4, 4:-4].mean()
         mirrored = np.abs(cover[:, ::-1][top : top + th, left : left + tw] - got)[4:-4, 4:-4].mean()
         assert min(plain, mirrored) < 2.0, (name, plain, mirrored)
-        assert max(plain, mirrored) > 4 * min(plain, mirrored) + 1, (name, plain, mirrored)  # real content tells them apart
+        assert max(plain, mirrored) > 4 * min(plain, mirrored) + 1, (
+            name,
+            plain,
+            mirrored,
+        )  # real content tells them apart
         flips += mirrored < plain
     assert 0 < flips < 14
-

@@ -12,9 +12,14 @@ from sdxl_jax.data.shm_ring import from_ring, to_ring
 
 def batch(seed: int, h: int = 16) -> dict:
     rng = np.random.default_rng(seed)
-    return dict(images=rng.integers(0, 256, (2, h, 24, 3), dtype=np.uint8), ids=rng.integers(0, 49408, (2, 77), dtype=np.int32),
-                drop=rng.random(2) < 0.5, score=rng.random(2).astype(np.float32), empty=np.zeros((0, 3), np.float32),
-                note="kept as is")  # fmt: skip
+    return dict(
+        images=rng.integers(0, 256, (2, h, 24, 3), dtype=np.uint8),
+        ids=rng.integers(0, 49408, (2, 77), dtype=np.int32),
+        drop=rng.random(2) < 0.5,
+        score=rng.random(2).astype(np.float32),
+        empty=np.zeros((0, 3), np.float32),
+        note="kept as is",
+    )
 
 
 def assert_same(got: dict, want: dict) -> None:

@@ -28,7 +28,10 @@ def test_folder_with_sidecars_json_and_subfolders(tmp_path):
 
 def test_folder_with_huggingface_metadata_jsonl(tmp_path):
     write_folder(tmp_path / "train", {"x.jpg": (jpeg(60, 90), "sidecar loses"), "y.jpg": (jpeg(90, 60), None)})
-    lines = [{"file_name": "x.jpg", "text": "from metadata", "aesthetic": 5.5}, {"file_name": "y.jpg", "text": ["one", "two"]}]
+    lines = [
+        {"file_name": "x.jpg", "text": "from metadata", "aesthetic": 5.5},
+        {"file_name": "y.jpg", "text": ["one", "two"]},
+    ]
     (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     src = FolderSource(tmp_path)
     x, y = src[0], src[1]
@@ -47,9 +50,17 @@ def test_tar_shards_are_read_by_offset_without_extracting(tmp_path):
     assert r.key == "00001.tar/000010001" and r.captions == ["tar caption 1 1"] and r.aesthetic == 6.0
     assert decode_rgb(r.image).shape == (90, 60, 3)
     # hostile member names and links are keys at most, never paths on disk
-    evil = write_tar(tmp_path / "evil.tar", {"../../escape.jpg": jpeg(40, 40), "/abs/p.jpg": jpeg(40, 40),
-                                             "dir/k.jpg": jpeg(40, 40), "dir/k.txt": b"nested", "lonely.txt": b"no image"},
-                     symlinks={"link.jpg": "/etc/passwd"})  # fmt: skip
+    evil = write_tar(
+        tmp_path / "evil.tar",
+        {
+            "../../escape.jpg": jpeg(40, 40),
+            "/abs/p.jpg": jpeg(40, 40),
+            "dir/k.jpg": jpeg(40, 40),
+            "dir/k.txt": b"nested",
+            "lonely.txt": b"no image",
+        },
+        symlinks={"link.jpg": "/etc/passwd"},
+    )
     before = set(os.listdir(tmp_path))
     src = TarSource([evil])
     keys = [src[i].key for i in range(len(src))]
@@ -96,12 +107,23 @@ def test_tfds_source_reads_encoded_images_and_text_without_tensorflow(tfds_dir):
 
 
 def test_scan_counts_and_assigns(tmp_path):
-    write_folder(tmp_path, {"w.jpg": (jpeg(40, 120), "wide"), "s.jpg": (jpeg(64, 64), "square"), "z.jpg": (b"", "empty"),
-                            "small.jpg": (jpeg(16, 16), "small")})  # fmt: skip
+    write_folder(
+        tmp_path,
+        {
+            "w.jpg": (jpeg(40, 120), "wide"),
+            "s.jpg": (jpeg(64, 64), "square"),
+            "z.jpg": (b"", "empty"),
+            "small.jpg": (jpeg(16, 16), "small"),
+        },
+    )
     buckets = bucket_table(SMALL_BUCKETS)
     index, report = scan_source(FolderSource(tmp_path), buckets, ScanFilters(min_original_size=32))
-    assert report.to_json() == {"kept": 2, "skipped": {"empty_file": 1, "too_small": 1}, "repaired": {},
-                                "buckets": {"128x128": 1, "192x64": 1}}  # fmt: skip  (3:1 exactly)
+    assert report.to_json() == {
+        "kept": 2,
+        "skipped": {"empty_file": 1, "too_small": 1},
+        "repaired": {},
+        "buckets": {"128x128": 1, "192x64": 1},
+    }  # fmt: skip  (3:1 exactly)
     assert index.original_size.tolist() == [[64, 64], [40, 120]]
     assert [buckets[b].name for b in index.bucket] == ["128x128", "192x64"]
     np.testing.assert_array_equal(index.record_ids, [0, 2])

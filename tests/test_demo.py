@@ -96,8 +96,17 @@ def pipe():
 
 def generate(pipe, prompts, seed=0, **micro):
     s = demo.sampling()
-    return pipe.generate(prompts, seed=seed, height=s.height, width=s.width, steps=s.steps, sampler=s.sampler,
-                         schedule=s.schedule, guidance_scale=s.guidance_scale, **micro)
+    return pipe.generate(
+        prompts,
+        seed=seed,
+        height=s.height,
+        width=s.width,
+        steps=s.steps,
+        sampler=s.sampler,
+        schedule=s.schedule,
+        guidance_scale=s.guidance_scale,
+        **micro,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +150,20 @@ def test_size_and_crop_conditioning_change_the_output(pipe):
 
 
 def test_sample_py_runs_the_shipped_demo(tmp_path):
-    cmd = [sys.executable, "sample.py", "--config", "configs/demo.py", "--prompt",
-           "a green triangle on a white background", "--outdir", str(tmp_path), "--config.sample.compilation_cache=none"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    cmd = [
+        sys.executable,
+        "sample.py",
+        "--config",
+        "configs/demo.py",
+        "--prompt",
+        "a green triangle on a white background",
+        "--outdir",
+        str(tmp_path),
+        "--config.sample.compilation_cache=none",
+    ]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (png,) = tmp_path.glob("*.png")
     image = np.asarray(Image.open(png))

@@ -107,12 +107,18 @@ INVERSES = {
     "text_encoder_2": (text_encoder_config_from_transformers, text_encoder_config_to_transformers),
 }
 PRESETS = [
-    ("unet", UNetConfig.sdxl_base()), ("unet", UNetConfig.sdxl_refiner()), ("unet", UNetConfig.tiny()),
+    ("unet", UNetConfig.sdxl_base()),
+    ("unet", UNetConfig.sdxl_refiner()),
+    ("unet", UNetConfig.tiny()),
     ("unet", UNetConfig.tiny(use_linear_projection=False, adm_in_channels=None)),
-    ("vae", VAEConfig.sdxl()), ("vae", VAEConfig.tiny()), ("vae", VAEConfig.tiny(shift_factor=0.1, use_quant_conv=False)),
-    ("text_encoder", CLIPTextConfig.clip_vit_l14()), ("text_encoder_2", CLIPTextConfig.openclip_vit_bigg14()),
-    ("text_encoder", CLIPTextConfig.tiny()), ("text_encoder_2", CLIPTextConfig.tiny(eos_token_id=49407, projection_dim=8)),
-]  # fmt: skip
+    ("vae", VAEConfig.sdxl()),
+    ("vae", VAEConfig.tiny()),
+    ("vae", VAEConfig.tiny(shift_factor=0.1, use_quant_conv=False)),
+    ("text_encoder", CLIPTextConfig.clip_vit_l14()),
+    ("text_encoder_2", CLIPTextConfig.openclip_vit_bigg14()),
+    ("text_encoder", CLIPTextConfig.tiny()),
+    ("text_encoder_2", CLIPTextConfig.tiny(eos_token_id=49407, projection_dim=8)),
+]
 
 
 @pytest.mark.parametrize("name, cfg", PRESETS)
@@ -198,7 +204,9 @@ def test_full_size_exports_write_exactly_the_real_tensors(model):
         assert {k: v.shape for k, v in state.items()} == want, name
     single_file = diffusers_to_single_file(states, export.single_file_layout(weights))
     want = {k: tuple(v) for k, v in manifest(f"sdxl_{model}_single_file_keys")["tensors"].items()}
-    assert {k: v.shape for k, v in single_file.items()} == {k: v for k, v in want.items() if k not in ignorable_keys(model)}
+    assert {k: v.shape for k, v in single_file.items()} == {
+        k: v for k, v in want.items() if k not in ignorable_keys(model)
+    }
 
 
 # ---- diffusers folders ---------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ def test_convolution_with_groups_and_its_gradient():
     x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 4, 6))  # 2 groups of 4 input channels
 
     def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=2)
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
+        )
 
     forward = 2 * (2 * 16 * 16 * 6) * (4 * 3 * 3)
     assert flops_of(conv, x, w) == forward
@@ -56,9 +57,12 @@ def test_unet_count_does_not_depend_on_scanned_layers_and_matches_xla():
     for scan in (False, True):
         c = cfg.replace(scan_layers=scan)
         params = nn.meta.unbox(abstract_params(c, batch, latent))
-        args = (jax.ShapeDtypeStruct((batch, *latent, c.in_channels), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.float32),
-                jax.ShapeDtypeStruct((batch, 7, c.context_dim), jnp.float32),
-                jax.ShapeDtypeStruct((batch, c.adm_in_channels), jnp.float32))  # fmt: skip
+        args = (
+            jax.ShapeDtypeStruct((batch, *latent, c.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.float32),
+            jax.ShapeDtypeStruct((batch, 7, c.context_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, c.adm_in_channels), jnp.float32),
+        )
 
         def loss(p, x, t, ctx, y, c=c):
             return jnp.sum(UNet(c).apply({"params": p}, x, t, ctx, y) ** 2)

@@ -54,12 +54,15 @@ def test_the_kernel_mode_is_read_from_its_bracket(tmp_path, monkeypatch):
 
 def test_the_process_restarts_once_with_the_same_arguments():
     """A real restart: the child script records its environment and arguments, twice at most."""
-    code = ("import os, sys; from sdxl_jax.train import huge_pages; "
-            "print('run', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True); "
-            "huge_pages.reexec_with_huge_pages()")
+    code = (
+        "import os, sys; from sdxl_jax.train import huge_pages; "
+        "print('run', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True); "
+        "huge_pages.reexec_with_huge_pages()"
+    )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     runs = [line for line in out.splitlines() if line.startswith("run")]
     if huge_pages.huge_pages_environment(env) is None:  # this host cannot use it: nothing happens
         assert runs == ["run None ['a', '--b=1']"]

@@ -53,8 +53,11 @@ def assert_images_close(ours, theirs):
 def torch_pipes():
     base = tiny_pipeline.base_pipeline()
     # The real refiner ships the base's VAE; decode both stages with one VAE so images compare.
-    refiner = StableDiffusionXLImg2ImgPipeline(**{**tiny_pipeline.refiner_pipeline().components, "vae": base.vae},
-                                               requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **{**tiny_pipeline.refiner_pipeline().components, "vae": base.vae},
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
     for p in (base, refiner):
         p.set_progress_bar_config(disable=True)
     return base, refiner
@@ -83,8 +86,9 @@ def test_base_euler_matches_diffusers(torch_pipes, ours, negative):
     with torch.no_grad():
         want_latents = nhwc(base(**kw, latents=nchw(noise), output_type="latent").images)
         want_images = diffusers_uint8(base(**kw, latents=nchw(noise), output_type="np").images)
-    images, latents = ours.generate(PROMPTS, negative, height=H, width=W, steps=6, guidance_scale=5.0,
-                                    latents=noise, return_latents=True)
+    images, latents = ours.generate(
+        PROMPTS, negative, height=H, width=W, steps=6, guidance_scale=5.0, latents=noise, return_latents=True
+    )
     assert_latents_close(latents, want_latents)
     assert_images_close(images, want_images)
 
@@ -98,8 +102,9 @@ def test_handoff_matches_diffusers_denoising_end_start(torch_pipes, ours):
         handoff = base(**common, height=H, width=W, latents=nchw(noise), denoising_end=0.8, output_type="latent").images
         want_latents = nhwc(refiner(**common, image=handoff, denoising_start=0.8, output_type="latent").images)
         want_images = diffusers_uint8(refiner(**common, image=handoff, denoising_start=0.8, output_type="np").images)
-    images, latents = ours.generate(PROMPTS, height=H, width=W, steps=10, guidance_scale=5.0, latents=noise,
-                                    denoising_end=0.8, return_latents=True)
+    images, latents = ours.generate(
+        PROMPTS, height=H, width=W, steps=10, guidance_scale=5.0, latents=noise, denoising_end=0.8, return_latents=True
+    )
     assert_latents_close(latents, want_latents)
     assert_images_close(images, want_images)
 
@@ -111,12 +116,24 @@ def test_refiner_img2img_matches_diffusers(torch_pipes, ours):
     noise = initial_noise(len(PROMPTS), seed=2)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        clean = base(prompt=PROMPTS, height=H, width=W, num_inference_steps=6, latents=nchw(noise), output_type="latent").images
+        clean = base(
+            prompt=PROMPTS, height=H, width=W, num_inference_steps=6, latents=nchw(noise), output_type="latent"
+        ).images
         refiner_noise = nhwc(torch.randn(clean.shape, generator=torch.Generator().manual_seed(7)))
-        want = refiner(prompt=PROMPTS, image=clean, strength=0.3, num_inference_steps=10, generator=generator,
-                       output_type="latent").images
-    _, latents = ours.generate(PROMPTS, height=H, width=W, steps=6, latents=noise, refiner_strength=0.3,
-                               refiner_steps=10, refiner_noise=refiner_noise, return_latents=True)
+        want = refiner(
+            prompt=PROMPTS, image=clean, strength=0.3, num_inference_steps=10, generator=generator, output_type="latent"
+        ).images
+    _, latents = ours.generate(
+        PROMPTS,
+        height=H,
+        width=W,
+        steps=6,
+        latents=noise,
+        refiner_strength=0.3,
+        refiner_steps=10,
+        refiner_noise=refiner_noise,
+        return_latents=True,
+    )
     assert_latents_close(latents, nhwc(want))
 
 
@@ -128,17 +145,33 @@ def test_img2img_from_latents_matches_diffusers(torch_pipes, ours):
     init = initial_noise(len(PROMPTS), seed=3)
     with torch.no_grad():
         noise = nhwc(torch.randn((len(PROMPTS), 4, H // 8, W // 8), generator=torch.Generator().manual_seed(5)))
-        want = img2img(prompt=PROMPTS, image=nchw(init), strength=0.6, num_inference_steps=10,
-                       generator=torch.Generator().manual_seed(5), output_type="latent").images
-    _, latents = ours.generate(PROMPTS, height=H, width=W, steps=10, image=init, strength=0.6, latents=noise,
-                               return_latents=True)
+        want = img2img(
+            prompt=PROMPTS,
+            image=nchw(init),
+            strength=0.6,
+            num_inference_steps=10,
+            generator=torch.Generator().manual_seed(5),
+            output_type="latent",
+        ).images
+    _, latents = ours.generate(
+        PROMPTS, height=H, width=W, steps=10, image=init, strength=0.6, latents=noise, return_latents=True
+    )
     assert_latents_close(latents, nhwc(want))
     # uint8 images are encoded (posterior mean) and then take the same path
     pixels = np.random.default_rng(4).integers(0, 256, (len(PROMPTS), H, W, 3), dtype=np.uint8)
-    _, from_pixels = ours.generate(PROMPTS, height=H, width=W, steps=10, image=pixels, strength=0.6, latents=noise,
-                                   return_latents=True)
-    _, from_latents = ours.generate(PROMPTS, height=H, width=W, steps=10, strength=0.6, latents=noise, return_latents=True,
-                                    image=encode_images(ours.models.vae_cfg, ours.models.vae_params, pixels))
+    _, from_pixels = ours.generate(
+        PROMPTS, height=H, width=W, steps=10, image=pixels, strength=0.6, latents=noise, return_latents=True
+    )
+    _, from_latents = ours.generate(
+        PROMPTS,
+        height=H,
+        width=W,
+        steps=10,
+        strength=0.6,
+        latents=noise,
+        return_latents=True,
+        image=encode_images(ours.models.vae_cfg, ours.models.vae_params, pixels),
+    )
     np.testing.assert_array_equal(from_pixels, from_latents)
 
 

@@ -50,8 +50,9 @@ print("REPORT" + json.dumps(report))
 
 def run_meshes(tmp_path, meshes: tuple[str, ...], batches: tuple[int, ...]) -> dict:
     script = f"OUT, MESHES, BATCHES = {str(tmp_path)!r}, {meshes!r}, {batches!r}\n" + SCRIPT
-    result = subprocess.run([sys.executable, "-c", script], env=child_env(devices=8), capture_output=True, text=True,
-                            timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(devices=8), capture_output=True, text=True, timeout=1200
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.split("REPORT", 1)[1])
 
@@ -63,7 +64,9 @@ def check_equal_to_single(tmp_path, meshes, batches):
         assert want.shape[0] == batch and np.abs(want).max() > 0.1
         for mesh in meshes:
             got = np.load(tmp_path / f"{mesh}_{batch}_latents.npy")
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{mesh} batch {batch}")
+            np.testing.assert_allclose(
+                got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"{mesh} batch {batch}"
+            )
             diff = np.abs(np.load(tmp_path / f"{mesh}_{batch}_images.npy").astype(int) - want_images)
             assert diff.max() <= 1, (mesh, batch)
 

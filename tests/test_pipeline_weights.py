@@ -49,7 +49,10 @@ def test_base_folder_components_compute_what_diffusers_modules_compute(saved):
     cfg, params = weights.components["unet"]
     x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     ctx = rng.standard_normal((1, 77, cfg.context_dim)).astype(np.float32)
-    pooled, time_ids = rng.standard_normal((1, POOLED)).astype(np.float32), np.array([[768, 1024, 0, 64, 1024, 1024]], np.float32)
+    pooled, time_ids = (
+        rng.standard_normal((1, POOLED)).astype(np.float32),
+        np.array([[768, 1024, 0, 64, 1024, 1024]], np.float32),
+    )
     with torch.no_grad():
         cond = dict(text_embeds=torch.from_numpy(pooled), time_ids=torch.from_numpy(time_ids))
         ref = pipe.unet(to_nchw(x), torch.tensor([500.0]), torch.from_numpy(ctx), added_cond_kwargs=cond).sample
@@ -122,5 +125,7 @@ def test_project_params_are_checked_against_their_config(saved, tmp_path):
     weights = pw.load_diffusers(root / "refiner")
     del weights.params("vae")["decoder"]["conv_out"]
     pw.save_project(weights, tmp_path / "ckpt")
-    with pytest.raises(ConversionError, match=r"vae params do not match its config:\n  missing \(2\):\n    decoder/conv_out/bias"):
+    with pytest.raises(
+        ConversionError, match=r"vae params do not match its config:\n  missing \(2\):\n    decoder/conv_out/bias"
+    ):
         pw.load_project(tmp_path / "ckpt")

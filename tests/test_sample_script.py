@@ -30,9 +30,32 @@ def run_sample(*args, cache=None):
 
 def test_sample_writes_pngs_with_parameters_and_reuses_the_cache(checkpoint, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    args = [f"--config.checkpoint={checkpoint}", "--prompt", "a red cube", "--prompt", "a blue ball", "--n", "2",
-            "--steps", "3", "--width", "96", "--height", "64", "--batch_size", "3", "--seed", "10",
-            "--negative_prompt", "blurry", "--sampler", "euler_a", "--config.dtype=fp32", "--outdir", str(out)]
+    args = [
+        f"--config.checkpoint={checkpoint}",
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue ball",
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--batch_size",
+        "3",
+        "--seed",
+        "10",
+        "--negative_prompt",
+        "blurry",
+        "--sampler",
+        "euler_a",
+        "--config.dtype=fp32",
+        "--outdir",
+        str(out),
+    ]
     first = run_sample(*args, cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     batch_lines = [line for line in first.stdout.splitlines() if line.startswith("batch ")]

@@ -11,8 +11,15 @@ diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy-2 `copy=` notice
 
-SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                      timestep_spacing="leading", num_train_timesteps=1000, prediction_type="epsilon")
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+)
 TABLE32 = schedules.scaled_linear_table(diffusers_float32=True)
 
 # Data ~ N(MU, S²) per dimension: the exact denoiser and the exact probability-flow ODE are closed-form.
@@ -97,8 +104,9 @@ def test_euler_ancestral_distribution_exact_recursion():
     # The samples follow the recursion (checked at 40 steps)...
     n = 40
     sigmas = np.append(schedules.karras_sigmas(n, 0.03, sigma_max), 0.0).astype(np.float32)
-    x = samplers.sample_jit(gaussian_denoise, _gaussian_start(n_samples, sigmas[0], 1), sigmas,
-                            np.zeros(n, np.float32), "euler_a", _key(2))
+    x = samplers.sample_jit(
+        gaussian_denoise, _gaussian_start(n_samples, sigmas[0], 1), sigmas, np.zeros(n, np.float32), "euler_a", _key(2)
+    )
     mean, var = propagate(sigmas.astype(np.float64))
     assert np.all(np.abs(np.asarray(x.mean(0)) - mean) < 5 * np.sqrt(var / n_samples))
     assert np.all(np.abs(np.asarray(x.var(0)) / var - 1) < 5 * np.sqrt(2 / n_samples))
@@ -113,8 +121,14 @@ def test_euler_ancestral_distribution_exact_recursion():
 def test_dpmpp_2m_sde_distribution():
     n, n_samples = 30, 8192
     sigmas = np.append(schedules.karras_sigmas(n, 0.03, 14.6), 0.0).astype(np.float32)
-    x = samplers.sample_jit(gaussian_denoise, _gaussian_start(n_samples, sigmas[0], 4), sigmas,
-                            np.zeros(n, np.float32), "dpmpp_2m_sde", _key(5))
+    x = samplers.sample_jit(
+        gaussian_denoise,
+        _gaussian_start(n_samples, sigmas[0], 4),
+        sigmas,
+        np.zeros(n, np.float32),
+        "dpmpp_2m_sde",
+        _key(5),
+    )
     se = np.asarray(S) / np.sqrt(n_samples)
     assert np.all(np.abs(np.asarray(x.mean(0) - MU)) < 5 * se)
     # 2nd order: measured std within 1.5% of S at 30 steps; statistical std error 0.8%.
@@ -145,22 +159,57 @@ def _step_noises(key, like):
 # name: (diffusers class, config overrides, step kwargs, our schedule builder, sampler, VP-space latents)
 DIFFUSERS_CASES = {
     "euler": ("EulerDiscreteScheduler", {}, None, schedules.diffusers_euler, "euler", False),
-    "euler_v": ("EulerDiscreteScheduler", {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, None,
-                lambda tab, n: schedules.diffusers_euler(tab, n, "trailing"), "euler", False),
-    "euler_karras_linspace": ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
-                              None, lambda tab, n: schedules.diffusers_euler(tab, n, "linspace", karras=True), "euler",
-                              False),
+    "euler_v": (
+        "EulerDiscreteScheduler",
+        {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        None,
+        lambda tab, n: schedules.diffusers_euler(tab, n, "trailing"),
+        "euler",
+        False,
+    ),
+    "euler_karras_linspace": (
+        "EulerDiscreteScheduler",
+        {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
+        None,
+        lambda tab, n: schedules.diffusers_euler(tab, n, "linspace", karras=True),
+        "euler",
+        False,
+    ),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "patch", schedules.diffusers_euler, "euler_a", False),
     "heun": ("HeunDiscreteScheduler", {}, None, schedules.diffusers_euler, "heun", False),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, None, schedules.diffusers_dpmsolver, "dpmpp_2m", True),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, None,
-                        lambda tab, n: schedules.diffusers_dpmsolver(tab, n, karras=True), "dpmpp_2m", True),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "variance_noise",
-                     schedules.diffusers_dpmsolver, "dpmpp_2m_sde", True),
-    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}, None, schedules.diffusers_ddim,
-             "ddim", True),
-    "ddim_eta1": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}, "eta1", schedules.diffusers_ddim,
-                  samplers.ddim(1.0), True),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True},
+        None,
+        lambda tab, n: schedules.diffusers_dpmsolver(tab, n, karras=True),
+        "dpmpp_2m",
+        True,
+    ),
+    "dpmpp_2m_sde": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++"},
+        "variance_noise",
+        schedules.diffusers_dpmsolver,
+        "dpmpp_2m_sde",
+        True,
+    ),
+    "ddim": (
+        "DDIMScheduler",
+        {"set_alpha_to_one": False, "clip_sample": False},
+        None,
+        schedules.diffusers_ddim,
+        "ddim",
+        True,
+    ),
+    "ddim_eta1": (
+        "DDIMScheduler",
+        {"set_alpha_to_one": False, "clip_sample": False},
+        "eta1",
+        schedules.diffusers_ddim,
+        samplers.ddim(1.0),
+        True,
+    ),
 }
 
 
@@ -175,15 +224,19 @@ def test_matches_diffusers_step_by_step(case, monkeypatch):
         sched = build(TABLE32, n)
         noise = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
         key = _key(100 + n)
-        step_noise = [torch.from_numpy(z) for z in np.array(_step_noises(key, jnp.zeros((n,) + shape)))] \
-            if noise_mode else []
+        step_noise = (
+            [torch.from_numpy(z) for z in np.array(_step_noises(key, jnp.zeros((n,) + shape)))] if noise_mode else []
+        )
 
         sch = getattr(diffusers, cls_name)(**{**SDXL_SCHEDULER, **overrides})
         sch.set_timesteps(n)
         if noise_mode == "patch":  # the ancestral step's randn_tensor hands out our noise, in order
             pending = iter(step_noise)
-            monkeypatch.setattr(diffusers.schedulers.scheduling_euler_ancestral_discrete, "randn_tensor",
-                                lambda *a, **k: next(pending))
+            monkeypatch.setattr(
+                diffusers.schedulers.scheduling_euler_ancestral_discrete,
+                "randn_tensor",
+                lambda *a, pending=pending, **k: next(pending),
+            )
         latents = torch.from_numpy(noise) * sch.init_noise_sigma
         theirs, i = [], 0
         for j, t in enumerate(sch.timesteps):
@@ -201,8 +254,9 @@ def test_matches_diffusers_step_by_step(case, monkeypatch):
         assert len(theirs) == n
 
         x_init = noise * np.float32(sched.init_noise_sigma)
-        _, ours = samplers.sample_jit(denoise, x_init, sched.sigmas, sched.timesteps, sampler, key,
-                                      return_trajectory=True)
+        _, ours = samplers.sample_jit(
+            denoise, x_init, sched.sigmas, sched.timesteps, sampler, key, return_trajectory=True
+        )
         ours = np.asarray(ours)
         if vp:  # diffusers' VP latent is ours / sqrt(sigma² + 1)
             ours = ours / np.sqrt(sched.sigmas[1:].astype(np.float64) ** 2 + 1).reshape(-1, 1, 1, 1, 1)
@@ -236,8 +290,9 @@ def test_cfg_is_one_batched_call():
     np.testing.assert_allclose(out, d_u + 7.5 * (d_c - d_u), rtol=1e-5, atol=1e-5)
     # Without CFG: one call on the conditional half; the scale is ignored.
     calls.clear()
-    plain = jax.jit(guidance.classifier_free_guidance(base, use_cfg=False))(x, 3.0, 500.0,
-                                                                           guidance.Guided(cond, uncond, 7.5))
+    plain = jax.jit(guidance.classifier_free_guidance(base, use_cfg=False))(
+        x, 3.0, 500.0, guidance.Guided(cond, uncond, 7.5)
+    )
     assert calls == [3]
     np.testing.assert_allclose(plain, d_c, rtol=1e-6)
     assert guidance.uses_cfg(5.0) and not guidance.uses_cfg(1.0) and not guidance.uses_cfg(0.0)
@@ -269,14 +324,19 @@ def test_guidance_scale_is_traced():
     sched = schedules.diffusers_euler(TABLE32, 5)
     x = _randn((2, 4, 2, 2), 0) * sched.init_noise_sigma
     cond, uncond = jnp.ones((2, 4)), jnp.zeros((2, 4))
-    outs = [samplers.sample_jit(denoise, x, sched.sigmas, sched.timesteps, "euler", None,
-                                guidance.Guided(cond, uncond, jnp.float32(scale))) for scale in (5.0, 7.5, 1.5)]
+    outs = [
+        samplers.sample_jit(
+            denoise, x, sched.sigmas, sched.timesteps, "euler", None, guidance.Guided(cond, uncond, jnp.float32(scale))
+        )
+        for scale in (5.0, 7.5, 1.5)
+    ]
     assert len(calls) == 1  # traced once, whatever the scale
     assert not np.allclose(outs[0], outs[1])
     # New sigma values of the same length: no retrace either; a different step count does retrace.
     other = schedules.diffusers_euler(TABLE32, 5, "trailing")
-    samplers.sample_jit(denoise, x, other.sigmas, other.timesteps, "euler", None,
-                        guidance.Guided(cond, uncond, jnp.float32(2.0)))
+    samplers.sample_jit(
+        denoise, x, other.sigmas, other.timesteps, "euler", None, guidance.Guided(cond, uncond, jnp.float32(2.0))
+    )
     assert len(calls) == 1
 
 
@@ -284,8 +344,9 @@ def test_guidance_scale_is_traced():
 # one scan, model traced once (twice for Heun); the registry
 
 
-@pytest.mark.parametrize("name,model_traces", [("euler", 1), ("heun", 2), ("dpmpp_2m", 1), ("dpmpp_2m_sde", 1),
-                                               ("euler_a", 1), ("ddim", 1)])
+@pytest.mark.parametrize(
+    "name,model_traces", [("euler", 1), ("heun", 2), ("dpmpp_2m", 1), ("dpmpp_2m_sde", 1), ("euler_a", 1), ("ddim", 1)]
+)
 def test_one_scan_model_traced_once(name, model_traces):
     calls = []
     denoise = denoisers.eps_denoiser(_cond_model(calls))

@@ -12,8 +12,15 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy-2 `copy=` notice
 
 # SDXL base/refiner scheduler config (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
-SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                      timestep_spacing="leading", num_train_timesteps=1000, prediction_type="epsilon")
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+)
 STEP_COUNTS = (1, 4, 7, 20, 30, 50)
 # Sigma tolerance (relative): with the float32 table ours are diffusers' up to rounding (measured 3.4e-7);
 # timesteps are exact, fractional Karras ones to float32 rounding of ~1000 (6.1e-5 measured).
@@ -38,9 +45,13 @@ def _assert_schedule(ours, timesteps, sigmas, init, t_atol=0.0):
     np.testing.assert_allclose(ours.init_noise_sigma, init, rtol=SIGMA_RTOL)
 
 
-EULER_FAMILY = [("EulerDiscreteScheduler", False), ("EulerDiscreteScheduler", True),
-                ("EulerAncestralDiscreteScheduler", False),  # (it has no Karras option)
-                ("HeunDiscreteScheduler", False), ("HeunDiscreteScheduler", True)]
+EULER_FAMILY = [
+    ("EulerDiscreteScheduler", False),
+    ("EulerDiscreteScheduler", True),
+    ("EulerAncestralDiscreteScheduler", False),  # (it has no Karras option)
+    ("HeunDiscreteScheduler", False),
+    ("HeunDiscreteScheduler", True),
+]
 
 
 @pytest.mark.parametrize("cls_name,karras", EULER_FAMILY)
@@ -98,11 +109,13 @@ def test_tables():
     raw = schedules.rescale_zero_terminal_snr(TABLE64.betas)
     assert np.cumprod(1 - raw)[-1] == pytest.approx(0.0, abs=1e-12)
     for n in (1, 4, 25):
-        sch = diffusers.EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "timestep_spacing": "trailing"},
-                                               rescale_betas_zero_snr=True)
+        sch = diffusers.EulerDiscreteScheduler(
+            **{**SDXL_SCHEDULER, "timestep_spacing": "trailing"}, rescale_betas_zero_snr=True
+        )
         sch.set_timesteps(n)
-        got = schedules.diffusers_euler(schedules.scaled_linear_table(zero_terminal_snr=True, diffusers_float32=True),
-                                        n, "trailing")
+        got = schedules.diffusers_euler(
+            schedules.scaled_linear_table(zero_terminal_snr=True, diffusers_float32=True), n, "trailing"
+        )
         np.testing.assert_array_equal(got.timesteps, sch.timesteps.numpy())
         np.testing.assert_allclose(got.sigmas, sch.sigmas.numpy(), rtol=1e-5)
 

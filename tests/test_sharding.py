@@ -38,14 +38,16 @@ SCRIPT = textwrap.dedent(
     largest = sorted(zip(leaves, shards), key=lambda ps: -math.prod(ps[0].shape))[:50]
     unsharded_big = [p.shape for p, s in largest if math.prod(s.shard_shape(p.shape)) * 8 != math.prod(p.shape)]
     assert not unsharded_big, unsharded_big
-    print(f"base: {total / 2**30:.2f} GiB, per device {per_device / 2**30:.3f} GiB, replicated {replicated / 2**20:.2f} MiB")
+    print(f"base: {total / 2**30:.2f} GiB, per device {per_device / 2**30:.3f} GiB, "
+          f"replicated {replicated / 2**20:.2f} MiB")
     assert replicated < 0.002 * total, replicated  # only norms and a few small vectors stay whole
     assert per_device < 1.01 * total / 8
 
     # Tiny UNet: the state is created already sharded (eval_shape -> shardings -> jit(init)).
     # (Shallow, to keep XLA's compile of the random init short on a 2-core CPU.)
     cfg = UNetConfig.tiny(scan_layers=True, channel_mult=(1, 2), transformer_depth=(0, 3), transformer_depth_middle=3)
-    args = (jnp.zeros((1, 2, 2, 4)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.context_dim)), jnp.zeros((1, cfg.adm_in_channels)))
+    args = (jnp.zeros((1, 2, 2, 4)), jnp.zeros((1,)), jnp.zeros((1, 1, cfg.context_dim)),
+            jnp.zeros((1, cfg.adm_in_channels)))
     init = lambda key: UNet(cfg).init(key, *args)["params"]
     tiny_shardings = param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, FSDP_RULES)
     params = jax.jit(init, out_shardings=tiny_shardings)(jax.random.key(0))

@@ -238,8 +238,9 @@ def test_pair_equals_single_encoder_calls():
     prompts = ["a photo of a cat", "word " * 90]
     for mode in ("truncate", "chunked"):
         pair = tk.tokenize_pair(prompts, mode=mode)
-        l, g = tk.tokenize(prompts, pad="eot", mode=mode), tk.tokenize(prompts, pad="zero", mode=mode)
-        for got, want in [(pair.ids_l, l.ids), (pair.ids_g, g.ids), (pair.eot_l, l.eot), (pair.eot_g, g.eot)]:
+        clip_l, big_g = tk.tokenize(prompts, pad="eot", mode=mode), tk.tokenize(prompts, pad="zero", mode=mode)
+        pairs = [(pair.ids_l, clip_l.ids), (pair.ids_g, big_g.ids), (pair.eot_l, clip_l.eot), (pair.eot_g, big_g.eot)]
+        for got, want in pairs:
             np.testing.assert_array_equal(got, want)
 
 
@@ -247,27 +248,33 @@ def test_load_tokenizer_is_cached():
     assert tk.load_tokenizer() is tk.load_tokenizer()
 
 
-@pytest.mark.parametrize("bad, words", [
-    (None, "got NoneType"),
-    (3, "got int"),
-    (b"a cat", "got bytes"),
-    (["ok", None], "prompt 1 must be a str, got NoneType"),
-    ([["nested"]], "prompt 0 must be a str, got list"),
-    (np.array(["a"]), "got ndarray"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (None, "got NoneType"),
+        (3, "got int"),
+        (b"a cat", "got bytes"),
+        (["ok", None], "prompt 1 must be a str, got NoneType"),
+        ([["nested"]], "prompt 0 must be a str, got list"),
+        (np.array(["a"]), "got ndarray"),
+    ],
+)
 def test_non_string_input_is_a_type_error(bad, words):
     with pytest.raises(TypeError, match=words):
         tk.tokenize(bad, pad="eot")
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(prompts=[], pad="eot"), "empty"),
-    (dict(prompts=["x"], pad="left"), "pad must be one of"),
-    (dict(prompts=["x"], pad="eot", mode="split"), "mode must be one of"),
-    (dict(prompts=["x"], pad="eot", max_chunks=2), "chunked' only"),
-    (dict(prompts=["x"], pad="eot", mode="chunked", min_chunks=0), "min_chunks"),
-    (dict(prompts=["x"], pad="eot", mode="chunked", min_chunks=3, max_chunks=2), "max_chunks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(prompts=[], pad="eot"), "empty"),
+        (dict(prompts=["x"], pad="left"), "pad must be one of"),
+        (dict(prompts=["x"], pad="eot", mode="split"), "mode must be one of"),
+        (dict(prompts=["x"], pad="eot", max_chunks=2), "chunked' only"),
+        (dict(prompts=["x"], pad="eot", mode="chunked", min_chunks=0), "min_chunks"),
+        (dict(prompts=["x"], pad="eot", mode="chunked", min_chunks=3, max_chunks=2), "max_chunks"),
+    ],
+)
 def test_bad_arguments_are_value_errors(kwargs, words):
     with pytest.raises(ValueError, match=words):
         tk.tokenize(**kwargs)

@@ -19,8 +19,13 @@ from sdxl_jax.train.state import init_params, models_from_config, trainable_comp
 from sdxl_jax.train.step import StepSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAINING = {"tiny": ["", "refiner", "latents", "refiner,latents", "folder"], "sdxl_pretrain_256": ["", "none", "full"],
-            "sdxl_pretrain_512": [""], "sdxl_finetune_1024": ["", "minimal"], "sdxl_refiner": [""]}
+TRAINING = {
+    "tiny": ["", "refiner", "latents", "refiner,latents", "folder"],
+    "sdxl_pretrain_256": ["", "none", "full"],
+    "sdxl_pretrain_512": [""],
+    "sdxl_finetune_1024": ["", "minimal"],
+    "sdxl_refiner": [""],
+}
 
 
 def load(name: str, arg: str) -> ml_collections.ConfigDict:
@@ -63,7 +68,9 @@ def test_config_builds(name, arg):
         assert c.diffusion.t_max == 200 and models.text_encoder is None
 
 
-@pytest.mark.parametrize("name,arg,optimizer", [("tiny", "", "adamw"), ("tiny", "refiner", "adamw"), ("tiny", "", "muon")])
+@pytest.mark.parametrize(
+    "name,arg,optimizer", [("tiny", "", "adamw"), ("tiny", "refiner", "adamw"), ("tiny", "", "muon")]
+)
 def test_tiny_state_is_laid_out_on_the_mesh(name, arg, optimizer):
     c = load(name, arg)
     c.train_text_encoders = True
@@ -128,7 +135,9 @@ def test_init_from_loads_weights_and_converts_the_layer_layout(tmp_path):
     assert jax.tree.structure(loaded["unet"]) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(loaded["unet"]), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(loaded["vae"]["encoder"]["conv_in"]["kernel"], params["vae"]["encoder"]["conv_in"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["vae"]["encoder"]["conv_in"]["kernel"], params["vae"]["encoder"]["conv_in"]["kernel"]
+    )
 
     wider = dataclasses.replace(models, vae=models.vae.replace(block_out_channels=(8, 8, 16, 32)))
     with pytest.raises(ValueError, match="vae architecture differs"):

@@ -8,8 +8,16 @@ import pytest
 from sdxl_jax.data.synthetic import make_synthetic
 from sdxl_jax.train.tensorboard import EventWriter, crc32c, read_events
 
-CFG = ml_collections.ConfigDict(dict(num_examples=10, buckets=((32, 32), (48, 32)), caption_dropout=0.25,
-                                     cached_latents=False, context_dim=48, pooled_dim=16))
+CFG = ml_collections.ConfigDict(
+    dict(
+        num_examples=10,
+        buckets=((32, 32), (48, 32)),
+        caption_dropout=0.25,
+        cached_latents=False,
+        context_dim=48,
+        pooled_dim=16,
+    )
+)
 
 
 def test_batch_contract_and_buckets():

@@ -38,11 +38,18 @@ def test_two_processes_match_one(tmp_path):
     workdir, port = tmp_path / "multi", free_port()
     children = []
     for process_id in range(2):
-        overrides = COMMON | {"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
-                              "distributed.num_processes": 2, "distributed.process_id": process_id}
+        overrides = COMMON | {
+            "distributed.enabled": True,
+            "distributed.coordinator_address": f"127.0.0.1:{port}",
+            "distributed.num_processes": 2,
+            "distributed.process_id": process_id,
+        }
         cmd = child_command(workdir, tmp_path / "multi.npz", overrides)
-        children.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(devices=4),
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        children.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=child_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [c.communicate(timeout=900)[0] for c in children]
     for c, text in zip(children, outputs):
         assert c.returncode == 0 and "CHILD DONE" in text, text[-5000:]
@@ -56,8 +63,14 @@ def test_two_processes_match_one(tmp_path):
     shards = sorted(p.name for p in (workdir / "checkpoints" / "3" / "data").glob("process_*"))
     assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
 
-    result = subprocess.run([sys.executable, "-c", RESTORE, str(workdir), str(tmp_path / "restored.npz")], cwd=REPO,
-                            env=child_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORE, str(workdir), str(tmp_path / "restored.npz")],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0 and "RESTORED 1 1 3" in result.stdout, result.stdout[-2000:] + result.stderr[-5000:]
     restored = dict(np.load(tmp_path / "restored.npz"))
     assert set(restored) == set(multi)

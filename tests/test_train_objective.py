@@ -15,8 +15,16 @@ ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
 
 
 def diffusion_cfg(**changes):
-    base = dict(prediction="epsilon", weighting="none", min_snr_gamma=5.0, offset_noise=0.0, t_min=0, t_max=1000,
-                timestep_shift=1.0, zero_terminal_snr=False)
+    base = dict(
+        prediction="epsilon",
+        weighting="none",
+        min_snr_gamma=5.0,
+        offset_noise=0.0,
+        t_min=0,
+        t_max=1000,
+        timestep_shift=1.0,
+        zero_terminal_snr=False,
+    )
     return ml_collections.ConfigDict(base | changes)
 
 
@@ -26,16 +34,24 @@ def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
     x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
     target = {"epsilon": noise, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0, "sample": x0}[prediction]
     snr = ALPHABAR[t] / (1 - ALPHABAR[t])
-    eps_weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma) / snr,
-                   "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma) / snr}
+    eps_weights = {
+        "none": np.ones_like(snr),
+        "min_snr": np.minimum(snr, gamma) / snr,
+        "debiased": 1 / np.sqrt(np.minimum(snr, 1000.0)),
+        "min_snr_v": np.minimum(snr + 1, gamma) / snr,
+    }
     weights = eps_weights[weighting]
     if prediction == "v_prediction" and weighting == "min_snr":
         weights = np.minimum(snr, gamma) / (snr + 1)
     if prediction == "v_prediction" and weighting == "min_snr_v":
         weights = np.minimum(snr + 1, gamma) / (snr + 1)
     if prediction == "sample":  # x0 error² = eps error² / snr: the eps weight times snr (before clipping)
-        weights = {"none": np.ones_like(snr), "min_snr": np.minimum(snr, gamma),
-                   "debiased": np.sqrt(np.minimum(snr, 1000.0)), "min_snr_v": np.minimum(snr + 1, gamma)}[weighting]
+        weights = {
+            "none": np.ones_like(snr),
+            "min_snr": np.minimum(snr, gamma),
+            "debiased": np.sqrt(np.minimum(snr, 1000.0)),
+            "min_snr_v": np.minimum(snr + 1, gamma),
+        }[weighting]
     return x_t, target, weights
 
 
@@ -149,13 +165,17 @@ def test_zero_terminal_snr_table():
 def test_lr_schedules_and_ema_decay():
     opt = ml_collections.ConfigDict(dict(schedule="cosine", warmup_steps=10, decay_steps=110, end_factor=0.1))
     lr = lr_schedule(opt, 1e-3)
-    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110, 500)],
-                               [0.0, 5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4, 1e-4], rtol=1e-5)
+    np.testing.assert_allclose(
+        [float(lr(s)) for s in (0, 5, 10, 60, 110, 500)], [0.0, 5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4, 1e-4], rtol=1e-5
+    )
     opt.schedule = "constant"
-    np.testing.assert_allclose([float(lr_schedule(opt, 2e-4)(s)) for s in (0, 5, 10, 10_000)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(lr_schedule(opt, 2e-4)(s)) for s in (0, 5, 10, 10_000)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6
+    )
     ema = ml_collections.ConfigDict(dict(decay=0.999, warmup=True))
-    np.testing.assert_allclose([float(ema_decay(ema, jnp.int32(n))) for n in (0, 10, 10_000_000)],
-                               [0.1, 11 / 20, 0.999], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(ema_decay(ema, jnp.int32(n))) for n in (0, 10, 10_000_000)], [0.1, 11 / 20, 0.999], rtol=1e-6
+    )
     ema.warmup = False
     assert float(ema_decay(ema, jnp.int32(0))) == np.float32(0.999)
 
@@ -163,9 +183,23 @@ def test_lr_schedules_and_ema_decay():
 def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, text_encoder_learning_rate=1e-3,
-                                         schedule="constant", warmup_steps=0, decay_steps=1, end_factor=0.0, b1=0.9,
-                                         b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
+    opt = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-2,
+            text_encoder_learning_rate=1e-3,
+            schedule="constant",
+            warmup_steps=0,
+            decay_steps=1,
+            end_factor=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip_norm=1e9,
+            accumulation_steps=1,
+        )
+    )
     params = {"unet": {"w": jnp.ones(3)}, "text_encoder_2": {"w": jnp.ones(3)}}
     g1 = jax.tree.map(lambda p: p * jnp.array([1.0, -2.0, 3.0]), params)
     g2 = jax.tree.map(lambda p: p * jnp.array([3.0, 1.0, -1.0]), params)
@@ -192,13 +226,32 @@ def _singular_spread(matrix) -> float:
 def test_muon_orthogonalises_every_kernel_and_adamw_moves_the_rest():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = ml_collections.ConfigDict(dict(name="muon", muon_beta=0.95, learning_rate=1e-2,
-                                         text_encoder_learning_rate=1e-3, schedule="constant", warmup_steps=0,
-                                         decay_steps=1, end_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, grad_clip_norm=1e9, accumulation_steps=1))
-    shapes = {"unet": {"conv": {"kernel": (3, 3, 4, 8), "bias": (8,)}, "dense": {"kernel": (16, 8)},
-                       "scanned": {"kernel": (2, 8, 24), "bias": (2, 24)}},
-              "text_encoder_2": {"dense": {"kernel": (8, 8)}}}
+    opt = ml_collections.ConfigDict(
+        dict(
+            name="muon",
+            muon_beta=0.95,
+            learning_rate=1e-2,
+            text_encoder_learning_rate=1e-3,
+            schedule="constant",
+            warmup_steps=0,
+            decay_steps=1,
+            end_factor=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip_norm=1e9,
+            accumulation_steps=1,
+        )
+    )
+    shapes = {
+        "unet": {
+            "conv": {"kernel": (3, 3, 4, 8), "bias": (8,)},
+            "dense": {"kernel": (16, 8)},
+            "scanned": {"kernel": (2, 8, 24), "bias": (2, 24)},
+        },
+        "text_encoder_2": {"dense": {"kernel": (8, 8)}},
+    }
     keys = iter(jax.random.split(jax.random.key(0), 16))
     params = jax.tree.map(lambda shape: jnp.ones(shape), shapes, is_leaf=lambda x: isinstance(x, tuple))
     # gradients with very unequal singular values (a random matrix times a ramp along its outputs)

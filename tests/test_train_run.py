@@ -36,8 +36,13 @@ def test_one_step_of_train_py(tmp_path):
 
 
 def test_overfits_eight_examples_and_validates(tmp_path):
-    overrides = ONE_BUCKET | {"num_steps": 40, "data.num_examples": 8, "data.caption_dropout": 0.0,
-                              "checkpoint_every": 1000, "validation.every": 40}
+    overrides = ONE_BUCKET | {
+        "num_steps": 40,
+        "data.num_examples": 8,
+        "data.caption_dropout": 0.0,
+        "checkpoint_every": 1000,
+        "validation.every": 40,
+    }
     loss = run_train(tmp_path, overrides)["losses"]
     start, end = np.mean([loss[s] for s in (1, 2, 3)]), np.mean([loss[s] for s in range(31, 41)])
     print(f"loss {start:.3f} -> {end:.3f}")
@@ -53,8 +58,17 @@ def test_overfits_eight_examples_and_validates(tmp_path):
 @pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     # An absurd learning rate sends the params to inf after one update: every later step is non-finite.
-    config = tiny_config("", {"num_steps": 8, "optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
-                              "optimizer.grad_clip_norm": 1e30, "max_consecutive_skips": 3, "checkpoint_every": 100})
+    config = tiny_config(
+        "",
+        {
+            "num_steps": 8,
+            "optimizer.learning_rate": 1e30,
+            "optimizer.warmup_steps": 0,
+            "optimizer.grad_clip_norm": 1e30,
+            "max_consecutive_skips": 3,
+            "checkpoint_every": 100,
+        },
+    )
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses or gradients"):
         train(config, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -81,8 +95,9 @@ def test_single_file_export_holds_the_ema_unet(tmp_path):
     from sdxl_jax.convert import SingleFileLayout, load_single_file
     from sdxl_jax.convert.export import architecture
 
-    got = run_train(tmp_path / "run", ONE_BUCKET | {"num_steps": 2, "checkpoint_every": 100,
-                                                    "export_on_finish": "single_file"})
+    got = run_train(
+        tmp_path / "run", ONE_BUCKET | {"num_steps": 2, "checkpoint_every": 100, "export_on_finish": "single_file"}
+    )
     models = tiny_models(refiner=False)
     components = ("unet", "vae", "text_encoder", "text_encoder_2")
     layout = SingleFileLayout(*(architecture(models.config(n)) for n in components))
@@ -90,8 +105,8 @@ def test_single_file_export_holds_the_ema_unet(tmp_path):
     assert weights.model == "base"
     leaves = jax.tree_util.tree_leaves_with_path(weights.params("unet"))
     flat = {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
-    ema = {k[len("['ema']['unet']"):]: v for k, v in got["arrays"].items() if k.startswith("['ema']['unet']")}
-    params = {k[len("['params']['unet']"):]: v for k, v in got["arrays"].items() if k.startswith("['params']['unet']")}
+    ema = {k[len("['ema']['unet']") :]: v for k, v in got["arrays"].items() if k.startswith("['ema']['unet']")}
+    params = {k[len("['params']['unet']") :]: v for k, v in got["arrays"].items() if k.startswith("['params']['unet']")}
     assert set(flat) == set(ema) and len(ema) > 50
     for name, value in ema.items():
         np.testing.assert_array_equal(flat[name], value, err_msg=name)
@@ -123,8 +138,13 @@ def test_project_export_records_the_objective_and_never_overwrites(tmp_path):
     from sdxl_jax.convert import load_pipeline_weights
     from sdxl_jax.pipeline import Pipeline
 
-    overrides = ONE_BUCKET | {"num_steps": 1, "checkpoint_every": 100, "export_on_finish": "project",
-                              "diffusion.prediction": "v_prediction", "diffusion.zero_terminal_snr": True}
+    overrides = ONE_BUCKET | {
+        "num_steps": 1,
+        "checkpoint_every": 100,
+        "export_on_finish": "project",
+        "diffusion.prediction": "v_prediction",
+        "diffusion.zero_terminal_snr": True,
+    }
     run_train(tmp_path / "run", overrides)
     first = tmp_path / "run" / "export" / "sdxl_jax"
     weights = load_pipeline_weights(first)

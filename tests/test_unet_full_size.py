@@ -85,7 +85,9 @@ def torch_reference(out_file: str) -> None:
             torch.from_numpy(x["x"].transpose(0, 3, 1, 2).copy()),
             torch.from_numpy(x["t"]),
             torch.from_numpy(x["context"]),
-            added_cond_kwargs=dict(text_embeds=torch.from_numpy(x["text_embeds"]), time_ids=torch.from_numpy(x["time_ids"])),
+            added_cond_kwargs=dict(
+                text_embeds=torch.from_numpy(x["text_embeds"]), time_ids=torch.from_numpy(x["time_ids"])
+            ),
         ).sample
     np.save(out_file, out.numpy().transpose(0, 2, 3, 1))
 

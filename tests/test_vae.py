@@ -141,7 +141,11 @@ def test_encode_and_decode_match_diffusers():
     x = rng.uniform(-1, 1, IMAGE_SHAPE).astype(np.float32)
     z = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
     dist = encode(cfg, params, x)
-    ours = {"mean": np.asarray(dist.mean), "logvar": np.asarray(dist.logvar), "image": np.asarray(decode(cfg, params, z))}
+    ours = {
+        "mean": np.asarray(dist.mean),
+        "logvar": np.asarray(dist.logvar),
+        "image": np.asarray(decode(cfg, params, z)),
+    }
     exact = torch_reference_outputs(copy.deepcopy(model).double(), x, z)
     single = torch_reference_outputs(model, x, z)
     for name in ours:
@@ -154,7 +158,9 @@ def test_upsampler_equals_nearest_upsample_then_conv():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 7, 8)).astype(np.float32)
     kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
-    conv = dict(kernel=rng.standard_normal((3, 3, 8, 8)).astype(np.float32), bias=rng.standard_normal(8).astype(np.float32))
+    conv = dict(
+        kernel=rng.standard_normal((3, 3, 8, 8)).astype(np.float32), bias=rng.standard_normal(8).astype(np.float32)
+    )
     params = {"params": {"conv": conv}}
     ours, plain = (jax.jit(m(**kw).apply)(params, x) for m in (VAEUpsample, Upsample))
     assert ours.shape == (2, 10, 14, 8)
@@ -246,7 +252,9 @@ def test_unsupported_diffusers_configs_are_refused():
     # Fields a config may omit take diffusers' defaults, not SDXL's.
     minimal = {k: base[k] for k in ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block")}
     assert vae_config_from_diffusers(minimal).scaling_factor == 0.18215
-    shifted = vae_config_from_diffusers(base | dict(shift_factor=0.1159, use_quant_conv=False, mid_block_add_attention=False))
+    shifted = vae_config_from_diffusers(
+        base | dict(shift_factor=0.1159, use_quant_conv=False, mid_block_add_attention=False)
+    )
     assert (shifted.shift_factor, shifted.use_quant_conv, shifted.mid_block_attention) == (0.1159, False, False)
     assert vae_param_count(shifted) == 83_653_863 - (8 * 8 + 8) - 2 * (4 * 512 * 512 + 4 * 512 + 2 * 512)
 
@@ -347,5 +355,7 @@ def test_tiled_decode_is_close_to_untiled():
 
 def test_tiled_encode_shapes():
     cfg, params = VAEConfig.tiny(), meta.unbox(abstract_params(VAEConfig.tiny()))
-    dist = jax.eval_shape(functools.partial(tiled_encode, cfg, tile=32), params, jax.ShapeDtypeStruct((1, 384, 320, 3), jnp.float32))
+    dist = jax.eval_shape(
+        functools.partial(tiled_encode, cfg, tile=32), params, jax.ShapeDtypeStruct((1, 384, 320, 3), jnp.float32)
+    )
     assert dist.mean.shape == dist.logvar.shape == (1, 48, 40, 4)

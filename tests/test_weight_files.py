@@ -58,7 +58,9 @@ def test_sharded_index_naming_a_missing_tensor_is_refused(tmp_path):
 def test_weights_only_pickle_and_lightning_wrapper(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in TENSORS.items()}, tmp_path / "model.bin")
     assert_same(read_state_dict(tmp_path / "model.bin"))
-    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in TENSORS.items()}, "global_step": 7}, tmp_path / "x.ckpt")
+    torch.save(
+        {"state_dict": {k: torch.from_numpy(v) for k, v in TENSORS.items()}, "global_step": 7}, tmp_path / "x.ckpt"
+    )
     assert_same(read_state_dict(tmp_path / "x.ckpt"))
 
 
@@ -95,7 +97,10 @@ def test_component_weights_prefers_safetensors_and_finds_variants(tmp_path):
     assert component_weights(tmp_path, "model", "fp16").name == "model.fp16.safetensors"
     (tmp_path / "model.safetensors").unlink()
     assert component_weights(tmp_path, "model").name == "model.bin"
-    with pytest.raises(FileNotFoundError, match=r"no model.bf16.safetensors / .bin .* it holds \['model.bin', 'model.fp16.safetensors'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no model.bf16.safetensors / .bin .* it holds \['model.bin', 'model.fp16.safetensors'\]",
+    ):
         component_weights(tmp_path, "model", "bf16")
 
 
@@ -103,27 +108,33 @@ def test_component_weights_prefers_safetensors_and_finds_variants(tmp_path):
 # mis-shaped (key, tensor), an ignorable buffer (key, tensor) or None).
 STRICT_CASES = {
     "unet": (
-        UNetConfig.tiny(), unet_params_to_diffusers, unet_params_from_diffusers,
+        UNetConfig.tiny(),
+        unet_params_to_diffusers,
+        unet_params_from_diffusers,
         "mid_block.attentions.0.proj_in.weight",
         ("mid_block.attentions.0.extra.weight", np.zeros(3, np.float32)),
         ("conv_in.weight", np.zeros((32, 4, 5, 5), np.float32)),
         ("denoiser.sigmas", np.zeros(1000, np.float32)),
     ),
     "vae": (
-        VAEConfig.tiny(), vae_params_to_diffusers, vae_params_from_diffusers,
+        VAEConfig.tiny(),
+        vae_params_to_diffusers,
+        vae_params_from_diffusers,
         "decoder.mid_block.attentions.0.to_k.bias",
         ("encoder.mid_block.attentions.0.extra.weight", np.zeros(3, np.float32)),
         ("decoder.conv_in.weight", np.zeros((64, 4, 5, 5), np.float32)),
         None,
     ),
     "text_encoder": (
-        CLIPTextConfig.tiny(projection_dim=8), text_encoder_params_to_transformers, text_encoder_params_from_transformers,
+        CLIPTextConfig.tiny(projection_dim=8),
+        text_encoder_params_to_transformers,
+        text_encoder_params_from_transformers,
         "text_model.encoder.layers.1.mlp.fc2.bias",
         ("text_model.encoder.layers.3.mlp.fc2.bias", np.zeros(32, np.float32)),  # a layer too many
         ("text_model.final_layer_norm.weight", np.zeros(31, np.float32)),
         ("text_model.embeddings.position_ids", np.arange(16)[None]),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("component", sorted(STRICT_CASES))

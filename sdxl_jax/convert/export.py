@@ -121,6 +121,7 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
 
 # ---- PyTorch state dicts as views of the params ----------------------------------------------------------
 
+
 def torch_state(name: str, cfg, params, check: bool = True) -> dict[str, np.ndarray]:
     """One component's PyTorch state dict (diffusers / transformers keys, text encoders `text_model.`-prefixed
     as in the released files) as numpy views of `params`: nothing is copied. check: first check the

@@ -73,8 +73,9 @@ def random_params(name: str, cfg, seed: int = 0):
     """One component's random params (device arrays)."""
     rng = np.random.default_rng(seed)
     abstract = nn.meta.unbox(COMPONENTS[name].abstract_params(cfg))
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype),
-                                            abstract)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _random_leaf(rng, path[-1].key, leaf.shape, leaf.dtype), abstract
+    )
 
 
 def random_weights(model: str, configs: dict, seed: int = 0) -> PipelineWeights:

@@ -157,10 +157,14 @@ def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
         raise ConversionError(f"VAE config has no diffusers equivalent: {what}")
     levels = len(cfg.block_out_channels)
     fields = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
-    return fields | _REQUIRED | dict(
-        _class_name="AutoencoderKL",
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=list(cfg.block_out_channels),
-        force_upcast=True,
+    return (
+        fields
+        | _REQUIRED
+        | dict(
+            _class_name="AutoencoderKL",
+            down_block_types=["DownEncoderBlock2D"] * levels,
+            up_block_types=["UpDecoderBlock2D"] * levels,
+            block_out_channels=list(cfg.block_out_channels),
+            force_upcast=True,
+        )
     )

@@ -47,8 +47,16 @@ class BatchPlan:
     num_epochs: None for an endless stream.
     """
 
-    def __init__(self, bucket_of: np.ndarray, record_ids: np.ndarray, num_buckets: int, global_batch_size: int,
-                 seed: int, remainder: str = "drop", num_epochs: int | None = None):
+    def __init__(
+        self,
+        bucket_of: np.ndarray,
+        record_ids: np.ndarray,
+        num_buckets: int,
+        global_batch_size: int,
+        seed: int,
+        remainder: str = "drop",
+        num_epochs: int | None = None,
+    ):
         if remainder not in REMAINDER_POLICIES:
             raise ValueError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
         if global_batch_size < 1:
@@ -69,8 +77,12 @@ class BatchPlan:
         if remainder == "drop":
             unused = [(b, int(n)) for b, n in enumerate(self.counts) if 0 < n < g]
             if unused:
-                logger.warning("remainder='drop': %d bucket(s) hold fewer records than the global batch %d and "
-                               "are never used: %s", len(unused), g, unused)
+                logger.warning(
+                    "remainder='drop': %d bucket(s) hold fewer records than the global batch %d and are never used: %s",
+                    len(unused),
+                    g,
+                    unused,
+                )
         if self.steps_in_epoch(0) == 0 and (remainder == "drop" or self.counts.sum() == 0):
             raise ValueError(f"no bucket has {g} records (a global batch): counts {self.counts.tolist()}")
 
@@ -105,12 +117,14 @@ class BatchPlan:
             epoch += 1
         return epoch, step - self.steps_before(epoch)
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019  (two epochs at most; the plan lives as long as its loader)
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """`[S, 2]` (bucket, batch number within the bucket's stream) of epoch `epoch`, in step order."""
         first, last = self._batches_before(epoch), self._batches_before(epoch + 1)
-        pairs = np.concatenate([np.stack([np.full(e - s, b), np.arange(s, e)], 1)
-                                for b, (s, e) in enumerate(zip(first, last))] + [np.zeros((0, 2), np.int64)])
+        pairs = np.concatenate(
+            [np.stack([np.full(e - s, b), np.arange(s, e)], 1) for b, (s, e) in enumerate(zip(first, last))]
+            + [np.zeros((0, 2), np.int64)]
+        )
         order = np.random.default_rng([self.seed, epoch, 0x5D41]).permutation(len(pairs))
         return pairs[order].astype(np.int64)
 

@@ -32,7 +32,7 @@ class Bucket(NamedTuple):
 
     @property
     def name(self) -> str:
-        """"WxH", the form SDXL's tables and `report.json` use."""
+        """ "WxH", the form SDXL's tables and `report.json` use."""
         return f"{self.w}x{self.h}"
 
 
@@ -53,8 +53,9 @@ def _by_aspect(buckets) -> tuple[Bucket, ...]:
 SDXL_BUCKETS: tuple[Bucket, ...] = _by_aspect(Bucket(h, w) for w, h in _SDXL_WH)
 
 
-def generate_buckets(area: int, step: int = 64, min_side: int | None = None, max_side: int | None = None,
-                     max_ratio: float = 4.0) -> tuple[Bucket, ...]:
+def generate_buckets(
+    area: int, step: int = 64, min_side: int | None = None, max_side: int | None = None, max_ratio: float = 4.0
+) -> tuple[Bucket, ...]:
     """Sizes with both sides multiples of `step` in [min_side, max_side] and h * w <= area: for each
     height the widest width that fits (and the transpose), keeping aspect ratios <= max_ratio.
 
@@ -75,7 +76,9 @@ def generate_buckets(area: int, step: int = 64, min_side: int | None = None, max
             continue
         found |= {Bucket(h, w), Bucket(w, h)}
     if not found:
-        raise ValueError(f"no bucket fits area={area}, step={step}, sides [{min_side}, {max_side}], ratio <= {max_ratio}")
+        raise ValueError(
+            f"no bucket fits area={area}, step={step}, sides [{min_side}, {max_side}], ratio <= {max_ratio}"
+        )
     return _by_aspect(found)
 
 
@@ -99,13 +102,15 @@ def bucket_table(spec: str) -> tuple[Bucket, ...]:
 
 
 def listed_buckets(spec: str) -> tuple[Bucket, ...]:
-    """"WxH,WxH,...": exactly these sizes (positive, no repeats)."""
+    """ "WxH,WxH,...": exactly these sizes (positive, no repeats)."""
     sizes = []
     for part in spec.split(","):
         w, _, h = part.strip().partition("x")
         if not (w.isdigit() and h.isdigit()) or int(w) <= 0 or int(h) <= 0:
-            raise ValueError(f"bucket spec {spec!r}: expected 'sdxl', 'area=N[,...]' or 'WxH,WxH,...'; "
-                             f"{part!r} is not WxH with positive integer sides")
+            raise ValueError(
+                f"bucket spec {spec!r}: expected 'sdxl', 'area=N[,...]' or 'WxH,WxH,...'; "
+                f"{part!r} is not WxH with positive integer sides"
+            )
         sizes.append(Bucket(int(h), int(w)))
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"bucket spec {spec!r} lists a size twice")

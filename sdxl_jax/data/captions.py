@@ -58,8 +58,9 @@ def shuffle_tags(text: str, rng: np.random.Generator, keep_first: int) -> str:
     return ", ".join(head + [tail[i] for i in order])
 
 
-def pick_caption(captions: list[str], rng: np.random.Generator, dropout: float, shuffle: bool,
-                 keep_tags: int) -> tuple[str, bool]:
+def pick_caption(
+    captions: list[str], rng: np.random.Generator, dropout: float, shuffle: bool, keep_tags: int
+) -> tuple[str, bool]:
     """(text, drop_text) for one example. Draws in a fixed order: choice, dropout, shuffle.
 
     No caption at all gives ("", True): an unconditional example.

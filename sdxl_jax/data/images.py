@@ -23,7 +23,6 @@ _ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = 100_000_000  # ~10000²; bigger headers are bombs or scans, not training photos
 
 
-
 class BadImage(ValueError):
     """An image that cannot be used; `reason` is one of the module docstring's names."""
 
@@ -94,7 +93,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes | str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes | str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> Image.Image:
     """Bytes -> an RGB PIL image as displayed (EXIF-rotated).
 
     draft: (h, w) the caller will resize to; a JPEG then decodes at the smallest of 1/1, 1/2, 1/4, 1/8

@@ -55,8 +55,12 @@ class Report:
 
     def to_json(self) -> dict:
         """`{"kept": N, "skipped": {reason: n}, "repaired": {note: n}, "buckets": {"WxH": n}}`."""
-        return dict(kept=self.kept, skipped=dict(sorted(self.skipped.items())),
-                    repaired=dict(sorted(self.repaired.items())), buckets=dict(sorted(self.buckets.items())))
+        return dict(
+            kept=self.kept,
+            skipped=dict(sorted(self.skipped.items())),
+            repaired=dict(sorted(self.repaired.items())),
+            buckets=dict(sorted(self.buckets.items())),
+        )
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -77,7 +81,9 @@ class BucketIndex:
     def __post_init__(self):
         m = len(self.record_ids)
         if self.original_size.shape != (m, 2) or self.bucket.shape != (m,):
-            raise ValueError(f"index arrays disagree: {m} ids, sizes {self.original_size.shape}, buckets {self.bucket.shape}")
+            raise ValueError(
+                f"index arrays disagree: {m} ids, sizes {self.original_size.shape}, buckets {self.bucket.shape}"
+            )
         if m and (self.bucket.min() < 0 or self.bucket.max() >= len(self.buckets)):
             raise ValueError("bucket ids out of range of the bucket table")
 
@@ -105,8 +111,13 @@ def check_record(record, filters: ScanFilters) -> tuple[tuple[int, int] | None, 
     return size, None, notes
 
 
-def scan_source(source, buckets: tuple[Bucket, ...], filters: ScanFilters, progress: bool = False,
-                too_long: Callable[[list[str]], bool] | None = None) -> tuple[BucketIndex, Report]:
+def scan_source(
+    source,
+    buckets: tuple[Bucket, ...],
+    filters: ScanFilters,
+    progress: bool = False,
+    too_long: Callable[[list[str]], bool] | None = None,
+) -> tuple[BucketIndex, Report]:
     """Read every record's header (not its pixels) and caption; assign buckets; count what was skipped.
 
     too_long: optional test of a kept record's captions, counted as repaired "caption_truncated"
@@ -169,7 +180,9 @@ class PreparedIndex:
 
 def save_prepared_index(root: Path, index: PreparedIndex, report: Report) -> None:
     """Write `index.npz`, then `index.json` (its presence marks a finished dataset)."""
-    np.savez(root / "index.npz", bucket=index.bucket.astype(np.int16), original_size=index.original_size.astype(np.int32))
+    np.savez(
+        root / "index.npz", bucket=index.bucket.astype(np.int16), original_size=index.original_size.astype(np.int32)
+    )
     counts = np.bincount(index.bucket, minlength=len(index.buckets))
     meta = dict(format=INDEX_FORMAT, version=INDEX_VERSION, bucket_spec=index.bucket_spec,
                 buckets=[b.name for b in index.buckets], shards=list(index.shards), kind=index.kind,

@@ -26,8 +26,8 @@ Determinism: the bucket and records of every global batch are a function of (see
 the union of the hosts' slices does not depend on the number of hosts, and the iterator state
 (grain `get_state()/set_state()`, or Orbax via `grain.checkpoint.CheckpointSave/CheckpointRestore`)
 restores exactly. The state's layout depends on `num_workers` (0 vs n > 0 differ): restore with the
-same `num_workers` it was saved with. A record that fails to decode is replaced by a deterministic stand-in from the same
-bucket and logged (warning, `sdxl_jax.data.loader`).
+same `num_workers` it was saved with. A record that fails to decode is replaced by a deterministic
+stand-in from the same bucket and logged (warning, `sdxl_jax.data.loader`).
 
 The data config (`default_data_config()`; an `ml_collections.ConfigDict`):
 
@@ -126,7 +126,9 @@ def open_source(cfg: ml_collections.ConfigDict):
 
 
 def filters_from_config(cfg: ml_collections.ConfigDict) -> ScanFilters:
-    return ScanFilters(max_pixels=cfg.max_pixels, min_original_size=cfg.min_original_size, empty_caption=cfg.empty_caption)
+    return ScanFilters(
+        max_pixels=cfg.max_pixels, min_original_size=cfg.min_original_size, empty_caption=cfg.empty_caption
+    )
 
 
 class _QuietTruncation(logging.Filter):
@@ -178,8 +180,10 @@ class ExampleFn:
             except BadImage as e:
                 logger.warning("record %d failed to load (%s); using a stand-in from the same bucket", record_id, e)
                 record_id = self.plan.substitute(bucket_id, step, slot, attempt)
-        raise RuntimeError(f"{_MAX_ATTEMPTS} records of bucket {bucket_id} failed to load in a row at step {step}: "
-                           "is the source broken? (run `prepare` to check every image)")
+        raise RuntimeError(
+            f"{_MAX_ATTEMPTS} records of bucket {bucket_id} failed to load in a row at step {step}: "
+            "is the source broken? (run `prepare` to check every image)"
+        )
 
     def example(self, record_id: int, bucket_id: int, rng: np.random.Generator) -> dict:
         cfg = self.cfg
@@ -200,12 +204,18 @@ class ExampleFn:
         return self._finish(out, crop.original_size, crop.crop_top_left, bucket, drop, aesthetic, record_id)
 
     def _latent_example(self, record: dict, record_id: int, bucket, rng: np.random.Generator) -> dict:
-        drop = bool(self.cfg["caption_dropout"] > 0 and rng.random() < self.cfg["caption_dropout"]) or not record["captions"]
+        drop = (
+            bool(self.cfg["caption_dropout"] > 0 and rng.random() < self.cfg["caption_dropout"])
+            or not record["captions"]
+        )
         token_keys = ("ids_l", "ids_g", "eot_l", "eot_g")
         tokens = _tokens("") if drop else {k: np.asarray(record[k]).astype(np.int32) for k in token_keys}
-        out = dict(latent_moments=record["latent_moments"].astype(np.float32), context=record["context"].astype(np.float32),
-                   pooled=record["pooled"].astype(np.float32), **tokens)  # fmt: skip
-        return self._finish(out, record["original_size"], record["crop_top_left"], bucket, drop, record["aesthetic"], record_id)
+        out = dict(latent_moments=record["latent_moments"].astype(np.float32),
+                   context=record["context"].astype(np.float32), pooled=record["pooled"].astype(np.float32),
+                   **tokens)  # fmt: skip
+        return self._finish(
+            out, record["original_size"], record["crop_top_left"], bucket, drop, record["aesthetic"], record_id
+        )
 
     def _finish(self, out, original, crop_top_left, bucket, drop, aesthetic, record_id) -> dict:
         score = self.cfg["default_aesthetic_score"] if aesthetic is None else aesthetic
@@ -238,15 +248,23 @@ def index_source(cfg: ml_collections.ConfigDict, source) -> tuple[BucketIndex, R
     buckets = bucket_table(cfg.buckets)
     if isinstance(source, PreparedSource):
         if source.index.bucket_spec != cfg.buckets:
-            raise ValueError(f"{cfg.path} was prepared with buckets {source.index.bucket_spec!r}, "
-                             f"but the data config asks for {cfg.buckets!r}")
+            raise ValueError(
+                f"{cfg.path} was prepared with buckets {source.index.bucket_spec!r}, "
+                f"but the data config asks for {cfg.buckets!r}"
+            )
         report = Report(kept=source.index.num_records)
         return source.index.bucket_index(), report
     return scan_source(source, buckets, filters_from_config(cfg))
 
 
-def build_pipeline(data_config: ml_collections.ConfigDict, *, seed: int, global_batch_size: int,
-                   process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+def build_pipeline(
+    data_config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Pipeline:
     """The grain pipeline for this host (see the module docstring); `make_loader` iterates it."""
     import jax
 
@@ -262,35 +280,54 @@ def build_pipeline(data_config: ml_collections.ConfigDict, *, seed: int, global_
     logger.info("data %s %s: %s", cfg.source, cfg.path or cfg.tfds_name, report.summary())
     if len(index) == 0:
         raise ValueError(f"no usable records in {cfg.source} {cfg.path or cfg.tfds_name}: {report.summary()}")
-    plan = BatchPlan(index.bucket, index.record_ids, len(index.buckets), global_batch_size, seed,
-                     cfg.remainder, cfg.num_epochs)
+    plan = BatchPlan(
+        index.bucket, index.record_ids, len(index.buckets), global_batch_size, seed, cfg.remainder, cfg.num_epochs
+    )
     sizes = np.zeros((len(source), 2), np.int32)
     sizes[index.record_ids] = index.original_size
     local = global_batch_size // process_count
     fn = ExampleFn(source, plan, sizes, cfg.to_dict(), seed, local, process_index)
     steps = plan.num_steps if plan.num_steps is not None else _ENDLESS_STEPS
     if steps == 0:
-        raise ValueError(f"{cfg.num_epochs} epoch(s) of {len(index)} records hold no global batch of {global_batch_size}")
+        raise ValueError(
+            f"{cfg.num_epochs} epoch(s) of {len(index)} records hold no global batch of {global_batch_size}"
+        )
     ds = grain.MapDataset.range(steps * local).map(fn).batch(local, drop_remainder=True)
     read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_batches)
     ds = ds.to_iter_dataset(read)
     if cfg.num_workers > 0:
         _allow_grain_workers()
-        ds = ds.map(to_ring).mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch_batches)).map(from_ring)
+        ds = (
+            ds.map(to_ring)
+            .mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch_batches)
+            )
+            .map(from_ring)
+        )
     return Pipeline(ds, plan, index, report, local, fn)
 
 
-def make_loader(data_config: ml_collections.ConfigDict, *, seed: int, global_batch_size: int,
-                process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+def make_loader(
+    data_config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
     """An iterator over this host's batches (dicts of numpy arrays, see the module docstring).
 
     Checkpoint it with `get_state()`/`set_state()`, or with Orbax:
     `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))` to save and
     `grain.checkpoint.CheckpointRestore(it)` to restore. Close it (`it.close()`) to stop workers.
     """
-    pipeline = build_pipeline(data_config, seed=seed, global_batch_size=global_batch_size,
-                              process_index=process_index, process_count=process_count)
+    pipeline = build_pipeline(
+        data_config,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return iter(pipeline.dataset)
 
 

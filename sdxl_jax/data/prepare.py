@@ -47,7 +47,7 @@ RECORDS_PER_SHARD = 2048  # default shard size: big enough for sequential reads,
 def open_raw_source(src: str, args: argparse.Namespace):
     """SRC -> a raw source (see the module docstring)."""
     if src.startswith("tfds:"):
-        name, _, split = src[len("tfds:"):].partition(":")
+        name, _, split = src[len("tfds:") :].partition(":")
         return TfdsSource(name, split or "train", args.tfds_data_dir, args.image_feature, args.text_feature)
     path = Path(src)
     if path.is_dir() and not any(path.glob("*.tar")):
@@ -61,8 +61,19 @@ def _shard_name(s: int, n: int) -> str:
 
 def _settings(args: argparse.Namespace) -> dict:
     """What the output depends on; a re-run with different settings must not mix into it."""
-    keys = ("src", "buckets", "num_shards", "cache_latents", "checkpoint", "image_format", "jpeg_quality",
-            "max_pixels", "min_original_size", "empty_caption", "caption_seed")
+    keys = (
+        "src",
+        "buckets",
+        "num_shards",
+        "cache_latents",
+        "checkpoint",
+        "image_format",
+        "jpeg_quality",
+        "max_pixels",
+        "min_original_size",
+        "empty_caption",
+        "caption_seed",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -91,8 +102,9 @@ def scan(out: Path, source, args: argparse.Namespace) -> tuple[BucketIndex, Repo
             getattr(report, field).update(raw[field])
         return index, report
     filters = ScanFilters(args.max_pixels, args.min_original_size, args.empty_caption)
-    index, report = scan_source(source, buckets, filters, progress=not args.quiet,
-                                too_long=_too_long if args.count_truncated else None)
+    index, report = scan_source(
+        source, buckets, filters, progress=not args.quiet, too_long=_too_long if args.count_truncated else None
+    )
     np.savez(out / "scan.tmp.npz", record_ids=index.record_ids, original_size=index.original_size, bucket=index.bucket)
     (out / "scan.json").write_text(json.dumps(report.to_json()))
     (out / "scan.tmp.npz").replace(saved)
@@ -144,8 +156,13 @@ def write_shard(s: int, positions: range, index: BucketIndex, source, args, enco
         enc = encoder.encode(np.stack([it[2].pixels for it in items]), [it[3] for it in items])
         for j, (rid, raw, crop, text) in enumerate(items):
             record = {k: np.asarray(v[j]) for k, v in enc.items()} | dict(
-                key=raw.key, captions=[text] if text else [], original_size=list(crop.original_size),
-                crop_top_left=list(crop.crop_top_left), bucket=index.buckets[bucket_id].name, aesthetic=raw.aesthetic)
+                key=raw.key,
+                captions=[text] if text else [],
+                original_size=list(crop.original_size),
+                crop_top_left=list(crop.crop_top_left),
+                bucket=index.buckets[bucket_id].name,
+                aesthetic=raw.aesthetic,
+            )
             writer.write(record, dict(record_id=rid, bucket=bucket_id, original_size=list(crop.original_size)))
 
     batcher = None
@@ -194,7 +211,9 @@ def build_index(out: Path, index: BucketIndex, report: Report, args, shards: lis
     counts = np.bincount(bucket, minlength=len(index.buckets))
     final.buckets.update({index.buckets[b].name: int(n) for b, n in enumerate(counts) if n})
     kind = "latents" if args.cache_latents else "images"
-    prepared = PreparedIndex(args.buckets, index.buckets, tuple(names), kind, bucket, np.array(sizes, np.int32).reshape(-1, 2))
+    prepared = PreparedIndex(
+        args.buckets, index.buckets, tuple(names), kind, bucket, np.array(sizes, np.int32).reshape(-1, 2)
+    )
     (out / "report.json").write_text(json.dumps(final.to_json(), indent=1))
     save_prepared_index(out, prepared, final)
     return final
@@ -235,14 +254,21 @@ def prepare(args: argparse.Namespace) -> Report:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sdxl_jax.data.prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sdxl_jax.data.prepare",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="image folder, .tar shard(s) (folder, file or glob), or tfds:NAME[:SPLIT]")
     p.add_argument("out", help="output folder (created; re-running continues an unfinished run)")
-    p.add_argument("--buckets", default="sdxl", help="'sdxl', 'area=512[,step=64,min=..,max=..,ratio=..]' or 'WxH,WxH,..'")
+    p.add_argument(
+        "--buckets", default="sdxl", help="'sdxl', 'area=512[,step=64,min=..,max=..,ratio=..]' or 'WxH,WxH,..'"
+    )
     p.add_argument("--num_shards", type=int, default=None, help=f"default: one per {RECORDS_PER_SHARD} records")
     p.add_argument("--cache_latents", action="store_true", help="store VAE latents + text encodings, not pixels")
-    p.add_argument("--checkpoint", default=None, help="SDXL weights for --cache_latents (any format load_pipeline_weights reads)")
+    p.add_argument(
+        "--checkpoint", default=None, help="SDXL weights for --cache_latents (any format load_pipeline_weights reads)"
+    )
     p.add_argument("--batch_size", type=int, default=4, help="--cache_latents micro-batch")
     p.add_argument("--caption_seed", type=int, default=0, help="--cache_latents: seeds the pick among several captions")
     p.add_argument("--image_format", default="jpeg", choices=("jpeg", "png"))
@@ -254,8 +280,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tfds_data_dir", default=None)
     p.add_argument("--image_feature", default="image")
     p.add_argument("--text_feature", default="caption")
-    p.add_argument("--count_truncated", action=argparse.BooleanOptionalAction, default=True,
-                   help="tokenize captions during the scan to report those past 75 tokens")
+    p.add_argument(
+        "--count_truncated",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tokenize captions during the scan to report those past 75 tokens",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

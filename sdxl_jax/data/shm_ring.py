@@ -165,5 +165,5 @@ def from_ring(ring_batch: RingBatch) -> dict:
     end = max((off + n for _, off, n, _, _ in ring_batch.arrays), default=0)
     root = np.ndarray((end,), np.uint8, buffer=slot.buf, offset=_HEADER)  # every array below is a view of root
     weakref.finalize(root, _release, slot)
-    batch = {key: root[off:off + n].view(dt).reshape(shape) for key, off, n, shape, dt in ring_batch.arrays}
+    batch = {key: root[off : off + n].view(dt).reshape(shape) for key, off, n, shape, dt in ring_batch.arrays}
     return batch | ring_batch.other

@@ -97,7 +97,9 @@ class FolderSource:
                 entry = json.loads(line)
                 name = str(rel / entry["file_name"])
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: a metadata.jsonl line needs a JSON object with file_name ({e})") from None
+                raise ValueError(
+                    f"{path}:{n}: a metadata.jsonl line needs a JSON object with file_name ({e})"
+                ) from None
             self.metadata[os.path.normpath(name)] = entry
 
     def __len__(self) -> int:
@@ -133,7 +135,9 @@ class TarSource:
             try:
                 tar = tarfile.open(path, mode="r:")  # uncompressed only: offsets must be file offsets
             except tarfile.ReadError as e:
-                raise ValueError(f"{path}: not an uncompressed tar ({e}); compressed shards have no random access") from None
+                raise ValueError(
+                    f"{path}: not an uncompressed tar ({e}); compressed shards have no random access"
+                ) from None
             with tar:
                 for m in tar:
                     if not m.isreg():  # links, devices, directories: never followed
@@ -222,8 +226,9 @@ class TfdsSource:
                 builder = tfds.builder_from_directory(self.name)
                 self._source = builder.as_data_source(split=self.split, decoders=decoders)
             else:
-                self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
-                                                decoders=decoders, download=False)
+                self._source = tfds.data_source(
+                    self.name, split=self.split, data_dir=self.data_dir, decoders=decoders, download=False
+                )
         return self._source
 
     def __len__(self) -> int:

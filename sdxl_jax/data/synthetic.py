@@ -30,8 +30,16 @@ import numpy as np
 
 from sdxl_jax.tokenizer import tokenize_pair
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-           "white": (240, 240, 240), "black": (15, 15, 15), "purple": (150, 50, 190), "orange": (240, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+    "purple": (150, 50, 190),
+    "orange": (240, 140, 30),
+}
 SHAPES = ("circle", "square", "stripe")
 LATENT_FACTOR = 8
 
@@ -76,8 +84,15 @@ def _uniform(seed: int, *keys: int) -> float:
 class SyntheticIterator:
     """Iterator over this process's slice of each global batch; see the module docstring."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, seed: int, global_batch_size: int,
-                 process_index: int, process_count: int):
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        *,
+        seed: int,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
         for h, w in cfg.buckets:
@@ -127,14 +142,19 @@ class SyntheticIterator:
         moments, context, pooled = [], [], []
         for e in examples:
             image = render(int(e), h, w).astype(np.float32) / 127.5 - 1.0
-            pooled_image = image.reshape(h // LATENT_FACTOR, LATENT_FACTOR, w // LATENT_FACTOR, LATENT_FACTOR, 3).mean((1, 3))
+            pooled_image = image.reshape(h // LATENT_FACTOR, LATENT_FACTOR, w // LATENT_FACTOR, LATENT_FACTOR, 3).mean(
+                (1, 3)
+            )
             mean = np.concatenate([pooled_image, pooled_image.mean(-1, keepdims=True)], -1) * 5.0
             moments.append(np.concatenate([mean, np.full_like(mean, -6.0)], -1))
             rng = np.random.default_rng([self.seed, 6, int(e)])
             context.append(rng.standard_normal((77, self.cfg.context_dim), np.float32))
             pooled.append(rng.standard_normal((self.cfg.pooled_dim,), np.float32))
-        return {"latent_moments": np.stack(moments).astype(np.float32), "context": np.stack(context),
-                "pooled": np.stack(pooled)}
+        return {
+            "latent_moments": np.stack(moments).astype(np.float32),
+            "context": np.stack(context),
+            "pooled": np.stack(pooled),
+        }
 
     def __next__(self) -> dict[str, np.ndarray]:
         out = self.batch(self.next_batch)
@@ -142,14 +162,17 @@ class SyntheticIterator:
         return out
 
     def get_state(self) -> bytes:
-        return json.dumps({"next_batch": self.next_batch, "seed": self.seed,
-                           "global_batch_size": self.global_batch_size}).encode()
+        return json.dumps(
+            {"next_batch": self.next_batch, "seed": self.seed, "global_batch_size": self.global_batch_size}
+        ).encode()
 
     def set_state(self, state: bytes) -> None:
         state = json.loads(state)
         if (state["seed"], state["global_batch_size"]) != (self.seed, self.global_batch_size):
-            raise ValueError(f"data state for seed {state['seed']}, global batch {state['global_batch_size']}; "
-                             f"this run has seed {self.seed}, global batch {self.global_batch_size}")
+            raise ValueError(
+                f"data state for seed {state['seed']}, global batch {state['global_batch_size']}; "
+                f"this run has seed {self.seed}, global batch {self.global_batch_size}"
+            )
         self.next_batch = int(state["next_batch"])
 
     def start_prefetch(self) -> None:
@@ -159,9 +182,11 @@ class SyntheticIterator:
         """Like the grain loader's (which stops its workers); nothing to release here."""
 
 
-def make_synthetic(cfg: ml_collections.ConfigDict, *, seed: int, global_batch_size: int, process_index: int,
-                   process_count: int) -> SyntheticIterator:
+def make_synthetic(
+    cfg: ml_collections.ConfigDict, *, seed: int, global_batch_size: int, process_index: int, process_count: int
+) -> SyntheticIterator:
     """cfg: `num_examples`, `buckets` ((h, w) pixels), `caption_dropout`, `cached_latents`, `context_dim`,
     `pooled_dim`."""
-    return SyntheticIterator(cfg, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
-                             process_count=process_count)
+    return SyntheticIterator(
+        cfg, seed=seed, global_batch_size=global_batch_size, process_index=process_index, process_count=process_count
+    )

@@ -36,8 +36,9 @@ class Crop(NamedTuple):
     target_size: tuple[int, int]
 
 
-def choose_crop(original_size: tuple[int, int], bucket: Bucket, rng: np.random.Generator,
-                random_crop: bool, flip_prob: float) -> tuple[tuple[int, int], int, int, bool]:
+def choose_crop(
+    original_size: tuple[int, int], bucket: Bucket, rng: np.random.Generator, random_crop: bool, flip_prob: float
+) -> tuple[tuple[int, int], int, int, bool]:
     """(cover size, top, left, flip) for one example; `left` is in the unflipped cover image.
 
     Randomness is drawn in a fixed order (crop, then flip) so a given rng state gives a given crop.
@@ -48,8 +49,14 @@ def choose_crop(original_size: tuple[int, int], bucket: Bucket, rng: np.random.G
     return cover, top, left, flip
 
 
-def crop_to_bucket(img: Image.Image, original_size: tuple[int, int], bucket: Bucket, rng: np.random.Generator,
-                   random_crop: bool = True, flip_prob: float = 0.0) -> Crop:
+def crop_to_bucket(
+    img: Image.Image,
+    original_size: tuple[int, int],
+    bucket: Bucket,
+    rng: np.random.Generator,
+    random_crop: bool = True,
+    flip_prob: float = 0.0,
+) -> Crop:
     """A decoded RGB image (at any resolution with the original's aspect, e.g. a JPEG draft) -> `Crop`.
 
     `original_size` is the source's displayed (h, w); `img` may be smaller (decoded at 1/2^k) or

@@ -60,8 +60,9 @@ def _doubled(value):
     return value if value.ndim == 0 else jnp.concatenate([value, value])
 
 
-def classifier_free_guidance(denoise: Denoiser, *, use_cfg: bool = True,
-                             rescale_space: Prediction | None = None) -> Denoiser:
+def classifier_free_guidance(
+    denoise: Denoiser, *, use_cfg: bool = True, rescale_space: Prediction | None = None
+) -> Denoiser:
     """Wrap `denoise(x, sigma, t, cond)` into `guided(x, sigma, t, Guided(...))`.
 
     `rescale_space=None` skips guidance rescale entirely (no std reductions); otherwise
@@ -71,6 +72,7 @@ def classifier_free_guidance(denoise: Denoiser, *, use_cfg: bool = True,
         raise ValueError(f"unknown rescale space {rescale_space!r}; valid: {', '.join(denoisers.TO_OUTPUT)}")
 
     if not use_cfg:
+
         def unguided(x, sigma, t, guided: Guided):
             return denoise(x, sigma, t, guided.cond)
 

@@ -34,7 +34,8 @@ Samplers (k-diffusion formulas; each matches its diffusers scheduler step for st
                   with the same eta, so eta = 0 is Euler.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,8 +204,17 @@ def turbo_preset(table: schedules.DDPMTable, num_steps: int = 1) -> tuple[schedu
 # the driver
 
 
-def sample(denoise: Denoiser, x_init: jax.Array, sigmas, timesteps, sampler: Sampler | str,
-           key: jax.Array | None = None, cond: Any = None, *, return_trajectory: bool = False):
+def sample(
+    denoise: Denoiser,
+    x_init: jax.Array,
+    sigmas,
+    timesteps,
+    sampler: Sampler | str,
+    key: jax.Array | None = None,
+    cond: Any = None,
+    *,
+    return_trajectory: bool = False,
+):
     """Run `sampler` over the schedule from `x_init` (see the module docstring for the contract).
 
     `denoise(x, sigma, t, cond)`; `cond` is passed through to every call as a traced pytree (a

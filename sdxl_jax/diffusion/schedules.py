@@ -141,8 +141,9 @@ def nearest_timestep(sigmas, table: DDPMTable) -> np.ndarray:
 # building blocks
 
 
-def spaced_timesteps(n: int, spacing: Spacing, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                     steps_offset: int = 1) -> np.ndarray:
+def spaced_timesteps(
+    n: int, spacing: Spacing, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, steps_offset: int = 1
+) -> np.ndarray:
     """The n descending timesteps of diffusers' Euler-family/DDIM spacings (float64; "linspace" is
     fractional). `steps_offset` only affects "leading" (SDXL: leading with offset 1 -> 981, 961, …, 1)."""
     if n < 1:
@@ -190,8 +191,9 @@ def sgm_legacy(table: DDPMTable, n: int) -> Schedule:
     return _finish(sigmas, timesteps, 0.0, _vp_init(sigmas.astype(np.float32)))
 
 
-def diffusers_euler(table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1,
-                    karras: bool = False) -> Schedule:
+def diffusers_euler(
+    table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1, karras: bool = False
+) -> Schedule:
     """diffusers' Euler / Euler-ancestral / Heun grid.
 
     Sigmas interpolated (linearly) at the spaced timesteps. With `karras`, n Karras sigmas between the
@@ -209,8 +211,9 @@ def diffusers_euler(table: DDPMTable, n: int, spacing: Spacing = "leading", *, s
     return _finish(sigmas, timesteps, 0.0, float(init))
 
 
-def diffusers_dpmsolver(table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1,
-                        karras: bool = False) -> Schedule:
+def diffusers_dpmsolver(
+    table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1, karras: bool = False
+) -> Schedule:
     """diffusers' DPMSolverMultistep grid (final_sigmas_type "zero", lambda_min_clipped -inf).
 
     Its integer timesteps come from n + 1 points with the last dropped: "leading" uses
@@ -233,8 +236,9 @@ def diffusers_dpmsolver(table: DDPMTable, n: int, spacing: Spacing = "leading", 
     return _finish(sigmas, timesteps, 0.0, _vp_init(np.float32(sigmas)))
 
 
-def diffusers_ddim(table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1,
-                   set_alpha_to_one: bool = False) -> Schedule:
+def diffusers_ddim(
+    table: DDPMTable, n: int, spacing: Spacing = "leading", *, steps_offset: int = 1, set_alpha_to_one: bool = False
+) -> Schedule:
     """diffusers' DDIM grid: integer timesteps (linspace rounded), table sigmas, and a final sigma of 0
     (`set_alpha_to_one`) or the table's sigma at t=0 (SDXL's config: 0.0292).
 
@@ -245,8 +249,9 @@ def diffusers_ddim(table: DDPMTable, n: int, spacing: Spacing = "leading", *, st
     timesteps = spaced_timesteps(n, spacing, table.num_train_timesteps, steps_offset)
     timesteps = np.round(timesteps)
     if timesteps.max() >= table.num_train_timesteps:
-        raise ValueError(f"DDIM timestep {timesteps.max():.0f} is past the table (steps_offset too large for "
-                         f"{n} steps)")
+        raise ValueError(
+            f"DDIM timestep {timesteps.max():.0f} is past the table (steps_offset too large for {n} steps)"
+        )
     sigmas = table.sigmas.astype(np.float64)[timesteps.astype(int)]
     final = 0.0 if set_alpha_to_one else float(table.sigmas[0])
     return _finish(sigmas, timesteps, final, _vp_init(np.float32(sigmas)))
@@ -276,8 +281,9 @@ def tail(schedule: Schedule, start: int) -> Schedule:
     return Schedule(schedule.sigmas[start:], schedule.timesteps[start:], None)
 
 
-def split_for_refiner(schedule: Schedule, denoising_end: float,
-                      num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[Schedule, Schedule]:
+def split_for_refiner(
+    schedule: Schedule, denoising_end: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> tuple[Schedule, Schedule]:
     """Ensemble of experts: the base keeps the steps with `t >= cutoff` and stops at the next sigma
     (still noisy); the refiner continues the same schedule from there without adding noise.
 

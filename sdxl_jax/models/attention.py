@@ -21,9 +21,7 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
-    "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="cudnn"
-    ),
+    "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
 }
 
 

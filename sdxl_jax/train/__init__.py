@@ -1,17 +1,17 @@
 """The trainer: one `train(config, workdir)` for every objective, and the pieces a run is made of.
 
-    loop.py         train(config, workdir): the life of a run, top to bottom
-    config.py       the config skeleton every training config fills in, and `check`
-    state.py        the networks (`Models`), their params (random or loaded) and the sharded `TrainState`
-    optim.py        optimisers (AdamW, Muon), LR schedules, EMA decay
-    objective.py    the diffusion objective: a batch -> latents and conditioning -> the weighted loss
-    step.py         `StepSpec` (what a compiled step needs) and the jitted, donated train step
-    data.py         the data source a config names, host batches -> global arrays
-    checkpoint.py   Orbax checkpoints of the state and the data iterator; SIGTERM -> save and stop
-    metrics.py      console, metrics.jsonl and TensorBoard (tensorboard.py writes the event files)
-    validation.py   sampling fixed prompts with the EMA params during a run
-    export.py       the finished run as a checkpoint others can open
-    memory_plan.py  `python -m sdxl_jax.plan`: compile a step ahead of time, print its memory per device
-    flops.py        model FLOPs of a traced program (for MFU)
-    huge_pages.py   restart with glibc malloc on transparent huge pages (CPU runs)
+loop.py         train(config, workdir): the life of a run, top to bottom
+config.py       the config skeleton every training config fills in, and `check`
+state.py        the networks (`Models`), their params (random or loaded) and the sharded `TrainState`
+optim.py        optimisers (AdamW, Muon), LR schedules, EMA decay
+objective.py    the diffusion objective: a batch -> latents and conditioning -> the weighted loss
+step.py         `StepSpec` (what a compiled step needs) and the jitted, donated train step
+data.py         the data source a config names, host batches -> global arrays
+checkpoint.py   Orbax checkpoints of the state and the data iterator; SIGTERM -> save and stop
+metrics.py      console, metrics.jsonl and TensorBoard (tensorboard.py writes the event files)
+validation.py   sampling fixed prompts with the EMA params during a run
+export.py       the finished run as a checkpoint others can open
+memory_plan.py  `python -m sdxl_jax.plan`: compile a step ahead of time, print its memory per device
+flops.py        model FLOPs of a traced program (for MFU)
+huge_pages.py   restart with glibc malloc on transparent huge pages (CPU runs)
 """

@@ -46,10 +46,13 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.max_consecutive_skips = 10  # non-finite steps in a row before the run stops
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # one size may be -1
     c.sharding_rules = FSDP_RULES
-    c.activation_constraints = False  # the models' activation annotations (sdxl_jax/sharding.py); on in the full-size configs
+    c.activation_constraints = (
+        False  # the models' activation annotations (sdxl_jax/sharding.py); on in the full-size configs
+    )
     # jax.distributed: enabled with an empty coordinator = auto-detection (TPU pods, SLURM, ...)
     c.distributed = ml_collections.ConfigDict(
-        {"enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0})
+        {"enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0}
+    )
     c.model = model_entries(models)
     c.init_from = ""  # a PipelineWeights path (diffusers folder, single file, project folder); "" = random init
     c.train_text_encoders = False
@@ -73,7 +76,9 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.export_on_finish = "none"
     c.export_ema = True
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
-    c.malloc_huge_pages = False  # restart train.py with glibc malloc on huge pages (sdxl_jax/train/huge_pages.py; CPU runs)
+    c.malloc_huge_pages = (
+        False  # restart train.py with glibc malloc on huge pages (sdxl_jax/train/huge_pages.py; CPU runs)
+    )
     return c
 
 

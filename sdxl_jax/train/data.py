@@ -18,8 +18,14 @@ from sdxl_jax.data.synthetic import make_synthetic
 # config.data.source -> the iterator factory (all take the same keywords). The grain loader reads
 # `source` itself to open a folder, tar shards, a TFDS dataset or prepared shards; "shapes" is the demo's
 # procedural folder (written on first use).
-DATA_SOURCES = {"synthetic": make_synthetic, "folder": make_loader, "tar": make_loader, "tfds": make_loader,
-                "prepared": make_loader, "shapes": make_shapes_loader}
+DATA_SOURCES = {
+    "synthetic": make_synthetic,
+    "folder": make_loader,
+    "tar": make_loader,
+    "tfds": make_loader,
+    "prepared": make_loader,
+    "shapes": make_shapes_loader,
+}
 
 
 def make_data(config: ml_collections.ConfigDict):
@@ -27,8 +33,13 @@ def make_data(config: ml_collections.ConfigDict):
     source = config.data.source
     if source not in DATA_SOURCES:
         raise ValueError(f"unknown data.source {source!r}; valid: {sorted(DATA_SOURCES)}")
-    return DATA_SOURCES[source](config.data, seed=config.seed, global_batch_size=config.batch_size,
-                                process_index=jax.process_index(), process_count=jax.process_count())
+    return DATA_SOURCES[source](
+        config.data,
+        seed=config.seed,
+        global_batch_size=config.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

@@ -38,7 +38,10 @@ def pipeline_weights(models, state, frozen: dict, use_ema: bool, diffusion=None)
     source = "ema" if use_ema else "params"
     metadata = {"source": f"sdxl_jax train.py ({source}, step {int(state.step)})"}
     if diffusion is not None:
-        metadata |= {"prediction": diffusion.prediction, "zero_terminal_snr": str(bool(diffusion.zero_terminal_snr)).lower()}
+        metadata |= {
+            "prediction": diffusion.prediction,
+            "zero_terminal_snr": str(bool(diffusion.zero_terminal_snr)).lower(),
+        }
     return PipelineWeights(models.kind, components, metadata)
 
 

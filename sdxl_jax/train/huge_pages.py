@@ -49,7 +49,10 @@ def reexec_with_huge_pages() -> None:
     environ = huge_pages_environment(dict(os.environ))
     if environ is None:
         return
-    print(f"restarting with GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (malloc on transparent huge pages; "
-          "config.malloc_huge_pages)", flush=True)
+    print(
+        f"restarting with GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (malloc on transparent huge pages; "
+        "config.malloc_huge_pages)",
+        flush=True,
+    )
     sys.stderr.flush()  # exec discards whatever Python still buffers
     os.execve(sys.executable, sys.orig_argv, environ)

@@ -40,8 +40,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     state = restored if restored is not None else state
 
     writer = MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
-    writer.message(f"{'resumed at step ' + str(restored_step) if restored is not None else 'new run'}; "
-                   f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es), seed {config.seed}")
+    writer.message(
+        f"{'resumed at step ' + str(restored_step) if restored is not None else 'new run'}; "
+        f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es), seed {config.seed}"
+    )
     step_fn = CompiledSteps(spec, lambda: tracing_context(config, mesh))
     validate = make_validation(spec.models, config, mesh) if config.validation.every else None
 
@@ -55,8 +57,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
             seconds = time.perf_counter() - start
             writer.step(step, metrics, bucket(local), seconds, step_fn.last_flops, timed=not step_fn.last_compiled)
             if int(metrics["skipped"]) >= config.max_consecutive_skips:
-                raise FloatingPointError(f"step {step}: {int(metrics['skipped'])} consecutive non-finite losses or "
-                                         f"gradients (max_consecutive_skips={config.max_consecutive_skips}); stopping")
+                raise FloatingPointError(
+                    f"step {step}: {int(metrics['skipped'])} consecutive non-finite losses or "
+                    f"gradients (max_consecutive_skips={config.max_consecutive_skips}); stopping"
+                )
             if validate is not None and step % config.validation.every == 0:
                 writer.images(step, "validation", validate(frozen | state.ema_params))
             if step % config.checkpoint_every == 0:

@@ -52,9 +52,11 @@ def abstract_batch(models, batch: int, height: int, width: int, cached: bool, sh
            "original_size": s((2,), "int32"), "crop_top_left": s((2,), "int32"), "target_size": s((2,), "int32"),
            "drop_text": s((), "bool"), "aesthetic_score": s((), "float32")}  # fmt: skip
     if cached:
-        out |= {"latent_moments": s((height // f, width // f, 2 * models.vae.latent_channels), "float32"),
-                "context": s((77, models.unet.context_dim), "float32"),
-                "pooled": s((models.text_encoder_2.projection_dim,), "float32")}
+        out |= {
+            "latent_moments": s((height // f, width // f, 2 * models.vae.latent_channels), "float32"),
+            "context": s((77, models.unet.context_dim), "float32"),
+            "pooled": s((models.text_encoder_2.projection_dim,), "float32"),
+        }
     else:
         out["images"] = s((height, width, 3), "uint8")
     return out
@@ -68,7 +70,9 @@ def abstract_step(config, mesh_sizes: dict[str, int], batch_per_device: int, hei
     spec = StepSpec.build(config, mesh)
     boxed = jax.eval_shape(lambda: init_params(spec.models, jax.random.key(config.seed)))
     train, frozen = split_params(nn.meta.unbox(boxed), trainable_components(config, spec.models))
-    with_sharding = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)  # noqa: E731
+    with_sharding = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
+    )  # noqa: E731
     state = with_sharding(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
     frozen = with_sharding(frozen, spec.frozen_shardings)
     global_batch = batch_per_device * batch_shards(mesh, config.sharding_rules)
@@ -93,13 +97,17 @@ def plan(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int,
 
 
 def report(r: dict) -> str:
-    lines = [f"mesh {r['mesh']} ({r['devices']} devices), remat {r['remat']}, global batch {r['global_batch']}, "
-             f"activation constraints {'on' if r['constraints'] else 'off'}",
-             "per device:"]
+    lines = [
+        f"mesh {r['mesh']} ({r['devices']} devices), remat {r['remat']}, global batch {r['global_batch']}, "
+        f"activation constraints {'on' if r['constraints'] else 'off'}",
+        "per device:",
+    ]
     for key in ("arguments", "outputs", "aliased", "temporaries", "total"):
         lines.append(f"  {key:<12} {r[key] / GiB:8.2f} GiB  ({r[key] / 2**20:.1f} MiB)")
-    lines.append(f"FLOPs per step: {r['flops_per_step'] / 1e12:.1f} TFLOP ({r['flops_per_device'] / 1e12:.2f} per device, "
-                 f"{r['flops_per_step'] / r['global_batch'] / 1e12:.1f} per example)")
+    lines.append(
+        f"FLOPs per step: {r['flops_per_step'] / 1e12:.1f} TFLOP ({r['flops_per_device'] / 1e12:.2f} per device, "
+        f"{r['flops_per_step'] / r['global_batch'] / 1e12:.1f} per example)"
+    )
     return "\n".join(lines)
 
 

@@ -33,7 +33,9 @@ class MetricsWriter:
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = EventWriter(self.workdir / "tensorboard")
 
-    def step(self, step: int, metrics: dict, bucket: str, seconds: float, flops_per_step: float, timed: bool) -> dict | None:
+    def step(
+        self, step: int, metrics: dict, bucket: str, seconds: float, flops_per_step: float, timed: bool
+    ) -> dict | None:
         """Record step `step` (1-based, after it ran; `seconds` from fetching its batch to its metrics on
         the host; `flops_per_step` the model FLOPs of all devices together; `timed` False for a step that
         compiled) and log it if due; returns the logged record."""
@@ -46,16 +48,23 @@ class MetricsWriter:
         record = {"step": step, **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         if self._times:
             step_time, flops = float(np.mean(self._times)), float(np.mean(self._flops))
-            record |= {"step_time_s": step_time, "images_per_s": self.batch_size / step_time,
-                       "eta_s": step_time * (self.num_steps - step), "flops_per_step": flops,
-                       "mfu": flops / step_time / self.peak}
+            record |= {
+                "step_time_s": step_time,
+                "images_per_s": self.batch_size / step_time,
+                "eta_s": step_time * (self.num_steps - step),
+                "flops_per_step": flops,
+                "mfu": flops / step_time / self.peak,
+            }
         self._times, self._flops = [], []
         if self.enabled:
             self._write(step, record)
         return record
 
     def _write(self, step: int, record: dict) -> None:
-        line = f"step {step}/{self.num_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} grad_norm {record['grad_norm']:.3f}"
+        line = (
+            f"step {step}/{self.num_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+            f"grad_norm {record['grad_norm']:.3f}"
+        )
         if "step_time_s" in record:
             line += f" {record['images_per_s']:.2f} img/s {record['step_time_s']:.3f} s/step ETA {record['eta_s']:.0f}s"
         if "mfu" in record:

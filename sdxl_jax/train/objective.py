@@ -24,18 +24,24 @@ from sdxl_jax.train.state import Models
 
 def alphas_cumprod(diffusion: ml_collections.ConfigDict) -> np.ndarray:
     """SDXL's training table alphabar[t], float32 `[1000]`."""
-    return schedules.scaled_linear_table(zero_terminal_snr=diffusion.zero_terminal_snr).alphas_cumprod.astype(np.float32)
+    return schedules.scaled_linear_table(zero_terminal_snr=diffusion.zero_terminal_snr).alphas_cumprod.astype(
+        np.float32
+    )
 
 
 def time_ids(models: Models, batch: dict) -> jax.Array:
     """Micro-conditioning `[B, 6]` (base) or `[B, 5]` (refiner) from the batch's sizes, crops, scores."""
     b = batch["original_size"].shape[0]
     if models.kind == "refiner":
-        return conditioning.refiner_time_ids(batch["original_size"], batch["crop_top_left"], batch["aesthetic_score"], b)
+        return conditioning.refiner_time_ids(
+            batch["original_size"], batch["crop_top_left"], batch["aesthetic_score"], b
+        )
     return conditioning.base_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], b)
 
 
-def encode_batch(models: Models, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, conditioning.Conditioning]:
+def encode_batch(
+    models: Models, params: dict, batch: dict, key: jax.Array
+) -> tuple[jax.Array, conditioning.Conditioning]:
     """(latents x0 fp32 `[B, H/8, W/8, C]`, conditioning) for a batch of images or cached latents.
 
     images uint8 `[B, H, W, 3]` -> [-1, 1] -> VAE posterior -> a sample (key) -> x scaling factor;

@@ -42,8 +42,11 @@ def muon_dimensions(params):
     """Which axes of each param Muon orthogonalises: every `kernel` as an `[inputs, outputs]` matrix
     (dense `[in, out]`, scanned dense `[layers, in, out]` one matrix per layer, conv `[kh, kw, in, out]`
     as `[kh * kw * in, out]`); None (AdamW) for biases and norm scales."""
-    dims = {2: optax.contrib.MuonDimensionNumbers(0, 1), 3: optax.contrib.MuonDimensionNumbers(1, 2),
-            4: optax.contrib.MuonDimensionNumbers((0, 1, 2), 3)}
+    dims = {
+        2: optax.contrib.MuonDimensionNumbers(0, 1),
+        3: optax.contrib.MuonDimensionNumbers(1, 2),
+        4: optax.contrib.MuonDimensionNumbers((0, 1, 2), 3),
+    }
 
     def one(path, x):  # the last dict key names the param (boxed params add a `.value` after it)
         name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
@@ -61,9 +64,17 @@ def _muon(opt, schedule):
     with Nesterov momentum (NAdamW: optax's Muon uses its flag for both) for the rest. `consistent_rms`
     0.2 scales each update to AdamW's typical RMS, so the same learning rate and weight decay carry over
     (Moonlight's recipe). optax uses one `eps` for both Newton-Schulz's normalisation and AdamW."""
-    return optax.contrib.muon(schedule, beta=opt.muon_beta, eps=opt.eps, weight_decay=opt.weight_decay,
-                              adam_b1=opt.b1, adam_b2=opt.b2, adam_weight_decay=opt.weight_decay,
-                              muon_weight_dimension_numbers=muon_dimensions, consistent_rms=0.2)
+    return optax.contrib.muon(
+        schedule,
+        beta=opt.muon_beta,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        adam_b1=opt.b1,
+        adam_b2=opt.b2,
+        adam_weight_decay=opt.weight_decay,
+        muon_weight_dimension_numbers=muon_dimensions,
+        consistent_rms=0.2,
+    )
 
 
 OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # the UNet's; the text encoders always take AdamW

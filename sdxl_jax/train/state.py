@@ -54,8 +54,10 @@ class Models:
             raise ValueError(f"unet.context_dim {unet.context_dim} != the text encoders' widths ({context})")
         adm = g.projection_dim + self.num_time_ids * unet.time_id_embed_dim
         if unet.adm_in_channels != adm:
-            raise ValueError(f"unet.adm_in_channels {unet.adm_in_channels} != pooled {g.projection_dim} + "
-                             f"{self.num_time_ids} x {unet.time_id_embed_dim} = {adm}")
+            raise ValueError(
+                f"unet.adm_in_channels {unet.adm_in_channels} != pooled {g.projection_dim} + "
+                f"{self.num_time_ids} x {unet.time_id_embed_dim} = {adm}"
+            )
         if unet.in_channels != self.vae.latent_channels:
             raise ValueError(f"unet.in_channels {unet.in_channels} != vae.latent_channels {self.vae.latent_channels}")
 
@@ -123,12 +125,14 @@ def load_params(models: Models, path: str) -> dict:
     for name in models.components:
         want, have = models.config(name).architecture(), weights.config(name).architecture()
         if want != have:
-            raise ValueError(f"{path}: {name} architecture differs from the config's:\n  file:   {have}\n  config: {want}")
+            raise ValueError(
+                f"{path}: {name} architecture differs from the config's:\n  file:   {have}\n  config: {want}"
+            )
         dtype = np.dtype(jnp.dtype(models.config(name).param_dtype))
         params = weights.params(name)
         if name == "unet" and models.unet.scan_layers != weights.config(name).scan_layers:
             params = stack_scanned_blocks(params) if models.unet.scan_layers else unstack_scanned_blocks(params)
-        out[name] = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+        out[name] = jax.tree.map(lambda x, dtype=dtype: np.asarray(x).astype(dtype), params)
     return out
 
 

@@ -121,9 +121,12 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) 
 def make_train_step(spec: StepSpec):
     """`jax.jit` of `train_step` with the state donated, in/out shardings fixed, metrics replicated."""
     replicated = NamedSharding(spec.mesh, PartitionSpec())
-    return jax.jit(functools.partial(train_step, spec=spec),
-                   in_shardings=(spec.state_shardings, spec.frozen_shardings, spec.batch_sharding),
-                   out_shardings=(spec.state_shardings, replicated), donate_argnums=0)
+    return jax.jit(
+        functools.partial(train_step, spec=spec),
+        in_shardings=(spec.state_shardings, spec.frozen_shardings, spec.batch_sharding),
+        out_shardings=(spec.state_shardings, replicated),
+        donate_argnums=0,
+    )
 
 
 def model_flops(spec: StepSpec, state, frozen, batch) -> float:
@@ -160,7 +163,8 @@ class CompiledSteps:
             with self.context():
                 traced = self.jitted.trace(state, frozen, batch)
                 self.compiled[key] = traced.lower().compile()
-                self.flops[key] = (model_flops(self.spec, state, frozen, batch) if self.has_remat
-                                   else jaxpr_flops(traced.jaxpr))
+                self.flops[key] = (
+                    model_flops(self.spec, state, frozen, batch) if self.has_remat else jaxpr_flops(traced.jaxpr)
+                )
         self.last_flops = self.flops[key]
         return self.compiled[key](state, frozen, batch)

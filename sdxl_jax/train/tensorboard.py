@@ -96,7 +96,8 @@ class EventWriter:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         summary = b"".join(
-            _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v)))) for tag, v in values.items()
+            _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            for tag, v in values.items()
         )
         self._file.write(_record(_event(step, summary)))
 

@@ -43,6 +43,7 @@ def with_orientation(img: Image.Image, orientation: int) -> bytes:
 
 def png_header_only(w: int, h: int) -> bytes:
     """A valid PNG signature + IHDR claiming w x h (8-bit grey) with a tiny IDAT: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -29,9 +29,16 @@ SCHEDULER = dict(
 
 def text_encoder(cls, activation: str, seed: int):
     config = transformers.CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, hidden_size=WIDTH_L if activation == "quick_gelu" else WIDTH_G,
-        intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, hidden_act=activation,
-        projection_dim=POOLED, bos_token_id=49406, eos_token_id=2,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_size=WIDTH_L if activation == "quick_gelu" else WIDTH_G,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        hidden_act=activation,
+        projection_dim=POOLED,
+        bos_token_id=49406,
+        eos_token_id=2,
     )  # fmt: skip  (eos_token_id=2: SDXL's configs, pooling at the largest id)
     config.architectures = [cls.__name__]
     torch.manual_seed(seed)

@@ -12,8 +12,13 @@ TIME_ID_DIM = 8  # addition_time_embed_dim of the tiny text_time configs
 
 def text_time(n_ids: int, **blocks) -> dict:
     """An SDXL-style config: linear projections, y = pooled text (16) + `n_ids` embedded time ids."""
-    return dict(blocks, use_linear_projection=True, addition_embed_type="text_time",
-                addition_time_embed_dim=TIME_ID_DIM, projection_class_embeddings_input_dim=16 + n_ids * TIME_ID_DIM)
+    return dict(
+        blocks,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_ID_DIM,
+        projection_class_embeddings_input_dim=16 + n_ids * TIME_ID_DIM,
+    )
 
 
 SDXL_TINY = text_time(

@@ -58,8 +58,10 @@ def read_merges(gz_path: str) -> list[tuple[str, str]]:
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     bad = [i for i, m in enumerate(merges) if len(m) != 2]
     if len(merges) != NUM_MERGES or bad:
-        raise ValueError(f"{gz_path}: expected {NUM_MERGES} two-part merge lines, got {len(merges)} "
-                         f"with malformed lines at {bad[:5]}")
+        raise ValueError(
+            f"{gz_path}: expected {NUM_MERGES} two-part merge lines, got {len(merges)} "
+            f"with malformed lines at {bad[:5]}"
+        )
     return merges
 
 
