@@ -58,7 +58,7 @@ def part_tiny(args) -> dict:
     ours = ours_pipeline(weights)
     size = args.size or 128
     noise = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4)).astype(np.float32)
-    run_ours = lambda: ours.generate(PROMPT, height=size, width=size, steps=20, guidance_scale=5.0, latents=noise)  # noqa: E731
+    run_ours = lambda: ours.generate(PROMPT, height=size, width=size, steps=20, guidance_scale=5.0, latents=noise)
 
     def run_theirs():
         with torch.no_grad():
@@ -104,7 +104,7 @@ def full_ours(args) -> dict:
         [PROMPT] * args.batch,
         height=size,
         width=size,
-        steps=args.steps,  # noqa: E731
+        steps=args.steps,
         guidance_scale=args.guidance,
         latents=noise,
     )

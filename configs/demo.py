@@ -21,7 +21,7 @@ shape for 76% of held-out prompts where AdamW got 58%, so 2200 of its dearer ste
 AdamW's. Data: `data.shapes`, 4000 captioned images of many sizes and aspect ratios, read by the grain
 folder loader into three 32²-area buckets with random crops. What it learns: README, "The demo".
 `malloc_huge_pages` restarts train.py once with glibc's malloc on transparent huge pages
-(`sdxl_jax/train/huge_pages.py`): on a CPU its steps take about a sixth less time.
+(`sdxl_jax/train/huge_pages.py`): faster steps on a CPU (README, "Hardware notes").
 
 `get_config()` is a training config (train.py) with a `sample` section that sample.py reads: it
 points at the checkpoint shipped in `sdxl_jax/assets/demo` (the export of this config's run, in fp16).
@@ -106,6 +106,6 @@ def get_config(arg=None):
     c.optimizer.text_encoder_learning_rate = 1e-3
     c.export_on_finish = "project"
     c.peak_flops_per_device = 1e12  # nominal, for a CPU
-    c.malloc_huge_pages = True  # XLA:CPU's step buffers on huge pages: 0.27 -> 0.23 s a step here
+    c.malloc_huge_pages = True  # XLA:CPU's step buffers on huge pages (README, "Hardware notes")
     c.sample = sampling()
     return c

@@ -40,6 +40,8 @@ from sdxl_jax.models.vae import to_latents
 from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
+PARAM_SHARDINGS, default_mesh = PLACEMENTS, data_mesh  # this module's names for them before sharding.py
+
 log = logging.getLogger("sdxl_jax")
 
 
@@ -82,7 +84,7 @@ class _Placer:
 
     def __call__(self, weights: PipelineWeights, name: str, cfg):
         dtype = jnp.dtype(cfg.param_dtype)
-        cast = lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False)  # noqa: E731
+        cast = lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False)
         params = jax.tree.map(cast, weights.params(name))
         placed = jax.device_put(params, placement_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
         jax.block_until_ready(placed)

@@ -68,6 +68,9 @@ ACTIVATION_AXES = {
     "act_vector": "the vector conditioning y",
 }
 
+# Activation names before they had their own vocabulary, for a clear error on an old rule list.
+RENAMED = {"batch": "act_batch", "height": "act_height", "width": "act_width"}
+
 # A Dense's kernel names its input and output features; its activations take these names.
 ACTIVATION_OF = {
     "embed": "act_embed",
@@ -117,6 +120,8 @@ def check_rules(rules: Sequence[tuple[str, object]]) -> None:
     """Raises if a rule names an unknown logical axis or an unknown mesh axis."""
     known = LOGICAL_AXES | ACTIVATION_AXES
     for name, target in rules:
+        if name in RENAMED:
+            raise ValueError(f"rule for {name!r}: activations are named {RENAMED[name]!r} now (sdxl_jax/sharding.py)")
         if name not in known:
             raise ValueError(f"rule for unknown logical axis {name!r}; known: {sorted(known)}")
         targets = target if isinstance(target, tuple) else (target,)

@@ -254,7 +254,7 @@ def _load() -> Tokenizer:
 
 
 def load_tokenizer() -> Tokenizer:
-    """The package's tokenizer, built once per process (~0.2 s, plus importing transformers).
+    """The package's tokenizer, built once per process.
 
     Thread-safe: two threads importing transformers' lazy modules at once fail ("cannot import name
     'CLIPTokenizer'"), so the first load is serialised (data-loader decode threads hit this)."""

@@ -125,7 +125,7 @@ def test_both_key_forms_import_and_export_exactly(cls):
     cfg = text_encoder_config_from_transformers(model.config.to_dict())
     native = state_dict_numpy(model)  # transformers 5.23: CLIPTextModel unprefixed, WithProjection prefixed
     assert any(k.startswith(TEXT_MODEL_PREFIX) for k in native) == (cls is transformers.CLIPTextModelWithProjection)
-    strip = lambda k: k.removeprefix(TEXT_MODEL_PREFIX)  # noqa: E731
+    strip = lambda k: k.removeprefix(TEXT_MODEL_PREFIX)
     unprefixed = {strip(k): v for k, v in native.items()}
     prefixed = {(k if k.startswith("text_projection.") else TEXT_MODEL_PREFIX + k): v for k, v in unprefixed.items()}
     for form, state in ((True, prefixed), (False, unprefixed)):

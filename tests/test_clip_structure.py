@@ -135,7 +135,7 @@ def test_end_token_rules():
 def test_bad_inputs_are_refused_with_clear_errors():
     cfg = CLIPTextConfig.tiny()
     params = meta.unbox(abstract_params(cfg))
-    apply = lambda *args: jax.eval_shape(CLIPTextModel(cfg).apply, {"params": params}, *args)  # noqa: E731
+    apply = lambda *args: jax.eval_shape(CLIPTextModel(cfg).apply, {"params": params}, *args)
     out = apply(jnp.zeros((2, 16), jnp.int32))
     assert len(out.hidden_states) == 4 and out.pooled.shape == (2, 32) and out.text_embeds is None
     with pytest.raises(ValueError, match="sequence length 17 exceeds max_position_embeddings 16"):

@@ -352,7 +352,7 @@ def test_write_safetensors_streams_views_casts_and_is_read_by_safetensors(tmp_pa
         "ids": np.arange(7, dtype=np.int64)[None],
     }
     seen = []
-    on_tensor = lambda name, nbytes: seen.append((name, nbytes))  # noqa: E731
+    on_tensor = lambda name, nbytes: seen.append((name, nbytes))
     nbytes = export.write_safetensors(tmp_path / "a.safetensors", tensors, {"k": "v"}, on_tensor=on_tensor)
     assert seen == [(k, v.nbytes) for k, v in tensors.items()] and nbytes == sum(b for _, b in seen)
     assert_same_tensors(load_file(tmp_path / "a.safetensors"), {k: np.array(v) for k, v in tensors.items()})

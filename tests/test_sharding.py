@@ -134,3 +134,12 @@ def test_full_base_unet_fsdp_on_8_fake_devices(on_8_devices):
 def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device(on_8_devices):
     part = on_8_devices["constrained"]
     assert part["status"] == "ok", part["stdout"] + part["status"]
+
+
+def test_a_rule_list_with_the_old_activation_names_is_refused_by_name():
+    from sdxl_jax.sharding import check_rules
+
+    with pytest.raises(ValueError, match="'batch': activations are named 'act_batch'"):
+        check_rules((("batch", ("data", "fsdp")),) + FSDP_RULES)
+    with pytest.raises(ValueError, match="unknown logical axis 'heigth'"):
+        check_rules((("heigth", None),))

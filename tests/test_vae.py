@@ -268,7 +268,7 @@ def test_config_validation_and_bad_inputs():
         VAEConfig.tiny(dtype="float33")
     cfg = VAEConfig.tiny()
     params = meta.unbox(abstract_params(cfg))
-    shapes = lambda method, shape: jax.eval_shape(  # noqa: E731
+    shapes = lambda method, shape: jax.eval_shape(
         functools.partial(AutoencoderKL(cfg).apply, method=method), {"params": params}, jnp.zeros(shape)
     )
     assert shapes(AutoencoderKL.encode, IMAGE_SHAPE).mean.shape == LATENT_SHAPE
@@ -308,10 +308,10 @@ def test_tiled_map_is_exact_for_pointwise_functions():
     """Placement and weight normalisation: tiling a function without spatial context changes nothing,
     with uneven overlaps, a non-square input, and in both directions (up x8 like decode, down /8 like encode)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 19, 14, 4)), jnp.float32)
-    up = lambda t: jnp.repeat(jnp.repeat(jnp.tanh(t), 8, axis=1), 8, axis=2)[..., :3]  # noqa: E731
+    up = lambda t: jnp.repeat(jnp.repeat(jnp.tanh(t), 8, axis=1), 8, axis=2)[..., :3]
     np.testing.assert_allclose(tiled_map(up, x, 6, 0.25, in_scale=1, out_scale=8), up(x), rtol=0, atol=1e-6)
     image = jnp.repeat(jnp.repeat(x, 8, axis=1), 8, axis=2)
-    down = lambda t: 2.0 * t[:, ::8, ::8]  # noqa: E731
+    down = lambda t: 2.0 * t[:, ::8, ::8]
     np.testing.assert_allclose(tiled_map(down, image, 6, 0.5, in_scale=8, out_scale=1), down(image), rtol=0, atol=1e-6)
 
 

@@ -3,9 +3,8 @@
     ds = ds.map(to_ring).mp_prefetch(options).map(from_ring)
 
 grain 0.2 hands every array a worker produces to the main process in a freshly created shared-memory
-block. For SDXL batches (8 x 1024² x 3 bytes = 24 MB) the first write into fresh pages costs as much as
-a fifth of the decode work (~18 ms per batch here, against ~1 ms into pages already mapped), so two
-worker processes on two cores gained only 1.40-1.49x over one process. Here each worker keeps a few
+block, and the first write into fresh pages is a large part of a batch's cost for SDXL-sized images
+(measured: README, "Performance"). Here each worker keeps a few
 blocks ("slots") and writes batch after batch into them:
 
     worker  `to_ring(batch)`: takes a free slot (makes a new one if none is free), copies every array into it,

@@ -122,8 +122,8 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: `[B, T, C]`, context: `[B, S, D]` -> `[B, T, C]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: Attention(self.num_heads, self.head_dim, self.implementation, name=name, **kw)  # noqa: E731
-        norm = lambda name: LayerNorm(self.layer_norm_eps, name=name, **kw)  # noqa: E731
+        attn = lambda name: Attention(self.num_heads, self.head_dim, self.implementation, name=name, **kw)
+        norm = lambda name: LayerNorm(self.layer_norm_eps, name=name, **kw)
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
         ff = MLP(4 * x.shape[-1], "gelu", gated=True, projections=("proj_in", "proj_out"), name="ff", **kw)

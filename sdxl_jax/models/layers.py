@@ -57,8 +57,8 @@ class Dense(nn.Dense):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         middle = (("act_length",) + (None,) * (x.ndim - 3)) if x.ndim > 2 else ()
-        x = nn.with_logical_constraint(x, ("act_batch", *middle, ACTIVATION_OF[self.names[0]]))
-        return nn.with_logical_constraint(super().__call__(x), ("act_batch", *middle, ACTIVATION_OF[self.names[1]]))
+        x = nn.with_logical_constraint(x, ("act_batch", *middle, ACTIVATION_OF.get(self.names[0])))
+        return nn.with_logical_constraint(super().__call__(x), ("act_batch", *middle, ACTIVATION_OF.get(self.names[1])))
 
 
 def dense(features: int, names: tuple[str, str], *, use_bias=True, dtype, param_dtype, name=None):
@@ -111,7 +111,7 @@ def spatial_boundary(h: jax.Array) -> jax.Array:
 
 def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
     """The per-channel `scale` and `bias` of a norm, as fp32 `[C]`."""
-    init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))  # noqa: E731
+    init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))
     scale = module.param("scale", init(nn.initializers.ones_init()), (channels,), module.param_dtype)
     bias = module.param("bias", init(nn.initializers.zeros_init()), (channels,), module.param_dtype)
     return scale.astype(jnp.float32), bias.astype(jnp.float32)
@@ -213,7 +213,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         """x: `[B, H, W, C_in]`, temb: `[B, D_t]` or None -> `[B, H, W, out_channels]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, name=name, **kw)  # noqa: E731
+        norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, name=name, **kw)
         h = conv(self.out_channels, name="conv1", **kw)(nn.silu(norm("norm1")(x)))
         if temb is not None:
             t = dense(self.out_channels, ("time_embed", "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))

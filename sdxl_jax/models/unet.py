@@ -260,5 +260,5 @@ def abstract_params(cfg: UNetConfig, batch: int = 1, latent: tuple[int, int] | N
     t = jnp.zeros((batch,))
     ctx = jnp.zeros((batch, 1, cfg.context_dim))
     y = None if cfg.adm_in_channels is None else jnp.zeros((batch, cfg.adm_in_channels))
-    init = lambda: UNet(cfg).init(jax.random.key(0), x, t, ctx, y)["params"]  # noqa: E731
+    init = lambda: UNet(cfg).init(jax.random.key(0), x, t, ctx, y)["params"]
     return jax.eval_shape(init)

@@ -175,7 +175,7 @@ class _NearestX2Conv3x3(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )  # [B, H + 1, W + 1, 4 * out]
         o = self.features
-        part = lambda a, b_: y[:, a : a + h, b_ : b_ + w, (2 * a + b_) * o : (2 * a + b_ + 1) * o]  # noqa: E731
+        part = lambda a, b_: y[:, a : a + h, b_ : b_ + w, (2 * a + b_) * o : (2 * a + b_ + 1) * o]
         rows = [jnp.stack([part(a, 0), part(a, 1)], axis=3).reshape(b, h, 2 * w, o) for a in (0, 1)]
         return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o) + bias.astype(self.dtype)
 

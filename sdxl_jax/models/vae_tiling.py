@@ -102,7 +102,7 @@ def tiled_decode(cfg: VAEConfig, params, z: jax.Array, *, tile: int = 64, overla
     `[B, f*h, f*w, out_channels]`. tile: side in latent pixels (64 = 512 image pixels); overlap: the
     least fraction of a tile shared with each neighbour. Equals `decode` when h, w <= tile."""
     vae = AutoencoderKL(cfg)
-    decode = lambda t: vae.apply({"params": params}, t, method=AutoencoderKL.decode)  # noqa: E731
+    decode = lambda t: vae.apply({"params": params}, t, method=AutoencoderKL.decode)
     return tiled_map(decode, z, tile, overlap, in_scale=1, out_scale=cfg.downsample_factor)
 
 
@@ -112,6 +112,6 @@ def tiled_encode(cfg: VAEConfig, params, x: jax.Array, *, tile: int = 64, overla
     `[B, H/f, W/f, latent_channels]`. tile is in latent pixels (64 = 512 image pixels). As in
     diffusers, the raw moments are blended, then logvar is clamped."""
     vae = AutoencoderKL(cfg)
-    moments = lambda t: vae.apply({"params": params}, t, method=AutoencoderKL.moments)  # noqa: E731
+    moments = lambda t: vae.apply({"params": params}, t, method=AutoencoderKL.moments)
     f = cfg.downsample_factor
     return DiagonalGaussian.from_moments(tiled_map(moments, x, tile, overlap, in_scale=f, out_scale=1))

@@ -26,7 +26,7 @@ EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
 
 def model_entries(models: Models) -> ml_collections.ConfigDict:
     """`config.model`: the kind and each component's config dataclass as a dict (None: absent)."""
-    as_dict = lambda cfg: None if cfg is None else dataclasses.asdict(cfg)  # noqa: E731
+    as_dict = lambda cfg: None if cfg is None else dataclasses.asdict(cfg)
     return ml_collections.ConfigDict({
         "kind": models.kind, "unet": as_dict(models.unet), "vae": as_dict(models.vae),
         "text_encoder": as_dict(models.text_encoder), "text_encoder_2": as_dict(models.text_encoder_2),

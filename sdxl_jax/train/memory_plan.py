@@ -47,7 +47,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 def abstract_batch(models, batch: int, height: int, width: int, cached: bool, sharding) -> dict:
     """`ShapeDtypeStruct`s of one global batch (the data contract), sharded like the run's batches."""
     f = models.vae.downsample_factor
-    s = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), np.dtype(dtype), sharding=sharding)  # noqa: E731
+    s = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), np.dtype(dtype), sharding=sharding)
     out = {"ids_l": s((77,), "int32"), "ids_g": s((77,), "int32"), "eot_l": s((), "int32"), "eot_g": s((), "int32"),
            "original_size": s((2,), "int32"), "crop_top_left": s((2,), "int32"), "target_size": s((2,), "int32"),
            "drop_text": s((), "bool"), "aesthetic_score": s((), "float32")}  # fmt: skip
@@ -72,7 +72,7 @@ def abstract_step(config, mesh_sizes: dict[str, int], batch_per_device: int, hei
     train, frozen = split_params(nn.meta.unbox(boxed), trainable_components(config, spec.models))
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
-    )  # noqa: E731
+    )
     state = with_sharding(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
     frozen = with_sharding(frozen, spec.frozen_shardings)
     global_batch = batch_per_device * batch_shards(mesh, config.sharding_rules)

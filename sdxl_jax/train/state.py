@@ -81,7 +81,7 @@ class Models:
 
 def models_from_config(cfg: ml_collections.ConfigDict) -> Models:
     """`config.model` -> `Models`; unknown or missing fields are errors."""
-    build = lambda name: None if cfg[name] is None else config_from_dict(name, cfg[name].to_dict())  # noqa: E731
+    build = lambda name: None if cfg[name] is None else config_from_dict(name, cfg[name].to_dict())
     return Models(cfg.kind, build("unet"), build("vae"), build("text_encoder"), build("text_encoder_2"))
 
 
@@ -174,7 +174,7 @@ def state_shardings(models: Models, tx, trainable, seed: int, mesh, rules):
 def place(tree, shardings):
     """Host (numpy) arrays -> global arrays with `shardings`; every process passes the whole tree and
     each device takes its own slice (works across hosts)."""
-    put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index])  # noqa: E731
+    put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index])
     return jax.tree.map(put, tree, shardings)
 
 
@@ -189,7 +189,7 @@ def create_sharded_state(spec) -> tuple[TrainState, dict]:
     if config.init_from:
         params = place(load_params(models, config.init_from), spec.param_shardings)
     else:
-        init = lambda key: nn.meta.unbox(init_params(models, key))  # noqa: E731
+        init = lambda key: nn.meta.unbox(init_params(models, key))
         params = jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(config.seed))
     train, frozen = split_params(params, trainable_components(config, models))
     make = jax.jit(lambda p: new_state(p, spec.tx, config.seed), out_shardings=spec.state_shardings, donate_argnums=0)

@@ -2,7 +2,7 @@
 what compiling it needs: one frozen `StepSpec`.
 
     spec = StepSpec.build(config, mesh)          # models, optimiser, LR schedule, config, shardings
-    step = compiled_steps(spec, lambda: tracing_context(config, mesh))
+    step = CompiledSteps(spec, lambda: tracing_context(config, mesh))
     state, metrics = step(state, frozen, batch)
 
 One step: the objective's loss (`objective.py`) -> gradients -> global-norm clip, the UNet's optimiser
@@ -87,7 +87,7 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) 
     def loss_fn(params):
         everything = frozen | params
         x0, cond = encode_batch(models, everything, batch, k_vae)
-        unet = lambda x_t, t, c: UNet(models.unet).apply({"params": everything["unet"]}, x_t, t, c.context, c.y)  # noqa: E731
+        unet = lambda x_t, t, c: UNet(models.unet).apply({"params": everything["unet"]}, x_t, t, c.context, c.y)
         return diffusion_loss(unet, config.diffusion, x0, cond, k_loss)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
