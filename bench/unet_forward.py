@@ -97,20 +97,8 @@ def torch_worker(args) -> dict:
 
 
 def run_worker(framework: str, args) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        framework,
-        "--batch",
-        str(args.batch),
-        "--latent",
-        str(args.latent),
-        "--dtype",
-        args.dtype,
-        "--reps",
-        str(args.reps),
-    ]
+    flags = {"--batch": args.batch, "--latent": args.latent, "--dtype": args.dtype, "--reps": args.reps}
+    cmd = [sys.executable, __file__, "--worker", framework, *(str(x) for kv in flags.items() for x in kv)]
     out = subprocess.run(
         cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(CONFIGS.parents[2])}
     )

@@ -94,17 +94,9 @@ class Worker:
     """A framework's worker process, kept alive between timed decodes."""
 
     def __init__(self, framework: str, args, tiled_memory: bool):
-        flags = [
-            "--batch",
-            str(args.batch),
-            "--latent",
-            str(args.latent),
-            "--dtype",
-            args.dtype,
-            "--attention",
-            args.attention,
-        ]
-        cmd = [sys.executable, __file__, "--worker", framework, *flags] + (["--tiled_memory"] if tiled_memory else [])
+        flags = {"--batch": args.batch, "--latent": args.latent, "--dtype": args.dtype, "--attention": args.attention}
+        cmd = [sys.executable, __file__, "--worker", framework, *(str(x) for kv in flags.items() for x in kv)]
+        cmd += ["--tiled_memory"] if tiled_memory else []
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         self.name = framework
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -9,7 +9,7 @@
 batch 1 per device has to fit 16 GiB on a TPU v5e; see `python -m sdxl_jax.plan`).
 """
 
-from configs.sdxl_pretrain_256 import data_config, sdxl_models
+from configs.sdxl_pretrain_256 import data_config, sdxl_models, validate_every
 from sdxl_jax.train.config import skeleton
 
 
@@ -21,11 +21,5 @@ def get_config(arg=None):
     c.diffusion.offset_noise = 0.05
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999
-    c.validation.update(
-        every=500,
-        height=1024,
-        width=1024,
-        steps=20,
-        prompts=("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"),
-    )
+    validate_every(c, 500, 1024)
     return c

@@ -37,22 +37,21 @@ def data_config(buckets: str) -> ml_collections.ConfigDict:
     return c
 
 
+PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk")
+
+
+def validate_every(c: ml_collections.ConfigDict, every: int, size: int, prompts=PROMPTS) -> None:
+    """`c.validation`: every `every` steps, 20 sampler steps at `size`² for each of `prompts`."""
+    c.validation.update(every=every, height=size, width=size, steps=20, prompts=prompts)
+
+
 def get_config(arg=None):
     c = skeleton(sdxl_models(arg or "minimal"), data_config("area=256,step=64"))
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.update(num_steps=600_000, batch_size=2048, log_every=50, checkpoint_every=2000)
     c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, schedule="constant", weight_decay=1e-2)
     c.ema.decay = 0.9999
-    c.validation.update(
-        every=5000,
-        height=256,
-        width=256,
-        steps=20,
-        prompts=(
-            "a photograph of an astronaut riding a horse",
-            "a watercolor painting of a lighthouse at dusk",
-            "a red cube on a blue sphere",
-            "portrait of an old fisherman, studio lighting",
-        ),
+    validate_every(
+        c, 5000, 256, PROMPTS + ("a red cube on a blue sphere", "portrait of an old fisherman, studio lighting")
     )
     return c

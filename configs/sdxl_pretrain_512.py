@@ -6,7 +6,7 @@
 200,000 steps at global batch 2048. Argument: the UNet remat policy (default minimal).
 """
 
-from configs.sdxl_pretrain_256 import data_config, sdxl_models
+from configs.sdxl_pretrain_256 import data_config, sdxl_models, validate_every
 from sdxl_jax.train.config import skeleton
 
 
@@ -15,11 +15,5 @@ def get_config(arg=None):
     c.activation_constraints = True  # the models' activation layouts pinned: half the planned memory (README, planner)
     c.update(num_steps=200_000, batch_size=2048, log_every=50, checkpoint_every=2000)
     c.optimizer.update(learning_rate=1e-4, warmup_steps=1000, schedule="constant")
-    c.validation.update(
-        every=5000,
-        height=512,
-        width=512,
-        steps=20,
-        prompts=("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk"),
-    )
+    validate_every(c, 5000, 512)
     return c

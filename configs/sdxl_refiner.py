@@ -7,7 +7,7 @@
 Argument: the UNet remat policy (default full).
 """
 
-from configs.sdxl_pretrain_256 import data_config
+from configs.sdxl_pretrain_256 import PROMPTS, data_config, validate_every
 from sdxl_jax.models import CLIPTextConfig, UNetConfig, VAEConfig
 from sdxl_jax.train.config import skeleton
 from sdxl_jax.train.state import Models
@@ -32,12 +32,5 @@ def get_config(arg=None):
     c.diffusion.t_max = 200  # the first 200 (low-noise) discrete levels
     c.optimizer.update(learning_rate=1e-5, warmup_steps=500, schedule="cosine", decay_steps=10_000, end_factor=0.1)
     c.ema.decay = 0.999
-    c.validation.update(
-        every=500,
-        height=1024,
-        width=1024,
-        steps=20,
-        aesthetic_score=6.0,
-        prompts=("a photograph of an astronaut riding a horse",),
-    )
+    validate_every(c, 500, 1024, PROMPTS[:1])  # at the skeleton's aesthetic score, 6.0
     return c
