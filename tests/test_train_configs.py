@@ -15,7 +15,7 @@ from sdxl_jax.data.buckets import bucket_table
 from sdxl_jax.sharding import make_mesh, mesh_shape
 from sdxl_jax.train import config as train_config
 from sdxl_jax.train.data import DATA_SOURCES
-from sdxl_jax.train.state import init_params, models_from_config, trainable_components
+from sdxl_jax.train.state import abstract_params, models_from_config, trainable_components
 from sdxl_jax.train.step import StepSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -78,7 +78,7 @@ def test_tiny_state_is_laid_out_on_the_mesh(name, arg, optimizer):
     spec = StepSpec.build(c, make_mesh(c.mesh))
     models, shardings, frozen = spec.models, spec.state_shardings, spec.frozen_shardings
     trainable = trainable_components(c, models)
-    boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
+    boxed = abstract_params(models)
     assert set(shardings.params) == {"unet", *(k for k in ("text_encoder", "text_encoder_2") if models.config(k))}
     assert set(frozen) == {"vae"}
     assert jax.tree.structure(shardings.params) == jax.tree.structure(shardings.ema_params)
@@ -94,7 +94,7 @@ def test_full_size_state_shardings(name):
     c = load(name, "")
     spec = StepSpec.build(c, make_mesh(c.mesh))
     models, shardings, frozen = spec.models, spec.state_shardings, spec.frozen_shardings
-    boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
+    boxed = abstract_params(models)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed["unet"])))
     assert n == {"base": 2_567_463_684, "refiner": 2_259_526_660}[models.kind]
     leaves = jax.tree.leaves(nn.meta.unbox(boxed["unet"]))
@@ -121,11 +121,11 @@ def test_init_from_loads_weights_and_converts_the_layer_layout(tmp_path):
     from configs.tiny import tiny_models
     from sdxl_jax.convert import PipelineWeights, save_project
     from sdxl_jax.convert.unet import stack_scanned_blocks
-    from sdxl_jax.train.state import init_params, load_params
+    from sdxl_jax.train.state import load_params
 
     models = tiny_models(refiner=False)
     rng = np.random.default_rng(0)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: init_params(models, jax.random.key(0))))
+    abstract = nn.meta.unbox(abstract_params(models))
     params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
     save_project(PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), tmp_path / "w")
 

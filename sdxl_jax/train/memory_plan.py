@@ -22,7 +22,7 @@ from jax._src import xla_bridge
 from ml_collections import config_flags
 
 from sdxl_jax.sharding import batch_shards, make_mesh, tracing_context
-from sdxl_jax.train.state import init_params, new_state, split_params, trainable_components
+from sdxl_jax.train.state import abstract_params, new_state, split_params, trainable_components
 from sdxl_jax.train.step import StepSpec, make_train_step, model_flops
 
 FLAGS = flags.FLAGS
@@ -68,8 +68,8 @@ def abstract_step(config, mesh_sizes: dict[str, int], batch_per_device: int, hei
     config.mesh.update(mesh_sizes)
     mesh = make_mesh(config.mesh)
     spec = StepSpec.build(config, mesh)
-    boxed = jax.eval_shape(lambda: init_params(spec.models, jax.random.key(config.seed)))
-    train, frozen = split_params(nn.meta.unbox(boxed), trainable_components(config, spec.models))
+    unboxed = nn.meta.unbox(abstract_params(spec.models))
+    train, frozen = split_params(unboxed, trainable_components(config, spec.models))
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
     )

@@ -12,6 +12,7 @@ their `dtype` (bf16 in the full-size configs), so the UNet casts the fp32 master
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -113,6 +114,13 @@ def init_params(models: Models, key: jax.Array) -> dict:
     return {name: init_component(models, name, jax.random.fold_in(key, i)) for i, name in enumerate(models.components)}
 
 
+@functools.lru_cache(maxsize=4)
+def abstract_params(models: Models) -> dict:
+    """`{component: boxed ShapeDtypeStructs}` from `eval_shape` (shapes and logical axes, no arrays), traced
+    once per `Models`: the spec's shardings and the planner's inputs both read it."""
+    return jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
+
+
 def load_params(models: Models, path: str) -> dict:
     """`{component: numpy params}` from a PipelineWeights path, cast to each config's `param_dtype`.
 
@@ -165,8 +173,7 @@ def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
 
 def state_shardings(models: Models, tx, trainable, seed: int, mesh, rules):
     """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone."""
-    boxed = jax.eval_shape(lambda: init_params(models, jax.random.key(seed)))
-    train, frozen = split_params(boxed, trainable)
+    train, frozen = split_params(abstract_params(models), trainable)
     abstract_state = jax.eval_shape(lambda p: new_state(p, tx, seed), train)
     return param_shardings(abstract_state, mesh, rules), param_shardings(frozen, mesh, rules)
 
