@@ -18,7 +18,8 @@ from sdxl_jax.convert import (
 )
 from sdxl_jax.models import UNet
 from sdxl_jax.tokenizer import ASSETS_DIR
-from tests.helpers.torch_reference import perturb_, state_dict_numpy
+from tests.helpers.tiny_pipeline import text_encoder
+from tests.helpers.torch_reference import state_dict_numpy
 from tests.helpers.unet_reference import (
     REFINER_TINY,
     SDXL_TINY,
@@ -92,24 +93,6 @@ def test_drop_text_zeroes_only_the_marked_examples():
 # ---- prompts -> context, pooled: ours == diffusers' encode_prompt --------------------------------------
 
 
-def tiny_encoder(cls, activation: str, seed: int):
-    config = transformers.CLIPTextConfig(
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        hidden_act=activation,
-        projection_dim=24,
-        bos_token_id=49406,
-        eos_token_id=2,
-    )  # fmt: skip  (eos_token_id=2: SDXL's configs, pooling at the largest id)
-    config.architectures = [cls.__name__]
-    torch.manual_seed(seed)
-    return perturb_(cls(config), seed)
-
-
 def to_flax(model):
     cfg = text_encoder_config_from_transformers(model.config.to_dict())
     return cfg, text_encoder_params_from_transformers(state_dict_numpy(model), cfg)
@@ -118,8 +101,8 @@ def to_flax(model):
 @pytest.fixture(scope="module")
 def encoders():
     """Tiny CLIP-L-like (quick_gelu, no projection) and bigG-like (gelu, projection) encoders, both sides."""
-    te_l = tiny_encoder(transformers.CLIPTextModel, "quick_gelu", seed=1)
-    te_g = tiny_encoder(transformers.CLIPTextModelWithProjection, "gelu", seed=2)
+    te_l = text_encoder(transformers.CLIPTextModel, "quick_gelu", seed=1, hidden_size=32)
+    te_g = text_encoder(transformers.CLIPTextModelWithProjection, "gelu", seed=2, hidden_size=32)
     vocab, merges = str(ASSETS_DIR / "vocab.json"), str(ASSETS_DIR / "merges.txt")
     pipe = StableDiffusionXLPipeline(
         vae=None, unet=None, scheduler=None, text_encoder=te_l, text_encoder_2=te_g,

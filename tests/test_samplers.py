@@ -9,17 +9,10 @@ from sdxl_jax.diffusion import denoisers, guidance, samplers, schedules
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
+from tests.helpers.torch_reference import SDXL_SCHEDULER  # noqa: E402  (needs torch)
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy-2 `copy=` notice
 
-SDXL_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-)
 TABLE32 = schedules.scaled_linear_table(diffusers_float32=True)
 
 # Data ~ N(MU, S²) per dimension: the exact denoiser and the exact probability-flow ODE are closed-form.

@@ -9,18 +9,10 @@ from sdxl_jax.diffusion import losses, schedules
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
+from tests.helpers.torch_reference import SDXL_SCHEDULER  # noqa: E402  (needs torch)
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy-2 `copy=` notice
 
-# SDXL base/refiner scheduler config (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
-SDXL_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-)
 STEP_COUNTS = (1, 4, 7, 20, 30, 50)
 # Sigma tolerance (relative): with the float32 table ours are diffusers' up to rounding (measured 3.4e-7);
 # timesteps are exact, fractional Karras ones to float32 rounding of ~1000 (6.1e-5 measured).

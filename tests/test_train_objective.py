@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdxl_jax.diffusion import losses, parameterisation, schedules
+from sdxl_jax.train.config import diffusion_defaults, optimizer_defaults
 from sdxl_jax.train.objective import alphas_cumprod, diffusion_loss
 from sdxl_jax.train.optim import ema_decay, lr_schedule
 
@@ -15,17 +16,9 @@ ALPHABAR = schedules.scaled_linear_table().alphas_cumprod  # float64
 
 
 def diffusion_cfg(**changes):
-    base = dict(
-        prediction="epsilon",
-        weighting="none",
-        min_snr_gamma=5.0,
-        offset_noise=0.0,
-        t_min=0,
-        t_max=1000,
-        timestep_shift=1.0,
-        zero_terminal_snr=False,
-    )
-    return ml_collections.ConfigDict(base | changes)
+    cfg = diffusion_defaults()
+    cfg.update(changes)
+    return cfg
 
 
 def closed_form(x0, noise, t, prediction, weighting, gamma=5.0):
@@ -183,22 +176,14 @@ def test_lr_schedules_and_ema_decay():
 def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            learning_rate=1e-2,
-            text_encoder_learning_rate=1e-3,
-            schedule="constant",
-            warmup_steps=0,
-            decay_steps=1,
-            end_factor=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            grad_clip_norm=1e9,
-            accumulation_steps=1,
-        )
+    opt = optimizer_defaults()  # then what this test needs: no decay, no clipping, its own LRs
+    opt.update(
+        name="adamw",
+        learning_rate=1e-2,
+        text_encoder_learning_rate=1e-3,
+        decay_steps=1,
+        weight_decay=0.0,
+        grad_clip_norm=1e9,
     )
     params = {"unet": {"w": jnp.ones(3)}, "text_encoder_2": {"w": jnp.ones(3)}}
     g1 = jax.tree.map(lambda p: p * jnp.array([1.0, -2.0, 3.0]), params)
@@ -226,23 +211,14 @@ def _singular_spread(matrix) -> float:
 def test_muon_orthogonalises_every_kernel_and_adamw_moves_the_rest():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = ml_collections.ConfigDict(
-        dict(
-            name="muon",
-            muon_beta=0.95,
-            learning_rate=1e-2,
-            text_encoder_learning_rate=1e-3,
-            schedule="constant",
-            warmup_steps=0,
-            decay_steps=1,
-            end_factor=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            grad_clip_norm=1e9,
-            accumulation_steps=1,
-        )
+    opt = optimizer_defaults()  # then what this test needs: no decay, no clipping, its own LRs
+    opt.update(
+        name="muon",
+        learning_rate=1e-2,
+        text_encoder_learning_rate=1e-3,
+        decay_steps=1,
+        weight_decay=0.0,
+        grad_clip_norm=1e9,
     )
     shapes = {
         "unet": {

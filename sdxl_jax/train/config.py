@@ -33,6 +33,24 @@ def model_entries(models: Models) -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
+def diffusion_defaults() -> ml_collections.ConfigDict:
+    """`config.diffusion`: SDXL's objective (eps, uniform t over 1000 steps, no offset noise or shift)."""
+    return ml_collections.ConfigDict({
+        "prediction": "epsilon", "weighting": "none", "min_snr_gamma": 5.0, "offset_noise": 0.0,
+        "t_min": 0, "t_max": 1000, "timestep_shift": 1.0, "zero_terminal_snr": False,
+    })  # fmt: skip
+
+
+def optimizer_defaults() -> ml_collections.ConfigDict:
+    """`config.optimizer`: AdamW at a constant 1e-4 (text encoders 1e-5), clipped at norm 1."""
+    return ml_collections.ConfigDict({
+        "name": "adamw", "muon_beta": 0.95,  # the UNet's optimiser: "adamw" or "muon" (train/optim.py OPTIMIZERS)
+        "learning_rate": 1e-4, "text_encoder_learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0,
+        "decay_steps": 1000, "end_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
+        "grad_clip_norm": 1.0, "accumulation_steps": 1,
+    })  # fmt: skip
+
+
 def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A complete training config with neutral values (uniform weighting, constant LR, no offset noise)."""
     c = ml_collections.ConfigDict()
@@ -56,16 +74,8 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.model = model_entries(models)
     c.init_from = ""  # a PipelineWeights path (diffusers folder, single file, project folder); "" = random init
     c.train_text_encoders = False
-    c.diffusion = ml_collections.ConfigDict({
-        "prediction": "epsilon", "weighting": "none", "min_snr_gamma": 5.0, "offset_noise": 0.0,
-        "t_min": 0, "t_max": 1000, "timestep_shift": 1.0, "zero_terminal_snr": False,
-    })  # fmt: skip
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "adamw", "muon_beta": 0.95,  # the UNet's optimiser: "adamw" or "muon" (train/optim.py OPTIMIZERS)
-        "learning_rate": 1e-4, "text_encoder_learning_rate": 1e-5, "schedule": "constant", "warmup_steps": 0,
-        "decay_steps": 1000, "end_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
-        "grad_clip_norm": 1.0, "accumulation_steps": 1,
-    })  # fmt: skip
+    c.diffusion = diffusion_defaults()
+    c.optimizer = optimizer_defaults()
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup": True})
     c.data = data
     c.validation = ml_collections.ConfigDict({
@@ -76,9 +86,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.export_on_finish = "none"
     c.export_ema = True
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
-    c.malloc_huge_pages = (
-        False  # restart train.py with glibc malloc on huge pages (sdxl_jax/train/huge_pages.py; CPU runs)
-    )
+    c.malloc_huge_pages = False  # restart train.py with malloc on huge pages (train/huge_pages.py; CPU runs)
     return c
 
 

@@ -16,22 +16,21 @@ from diffusers import (
 )
 
 from sdxl_jax.tokenizer import ASSETS_DIR
-from tests.helpers.torch_reference import perturb_
+from tests.helpers.torch_reference import SDXL_SCHEDULER, perturb_
 
 # encoder widths (distinct: diffusers' from_single_file tells them apart by width)
 WIDTH_L, WIDTH_G, POOLED = 32, 40, 24
 TIME_ID_DIM = 8  # addition_time_embed_dim (256 in SDXL)
-SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
-)  # fmt: skip
+SCHEDULER = SDXL_SCHEDULER | {"interpolation_type": "linear"}
 
 
-def text_encoder(cls, activation: str, seed: int):
+def text_encoder(cls, activation: str, seed: int, hidden_size: int | None = None):
+    """A perturbed transformers CLIP text model with SDXL's pooling; `hidden_size` default: the pipeline's
+    width for this encoder (CLIP-L-like for quick_gelu, bigG-like for gelu)."""
     config = transformers.CLIPTextConfig(
         vocab_size=49408,
         max_position_embeddings=77,
-        hidden_size=WIDTH_L if activation == "quick_gelu" else WIDTH_G,
+        hidden_size=hidden_size or (WIDTH_L if activation == "quick_gelu" else WIDTH_G),
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,

@@ -3,6 +3,12 @@
 import numpy as np
 import torch
 
+# SDXL base/refiner scheduler config (stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+    num_train_timesteps=1000, prediction_type="epsilon",
+)  # fmt: skip
+
 
 def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     """Adds noise to every parameter in place, so that norms are not identity and no bias is zero.
