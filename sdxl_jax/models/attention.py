@@ -3,8 +3,8 @@
 Every attention in the project (the UNet's self/cross-attention, CLIP's causal self-attention, the
 VAE's mid-block attention over pixels) is the `Attention` module, which goes through
 `dot_product_attention`, whose implementation is chosen by name from `ATTENTION_IMPLS` ('xla'
-everywhere, 'cudnn' flash attention on NVIDIA GPUs). A TPU kernel (Pallas splash/flash attention)
-plugs in with `register_attention` — nothing else changes.
+everywhere, 'cudnn' flash attention on NVIDIA GPUs, 'flash' the Pallas splash kernel on TPU and in
+interpret mode elsewhere: `models.flash_attention`). Another kernel plugs in with `register_attention`.
 """
 
 from collections.abc import Callable
@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdxl_jax.models.flash_attention import flash_attention
 from sdxl_jax.models.layers import ACTIVATIONS, Dtype, GroupNorm, LayerNorm, dense, maybe_remat
 
 # fn(q, k, v, is_causal) with q `[B, T, N, H]`, k/v `[B, S, N, H]` -> `[B, T, N, H]`,
@@ -22,6 +23,7 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
     "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
     "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
+    "flash": flash_attention,
 }
 
 
