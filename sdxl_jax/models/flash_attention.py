@@ -12,11 +12,14 @@ other TPU kernel (`ops.tpu.flash_attention`) has no interpret mode, so it cannot
   for its platform, not when it is traced: a deviceless TPU compile from a CPU host (`jax.devices()`
   all CPU) still gets the Mosaic kernel. Both branches trace the same kernel, so their backward
   residuals have the same types and are shared, not doubled.
-- Lengths: the kernel needs T and S in multiples of 128. Shorter or ragged sequences (77 text-token
-  keys, CLIP's 77 tokens) are padded to the next multiple with zeros; padded keys get segment id 1
-  (queries 0) so no query sees them, and padded query rows are sliced off (zero cotangent). Padding
-  keeps every attention of the model on one kernel and out of `[T, 77]` score tensors; the cost is
-  at most 127 wasted rows or columns.
+- Short keys go to XLA: with fewer than 128 keys (SDXL's cross-attention over 77 text tokens, CLIP's
+  77-token causal self-attention) the `[T, S]` scores are small, and on a v5e compile the kernel
+  moved more bytes than XLA's fused attention (77-key cross-attention, fwd + bwd: 521 vs 298 MiB)
+  because the keys must be padded to 128 and every operand transposed. So `flash` is the kernel for
+  the long self-attentions (the UNet's 4096 and 1024 tokens, the VAE's 16384 pixels) only.
+- Lengths: the kernel (`splash_attention`) needs T and S in multiples of 128. Ragged sequences are
+  padded to the next multiple with zeros; padded keys get segment id 1 (queries 0) so no query sees
+  them, and padded query rows are sliced off (zero cotangent).
 - Causal (CLIP): the kernel's own `CausalMask` (query i sees keys j <= i, as the 'xla' path), which
   skips the blocks above the diagonal.
 - Blocks: 512 q x 512 kv where the padded length allows (SDXL's 4096- and 1024-token self-attention,
@@ -40,13 +43,21 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 LANES = 128  # the kernel's sequence lengths are multiples of this
+SHORT_KEYS = 128  # fewer keys than this: XLA's attention (see the module docstring)
 BLOCK_CHOICES = (512, 256, 128)  # tried in order: the largest that divides the padded length
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
-    """Softmax(q k^T / sqrt(H)) v by the splash kernel. q: `[B, T, N, H]`, k, v: `[B, S, N, H]` -> `[B, T, N, H]`.
+    """Softmax(q k^T / sqrt(H)) v: the splash kernel, or XLA's attention for fewer than `SHORT_KEYS` keys.
+    q: `[B, T, N, H]`, k, v: `[B, S, N, H]` -> `[B, T, N, H]`."""
+    if k.shape[1] < SHORT_KEYS:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    return splash_attention(q, k, v, causal)
 
-    Under a mesh, one kernel per device on its batch x heads shard (see the module docstring).
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """Softmax(q k^T / sqrt(H)) v by the splash kernel at any lengths. q: `[B, T, N, H]`, k, v: `[B, S, N, H]`
+    -> `[B, T, N, H]`. Under a mesh, one kernel per device on its batch x heads shard (module docstring).
     """
     mesh = jax.sharding.get_abstract_mesh()
     attend = lambda q, k, v: _attention(q, k, v, causal)
