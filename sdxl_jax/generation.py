@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sdxl_jax import conditioning
 from sdxl_jax.conditioning import Conditioning, TextEncoders
@@ -236,3 +238,18 @@ def generate(models: Models, plan: Plan, inputs: Inputs, latent_shape: tuple[int
     latents = denoise_all(models, plan, inputs, latent_shape)
     images, finite = decode(models.vae_cfg, models.vae_params, latents)
     return Outputs(images, finite, latents)
+
+
+def input_shardings(inputs: Inputs, mesh: jax.sharding.Mesh):
+    """How the program takes `inputs` on a mesh with a `data` axis: per-example arrays split along
+    `data`, the schedules (`sigmas`, `timesteps`) and scalars replicated."""
+    split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    sigma_fields = {"sigmas", "timesteps"}
+
+    def sharding_of(path, x):
+        name = getattr(path[-1], "name", None)
+        if np.ndim(x) == 0 or name in sigma_fields:
+            return whole
+        return split
+
+    return jax.tree_util.tree_map_with_path(sharding_of, inputs)

@@ -28,7 +28,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sdxl_jax import generation, sampling
 from sdxl_jax.conditioning import TextEncoders
@@ -266,7 +265,7 @@ class Pipeline:
     def _run(self, plan: generation.Plan, inputs: generation.Inputs, latent_shape, batch: int) -> generation.Outputs:
         data = self.mesh.shape["data"]
         padded = -(-batch // data) * data
-        inputs = jax.device_put(_pad_batch(inputs, batch, padded), _input_shardings(inputs, self.mesh))
+        inputs = jax.device_put(_pad_batch(inputs, batch, padded), generation.input_shardings(inputs, self.mesh))
         start = time.perf_counter()
         out = _generate_jit(self.models, plan, inputs, latent_shape)
         out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
@@ -324,17 +323,3 @@ def _pad_batch(inputs: generation.Inputs, batch: int, padded: int):
         return np.concatenate([x, np.repeat(x[-1:], padded - batch, axis=0)])
 
     return jax.tree.map(pad, inputs)
-
-
-def _input_shardings(inputs: generation.Inputs, mesh):
-    """Per-example arrays split along `data`; schedules and scalars replicated."""
-    split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    sigma_fields = {"sigmas", "timesteps"}
-
-    def sharding_of(path, x):
-        name = getattr(path[-1], "name", None)
-        if np.ndim(x) == 0 or name in sigma_fields:
-            return whole
-        return split
-
-    return jax.tree_util.tree_map_with_path(sharding_of, inputs)

@@ -11,7 +11,10 @@ checkpoint.py   Orbax checkpoints of the state and the data iterator; SIGTERM ->
 metrics.py      console, metrics.jsonl and TensorBoard (tensorboard.py writes the event files)
 validation.py   sampling fixed prompts with the EMA params during a run
 export.py       the finished run as a checkpoint others can open
-memory_plan.py  `python -m sdxl_jax.plan`: compile a step ahead of time, print its memory per device
-flops.py        model FLOPs of a traced program (for MFU)
+memory_plan.py  `python -m sdxl_jax.plan`: compile the step or the sampling program ahead of time for
+                a target (TPU topology or fake CPU devices), print memory per device, fit, roofline
+targets.py      compile targets: TPU topologies with no TPU present, fake CPU devices; each chip's peaks
+hlo_traffic.py  HBM traffic of a compiled program, loops times their trip counts (the roofline's bytes)
+flops.py        model FLOPs of a traced program (for MFU and the roofline)
 huge_pages.py   restart with glibc malloc on transparent huge pages (CPU runs)
 """

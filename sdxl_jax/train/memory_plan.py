@@ -1,40 +1,71 @@
-"""Memory planner: compile a config's train step ahead of time for a mesh, with no weights and no data.
+"""The planner: compile a config's train step (or its sampling program) ahead of time for a target, with
+no weights, no data and no accelerator, and print the compiler's own accounting of the executable.
 
-    python -m sdxl_jax.plan --config configs/sdxl_finetune_1024.py --mesh data=1,fsdp=8,tensor=1 \
-        --batch_per_device 1 [--remat full] [--height 1024 --width 1024] [--config.x=y ...]
+    python -m sdxl_jax.plan --config configs/sdxl_finetune_1024.py --target tpu:v5e:2x4 \
+        --mesh data=1,fsdp=8,tensor=1 [--batch_per_device 1] [--remat full] [--height 1024 --width 1024]
+    python -m sdxl_jax.plan --config configs/sdxl_finetune_1024.py --target tpu:v6e:2x4 --program sample \
+        [--steps 20 --guidance_scale 5]
+    python -m sdxl_jax.plan --config configs/tiny.py --target cpu:4 --mesh data=1,fsdp=4,tensor=1
 
-The step is lowered with abstract inputs (`ShapeDtypeStruct`s carrying the run's shardings) on fake
-CPU devices (`--xla_force_host_platform_device_count`), compiled, and XLA's own accounting of the
-executable is printed per device: arguments (state, frozen params, batch), outputs, temporaries, the
-argument bytes donated to outputs, and the total live at the peak; plus the model FLOPs per step
-(`step.model_flops`: matmuls and convolutions of the step traced without remat). The figures
-are the CPU compiler's: a TPU/GPU compile fuses and schedules differently (and keeps bf16 where the
-CPU may upcast), so treat them as a plan, not a promise.
+The program is lowered with abstract inputs (`ShapeDtypeStruct`s carrying the run's shardings) and
+compiled for the target (`targets.py`: a TPU topology through libtpu, or fake XLA:CPU devices). Per
+device it prints arguments (state, frozen params, batch), outputs, temporaries, the argument bytes
+donated to outputs, and the total live at the peak; on a TPU target also the fit against the chip's
+HBM, the largest batch per device that fits (found by compiling), and a roofline lower bound of the
+run time: the model FLOPs (`flops.jaxpr_flops` of the program traced without remat, XLA attention) and
+the compiled program's HBM traffic (`hlo_traffic.memory_traffic`, loops times their trip counts)
+against the chip's peaks. These are compiler plans and bounds, not timings.
 """
 
+import dataclasses
 import os
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags
 from jax._src import xla_bridge
+from jax.sharding import AxisType
 from ml_collections import config_flags
 
-from sdxl_jax.sharding import batch_shards, make_mesh, tracing_context
-from sdxl_jax.train.state import abstract_params, new_state, split_params, trainable_components
+from sdxl_jax import generation
+from sdxl_jax.diffusion import schedules
+from sdxl_jax.sampling import SamplingOptions, plan_and_inputs
+from sdxl_jax.sharding import batch_shards, make_mesh, placement_shardings, tracing_context
+from sdxl_jax.train.flops import jaxpr_flops
+from sdxl_jax.train.hlo_traffic import memory_traffic
+from sdxl_jax.train.state import (
+    Models,
+    abstract_params,
+    models_from_config,
+    new_state,
+    split_params,
+    trainable_components,
+    xla_attention,
+)
 from sdxl_jax.train.step import StepSpec, make_train_step, model_flops
+from sdxl_jax.train.targets import GiB, Target, parse_target, roofline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a training config (configs/*.py[:arg])", lock_config=False)
-flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1", "mesh axis sizes, e.g. data=2,fsdp=4,tensor=1")
-flags.DEFINE_integer("batch_per_device", 1, "examples per device of the batch axis")
+flags.DEFINE_string("target", "cpu", "tpu:<generation>:<topology> (e.g. tpu:v5e:2x4) or cpu[:N] (fake devices)")
+flags.DEFINE_enum("program", "train", ["train", "sample"], "the train step, or the generation program")
+flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1", "train: mesh axis sizes, e.g. data=2,fsdp=4,tensor=1")
+flags.DEFINE_integer("batch_per_device", 1, "examples (train) or images (sample) per device")
 flags.DEFINE_string("remat", None, "override the UNet remat policy: none | minimal | full")
+flags.DEFINE_string("attention", None, "override the UNet attention kernel (xla | flash | cudnn)")
 flags.DEFINE_integer("height", 1024, "image height (pixels) of the planned bucket")
 flags.DEFINE_integer("width", 1024, "image width (pixels) of the planned bucket")
-flags.DEFINE_bool("cached_latents", False, "plan for batches of cached latents and text (no VAE/text encoders)")
+flags.DEFINE_bool("cached_latents", False, "train: batches of cached latents and text (no VAE/text encoders)")
+flags.DEFINE_integer("steps", 20, "sample: sampler steps")
+flags.DEFINE_float("guidance_scale", 5.0, "sample: classifier-free guidance scale (1 = no CFG, half the work)")
+flags.DEFINE_bool("search_batch", True, "TPU targets: find the largest batch per device that fits, by compiling")
+flags.DEFINE_integer("batch_limit", 64, "the batch search stops at this many per device")
 flags.mark_flags_as_required(["config"])
-GiB = 2**30
+
+
+# ---- abstract inputs ----------------------------------------------------------------------------
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -62,68 +93,222 @@ def abstract_batch(models, batch: int, height: int, width: int, cached: bool, sh
     return out
 
 
-def abstract_step(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool):
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_step(
+    config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool, devices=None
+):
     """What compiling the step needs, all abstract: (`StepSpec`, (state, frozen, batch)) as
-    `ShapeDtypeStruct`s carrying the run's shardings."""
+    `ShapeDtypeStruct`s carrying the run's shardings, on a mesh of `devices` (default: this host's)."""
     config.mesh.update(mesh_sizes)
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, devices)
     spec = StepSpec.build(config, mesh)
     unboxed = nn.meta.unbox(abstract_params(spec.models))
     train, frozen = split_params(unboxed, trainable_components(config, spec.models))
-    with_sharding = lambda tree, sh: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
-    )
-    state = with_sharding(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
-    frozen = with_sharding(frozen, spec.frozen_shardings)
+    state = _with_shardings(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
+    frozen = _with_shardings(frozen, spec.frozen_shardings)
     global_batch = batch_per_device * batch_shards(mesh, config.sharding_rules)
     batch = abstract_batch(spec.models, global_batch, height, width, cached, spec.batch_sharding)
     return spec, (state, frozen, batch)
 
 
-def plan(config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool) -> dict:
-    """Compile the step for the mesh (devices must exist) and return XLA's memory figures and the model FLOPs."""
-    spec, inputs = abstract_step(config, mesh_sizes, batch_per_device, height, width, cached)
-    with tracing_context(config, spec.mesh):
-        compiled = make_train_step(spec).lower(*inputs).compile()
-        flops = model_flops(spec, *inputs)
+def sampling_models(models: Models) -> Models:
+    """The configs `Pipeline` samples with: UNet and text encoders in bf16 (params and compute), the VAE
+    as configured (its decode in fp32 by default), UNet remat off (nothing to differentiate)."""
+    bf16 = dict(dtype="bfloat16", param_dtype="bfloat16")
+    enc = {n: models.config(n).replace(**bf16) for n in ("text_encoder", "text_encoder_2") if models.config(n)}
+    return dataclasses.replace(models, unet=models.unet.replace(remat="none", **bf16), **enc)
+
+
+def abstract_sampling(config, models: Models, devices, batch_per_device: int, options: SamplingOptions):
+    """(program, (params, inputs)) for `generation.generate` over a `data` mesh of `devices`, parameters
+    replicated (how `Pipeline` places them by default), one prompt batch split along `data`."""
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+    boxed = abstract_params(models)
+    shardings = {n: placement_shardings(p, mesh, "replicated") for n, p in boxed.items()}
+    params = _with_shardings(nn.meta.unbox(boxed), nn.meta.unbox(shardings))
+    batch = batch_per_device * len(devices)
+    table = schedules.scaled_linear_table(zero_terminal_snr=config.diffusion.zero_terminal_snr)
+    seeds = np.arange(batch, dtype=np.uint32)
+    plan, inputs = plan_and_inputs(options, table, ["a photo"] * batch, None, seeds)
+    inputs = _with_shardings(jax.tree.map(np.asarray, inputs), generation.input_shardings(inputs, mesh))
+    f = models.vae.downsample_factor
+    latent_shape = (options.height // f, options.width // f, models.vae.latent_channels)
+
+    def program(params, inputs):
+        stage = generation.Stage(models.unet, params["unet"], models.encoders(params), config.diffusion.prediction)
+        return generation.generate(generation.Models(stage, models.vae, params["vae"]), plan, inputs, latent_shape)
+
+    return program, (params, inputs)
+
+
+# ---- compile and measure --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compile's figures, per device: memory (bytes), HBM traffic (bytes), model FLOPs."""
+
+    global_batch: int
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    traffic: float
+    flops_per_device: float
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        """Bytes live at the peak: arguments + outputs not aliased to (donated) arguments + temporaries."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def _measure(lowered, flops: float, devices: int, global_batch: int, start: float) -> Compiled:
+    compiled = lowered.compile()
     mem = compiled.memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    mesh = spec.mesh
-    return {"devices": mesh.size, "mesh": dict(mesh.shape), "remat": spec.models.unet.remat,
-            "global_batch": inputs[2]["ids_g"].shape[0], "constraints": config.activation_constraints,
-            "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-            "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes, "total": peak,
-            "flops_per_device": flops / mesh.size, "flops_per_step": flops}  # fmt: skip
+    return Compiled(global_batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                    mem.temp_size_in_bytes, memory_traffic(compiled.as_text()), flops / devices,
+                    time.perf_counter() - start)  # fmt: skip
 
 
-def report(r: dict) -> str:
-    lines = [
-        f"mesh {r['mesh']} ({r['devices']} devices), remat {r['remat']}, global batch {r['global_batch']}, "
-        f"activation constraints {'on' if r['constraints'] else 'off'}",
-        "per device:",
-    ]
+def compile_step(config, mesh_sizes, batch_per_device: int, height: int, width: int, cached: bool, devices):
+    """The train step compiled for `devices` (a TPU topology's or this host's)."""
+    start = time.perf_counter()
+    spec, inputs = abstract_step(config, mesh_sizes, batch_per_device, height, width, cached, devices)
+    with tracing_context(config, spec.mesh):
+        lowered = make_train_step(spec).lower(*inputs)
+        flops = model_flops(spec, *inputs)
+    return _measure(lowered, flops, spec.mesh.size, inputs[2]["ids_g"].shape[0], start)
+
+
+def compile_sampling(config, models: Models, devices, batch_per_device: int, options: SamplingOptions):
+    """The generation program (text encoders, the sampler's scan over UNet calls, VAE decode) compiled."""
+    start = time.perf_counter()
+    program, args = abstract_sampling(config, models, devices, batch_per_device, options)
+    lowered = jax.jit(program).lower(*args)
+    reference, _ = abstract_sampling(config, xla_attention(models), devices, batch_per_device, options)
+    flops = jaxpr_flops(jax.jit(reference).trace(*args).jaxpr)
+    return _measure(lowered, flops, len(devices), batch_per_device * len(devices), start)
+
+
+def largest_batch(compile_at, first: int, first_result: Compiled, hbm: float, limit: int) -> tuple[int, list]:
+    """The largest batch per device in [1, limit] whose program fits `hbm` bytes, by compiling.
+
+    Memory is close to affine in the batch, so a second compile predicts the answer; then the bracket
+    [largest known fit, smallest known miss] is closed by compiling: one above the prediction when
+    it holds, bisection where a layout change broke it. Returns (batch, [(batch, total bytes)] of every
+    compile); 0 if batch 1 does not fit.
+    """
+    seen = {first: first_result.total}
+
+    def compile_total(b: int) -> None:
+        if b not in seen:
+            seen[b] = compile_at(b).total
+
+    other = 2 * first if seen[first] <= hbm and 2 * first <= limit else first - 1
+    guess = first
+    if other >= 1:
+        compile_total(other)
+        slope = (seen[other] - seen[first]) / (other - first)
+        guess = first + int((hbm - seen[first]) // slope) if slope > 0 else limit
+    compile_total(min(max(guess, 1), limit))
+    step = 1
+    while True:
+        lo = max((b for b, total in seen.items() if total <= hbm), default=0)
+        hi = min((b for b, total in seen.items() if total > hbm and b > lo), default=limit + 1)
+        if hi == lo + 1:
+            return lo, sorted(seen.items())
+        if hi <= limit:
+            compile_total((lo + hi) // 2)
+        else:
+            compile_total(min(limit, lo + step))
+            step *= 2
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def _tera(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.2f} GFLOP"
+
+
+def report(target: Target, what: str, c: Compiled, devices: int, search=None, per_example: str = "example") -> str:
+    """The planner's printout (one figure per line, the units stated)."""
+    lines = [f"{what} on {target} ({devices} devices), global batch {c.global_batch}, compiled in {c.seconds:.0f} s",
+             "per device:"]  # fmt: skip
     for key in ("arguments", "outputs", "aliased", "temporaries", "total"):
-        lines.append(f"  {key:<12} {r[key] / GiB:8.2f} GiB  ({r[key] / 2**20:.1f} MiB)")
+        value = c.total if key == "total" else getattr(c, key)
+        lines.append(f"  {key:<12} {value / GiB:8.2f} GiB  ({value / 2**20:.1f} MiB)")
+    flops = c.flops_per_device * devices
     lines.append(
-        f"FLOPs per step: {r['flops_per_step'] / 1e12:.1f} TFLOP ({r['flops_per_device'] / 1e12:.2f} per device, "
-        f"{r['flops_per_step'] / r['global_batch'] / 1e12:.1f} per example)"
+        f"FLOPs per step: {_tera(flops)} ({_tera(c.flops_per_device)} per device, "
+        f"{_tera(flops / c.global_batch)} per {per_example})"
     )
+    lines.append(f"HBM traffic per device: {c.traffic / 1e9:.2f} GB")
+    if target.chip is None:
+        return "\n".join(lines)
+    hbm, peak, bandwidth = target.per_device(devices)
+    verdict = "fits" if c.total <= hbm else f"does NOT fit (over by {(c.total - hbm) / GiB:.2f} GiB)"
+    lines.append(f"HBM per device {hbm / GiB:.2f} GiB: {verdict} ({c.total / hbm:.0%} used)")
+    if search is not None:
+        best, tried = search
+        shown = ", ".join(f"{b}: {t / GiB:.2f}" for b, t in tried)
+        at_limit = " (the search limit, --batch_limit)" if best == FLAGS.batch_limit else ""
+        lines.append(f"largest batch per device that fits: {best}{at_limit} (compiled, GiB per device: {shown})")
+    r = roofline(c.flops_per_device, c.traffic, peak, bandwidth)
+    lines.append(
+        f"roofline lower bound: {r['bound_s'] * 1e3:.1f} ms per step (compute {r['compute_s'] * 1e3:.1f} ms at "
+        f"{peak / 1e12:.0f} TFLOP/s, memory {r['memory_s'] * 1e3:.1f} ms at {bandwidth / 1e9:.0f} GB/s); "
+        f"MFU ceiling {r['mfu_ceiling']:.0%}"
+    )
+    if per_example == "image":
+        lines.append(f"roofline images/s per device: {c.global_batch / devices / r['bound_s']:.2f}")
+    lines.append("(compiler plans and roofline bounds, not timings)")
     return "\n".join(lines)
+
+
+def _devices(target: Target, count: int):
+    """The target's devices, after pointing JAX at fake CPU devices if the target needs them."""
+    if target.platform == "cpu":
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError("the JAX backend started before the planner could set the fake device count")
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+    jax.config.update("jax_platforms", "cpu")  # no TPU runtime is wanted, only its compiler
+    devices = target.devices()
+    return devices[:count] if target.platform == "cpu" else devices
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sizes = parse_mesh(FLAGS.mesh)
-    n = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
-    if xla_bridge.backends_are_initialized():
-        raise RuntimeError("the JAX backend started before the planner could set the fake device count")
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-    jax.config.update("jax_platforms", "cpu")
-    config = FLAGS.config
+    target, config = parse_target(FLAGS.target), FLAGS.config
     if FLAGS.remat is not None:
         config.model.unet.remat = FLAGS.remat
-    print(report(plan(config, sizes, FLAGS.batch_per_device, FLAGS.height, FLAGS.width, FLAGS.cached_latents)))
+    if FLAGS.attention is not None:
+        config.model.unet.attention = FLAGS.attention
+    if FLAGS.program == "train":
+        sizes = parse_mesh(FLAGS.mesh)
+        devices = _devices(target, target.cpu_devices or sizes["data"] * sizes["fsdp"] * sizes["tensor"])
+        shape = (FLAGS.height, FLAGS.width, FLAGS.cached_latents)
+        compile_at = lambda b: compile_step(config, sizes, b, *shape, devices)
+        what, unit = f"train step, mesh {sizes}, remat {config.model.unet.remat}", "example"
+    else:
+        devices = _devices(target, target.cpu_devices or 1)
+        options = SamplingOptions(height=FLAGS.height, width=FLAGS.width, steps=FLAGS.steps,
+                                  guidance_scale=FLAGS.guidance_scale)  # fmt: skip
+        models = sampling_models(models_from_config(config.model))
+        compile_at = lambda b: compile_sampling(config, models, devices, b, options)
+        what = f"sampling {options.height}x{options.width}, {options.steps} steps, CFG {options.guidance_scale}"
+        unit = "image"
+    first = compile_at(FLAGS.batch_per_device)
+    search = None
+    if target.chip is not None and FLAGS.search_batch:
+        hbm = target.per_device(len(devices))[0]
+        search = largest_batch(compile_at, FLAGS.batch_per_device, first, hbm, FLAGS.batch_limit)
+    print(report(target, what, first, len(devices), search, unit))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ class Models:
         return TextEncoders(self.text_encoder_2, params["text_encoder_2"], self.text_encoder, params["text_encoder"])
 
 
+def xla_attention(models: Models) -> Models:
+    """`models` with every component on the XLA attention path: the reference program whose matmuls
+    `flops.jaxpr_flops` can see (a Pallas kernel's are hidden in its custom call)."""
+    configs = {n: models.config(n) for n in models.components}
+    changes = {n: c.replace(attention="xla") for n, c in configs.items() if getattr(c, "attention", "xla") != "xla"}
+    return dataclasses.replace(models, **changes) if changes else models
+
+
 def models_from_config(cfg: ml_collections.ConfigDict) -> Models:
     """`config.model` -> `Models`; unknown or missing fields are errors."""
     build = lambda name: None if cfg[name] is None else config_from_dict(name, cfg[name].to_dict())

@@ -29,7 +29,14 @@ from sdxl_jax.sharding import batch_sharding
 from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.train.objective import diffusion_loss, encode_batch
 from sdxl_jax.train.optim import ema_decay, make_optimizer
-from sdxl_jax.train.state import Models, TrainState, models_from_config, state_shardings, trainable_components
+from sdxl_jax.train.state import (
+    Models,
+    TrainState,
+    models_from_config,
+    state_shardings,
+    trainable_components,
+    xla_attention,
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,9 +75,10 @@ class StepSpec:
         return self.state_shardings.params | self.frozen_shardings
 
     def without_remat(self) -> "StepSpec":
-        """The same step keeping every activation: the program whose FLOPs are the model FLOPs (MFU does
-        not count the forward passes that remat repeats)."""
-        models = dataclasses.replace(self.models, unet=self.models.unet.replace(remat="none"))
+        """The same step keeping every activation, with XLA attention: the program whose FLOPs are the
+        model FLOPs (MFU does not count the forward passes that remat repeats, and a Pallas kernel's
+        matmuls are invisible to `jaxpr_flops`)."""
+        models = xla_attention(dataclasses.replace(self.models, unet=self.models.unet.replace(remat="none")))
         return dataclasses.replace(self, models=models)
 
 
