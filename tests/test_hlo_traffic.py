@@ -54,11 +54,14 @@ def layers(x, ws):
     return jax.lax.scan(lambda c, w: (step(c, w), None), x, ws)[0]
 
 
-def test_shape_bytes_ignore_layouts_tiles_and_memory_spaces():
+def test_shape_bytes_pad_tiles_and_ignore_memory_spaces():
     assert shape_bytes("bf16[6,512,512]{2,1,0:T(8,128)(2,1)S(1)}") == 6 * 512 * 512 * 2
     assert shape_bytes("(s32[]{:T(128)}, f32[256,512]{1,0:T(8,128)S(1)}, /*index=2*/pred[], u32[]{:S(2)})") == (
-        4 + 256 * 512 * 4 + 1 + 4
+        4 + 256 * 512 * 4 + 1 + 4  # a tiled scalar counts as itself, as in XLA's count
     )
+    assert shape_bytes("f32[256,32]{1,0:T(8,128)}") == 256 * 128 * 4  # 32 lanes move as 128
+    assert shape_bytes("f32[3,32]{0,1:T(8,128)}") == 32 * 128 * 4  # dimension 0 is the minor one here
+    assert shape_bytes("bf16[2,77,64]{2,1,0:T(8,128)(2,1)}") == 2 * 80 * 128 * 2
     assert shape_bytes("f8e4m3fn[16]{0}") == 16 and shape_bytes("s4[10]") == 5 and shape_bytes("token[]") == 0
     assert shape_bytes("((f32[2], s64[3]), c64[1])") == 8 + 24 + 8
 

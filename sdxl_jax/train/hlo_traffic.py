@@ -13,10 +13,9 @@ dynamic-update-slice writes only the update; parameters, constants, tuples, get-
 bitcasts are free. An async pair (`copy-start`/`copy-done`, `all-gather-start`/`-done`, ...) counts its
 operands at the start and its result at the done, once — XLA counts the start's tuple of buffers as well.
 
-Bytes are logical (element count x element size); layouts and memory spaces are ignored. So an operand
-the TPU compiler placed in VMEM (`S(1)`) still counts, and tile padding does not: XLA's TPU figure counts
-padded tiles (`T(8,128)`: a minor dimension of 32 moves as 128, a scalar as 512 bytes), which is what a
-TPU's HBM moves for arrays whose two minor dimensions are not multiples of the tile.
+Bytes are as laid out: a TPU layout's tiles (`T(8,128)`: a minor dimension of 32 moves as 128, a scalar
+as a 128-element tile) pad the array as XLA's TPU count does, since that is what HBM moves; memory
+spaces are ignored, so an operand the TPU compiler placed in VMEM (`S(1)`) still counts.
 The optimised TPU HLO carries no `known_trip_count`; the count is then read off the loop's counter
 (`compare(i, N)` in the condition, `i + step` in the body, the initial `i` in the while's operand tuple).
 A loop whose count is found neither way counts once and is named in `HloTraffic.uncounted_loops`.
@@ -51,9 +50,23 @@ class HloTraffic(NamedTuple):
 
 
 def _arrays(shape: str) -> list[tuple[str, int]]:
-    """(element type, element count) of each array in a shape; layouts (`{1,0:T(8,128)S(1)}`) dropped."""
-    found = re.findall(r"([a-z][a-z0-9]*)\[([^\]]*)\]", re.sub(r"\{[^}]*\}", "", shape))
-    return [(dtype, math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d)) for dtype, dims in found]
+    """(element type, element count) of each array in a shape, counted as laid out in memory: a tiled
+    layout (`{1,0:T(8,128)(2,1)}`) pads its most-minor dimensions up to the first tile; memory spaces
+    (`S(1)`) are ignored."""
+    out = []
+    for dtype, dims, layout in re.findall(r"([a-z][a-z0-9]*)\[([^\]]*)\](\{[^}]*\})?", shape):
+        sizes = [int(d.lstrip("<=")) for d in dims.split(",") if d]
+        tile = re.search(r":(?:[^:]*?)T\(([\d,]+)\)", layout)
+        if tile and sizes:  # (XLA's count takes a tiled scalar as its own size)
+            order = [int(i) for i in layout[1:].split(":")[0].split(",") if i]  # minor to major
+            physical = [sizes[i] for i in reversed(order)] if order else sizes
+            tile_dims = [int(t) for t in tile.group(1).split(",")]
+            physical = [1] * (len(tile_dims) - len(physical)) + physical
+            for j, t in enumerate(tile_dims, start=len(physical) - len(tile_dims)):
+                physical[j] = -(-physical[j] // t) * t
+            sizes = physical
+        out.append((dtype, math.prod(sizes)))
+    return out
 
 
 def shape_bytes(shape: str) -> float:
