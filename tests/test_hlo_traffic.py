@@ -141,3 +141,26 @@ def test_loop_of_unknown_trip_count_counts_once_and_warns():
     bounded = compiled("cpu", lambda x, w: jax.lax.fori_loop(0, 5, lambda i, c: step(c, w), x), X, W).as_text()
     assert re.search(r'"known_trip_count":\{"n":"5"\}', bounded)
     assert hlo_traffic(bounded).bytes - traffic.bytes > 4 * counts("cpu", step, X, W)[0]  # 5 iterations against 1
+
+
+def test_pallas_kernel_attributes_spanning_lines():
+    """A Pallas TPU kernel's custom call carries JSON with newlines in its attributes; the instruction
+    must stay whole (a stray `}` line once ended the computation early). Scanning it 2 vs 4 times adds
+    2 bodies, and each body moves at least the kernel's q, k, v and output."""
+    from sdxl_jax.models.attention import ATTENTION_IMPLS
+
+    qkv = S((1, 256, 2, 64), jnp.bfloat16)
+
+    def attend(n):
+        def f(q, k, v):
+            step = lambda c, _: (ATTENTION_IMPLS["flash"](c, k, v, False), None)
+            return jax.lax.scan(step, q, None, length=n)[0]
+
+        text = compiled("tpu", f, qkv, qkv, qkv).as_text()
+        assert 'custom_call_target="tpu_custom_call"' in text and '\n"xprof_metadata"' in text
+        traffic = hlo_traffic(text)
+        assert traffic.uncounted_loops == []
+        return traffic.bytes
+
+    two, four = attend(2), attend(4)
+    assert (four - two) / 2 >= 4 * 256 * 2 * 128 * 2  # q, k, v, out: bf16, head width 64 padded to 128 lanes

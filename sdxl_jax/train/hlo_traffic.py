@@ -99,16 +99,34 @@ def _parse_instruction(line: str) -> Instr:
 def parse_hlo(text: str) -> tuple[dict[str, dict[str, Instr]], str]:
     """Computations of an HLO module's text, each {instruction name: Instr} in order, and ENTRY's name."""
     comps, entry, current = {}, None, None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         if (m := _COMPUTATION.match(line)) and not line.startswith(" "):
             current = comps.setdefault(m[2], {})
             entry = m[2] if m[1] else entry
         elif current is not None and _INSTRUCTION.match(line):
             instr = _parse_instruction(line)
             current[instr.name] = instr
-        elif line.startswith("}"):
+        elif line == "}":
             current = None
     return comps, entry
+
+
+def _logical_lines(text: str):
+    """The module's lines with each instruction whole: attribute values may span lines (a Pallas kernel's
+    `frontend_attributes` hold JSON with newlines), so a line that starts neither an instruction, a
+    computation nor a computation's closing `}` continues the one before."""
+    pending = None
+    for line in text.splitlines():
+        header = not line.startswith((" ", "}", '"')) and (line.startswith("HloModule") or _COMPUTATION.match(line))
+        starts = line == "}" or not line.strip() or header or (line.startswith("  ") and _INSTRUCTION.match(line))
+        if starts:
+            if pending is not None:
+                yield pending
+            pending = line
+        else:
+            pending = line if pending is None else pending + line
+    if pending is not None:
+        yield pending
 
 
 def _root(comp: dict[str, Instr]) -> Instr:
