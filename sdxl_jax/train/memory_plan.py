@@ -62,6 +62,7 @@ flags.DEFINE_integer("steps", 20, "sample: sampler steps")
 flags.DEFINE_float("guidance_scale", 5.0, "sample: classifier-free guidance scale (1 = no CFG, half the work)")
 flags.DEFINE_bool("search_batch", True, "TPU targets: find the largest batch per device that fits, by compiling")
 flags.DEFINE_integer("batch_limit", 64, "the batch search stops at this many per device")
+flags.DEFINE_string("hlo_dir", None, "write each compiled program's optimized HLO text into this folder")
 flags.mark_flags_as_required(["config"])
 
 
@@ -168,9 +169,14 @@ class Compiled:
 
 def _measure(lowered, flops: float, devices: int, global_batch: int, start: float) -> Compiled:
     compiled = lowered.compile()
+    text = compiled.as_text()
+    if FLAGS.is_parsed() and FLAGS.hlo_dir:
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.hlo_dir, f"{FLAGS.program}_batch{global_batch}.hlo.txt"), "w") as f:
+            f.write(text)
     mem = compiled.memory_analysis()
     return Compiled(global_batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                    mem.temp_size_in_bytes, memory_traffic(compiled.as_text()), flops / devices,
+                    mem.temp_size_in_bytes, memory_traffic(text), flops / devices,
                     time.perf_counter() - start)  # fmt: skip
 
 
