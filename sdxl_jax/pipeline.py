@@ -37,7 +37,7 @@ from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.vae import to_latents
 from sdxl_jax.sampling import SamplingOptions
-from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
+from sdxl_jax.sharding import PLACEMENTS, SAMPLING_RULES, data_mesh, placement_shardings, sharding_context
 
 PARAM_SHARDINGS, default_mesh = PLACEMENTS, data_mesh  # this module's names for them before sharding.py
 
@@ -267,7 +267,8 @@ class Pipeline:
         padded = -(-batch // data) * data
         inputs = jax.device_put(_pad_batch(inputs, batch, padded), generation.input_shardings(inputs, self.mesh))
         start = time.perf_counter()
-        out = _generate_jit(self.models, plan, inputs, latent_shape)
+        with sharding_context(self.mesh, SAMPLING_RULES):
+            out = _generate_jit(self.models, plan, inputs, latent_shape)
         out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
         log.info("generated %d image(s) in %.2f s", batch, time.perf_counter() - start)
         return out

@@ -204,6 +204,12 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+# Sampling shards only the batch (over `data`); every other activation name has no rule (replicated).
+# Tracing the generation program under these rules is what lets a kernel that must be shard_mapped
+# (the Pallas `flash` attention) split its batch like the program's inputs.
+SAMPLING_RULES = (("act_batch", "data"),)
+
+
 def data_mesh() -> jax.sharding.Mesh:
     """Every device along `data` (pure data parallel): the sampling pipeline's default."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))

@@ -27,7 +27,7 @@ def run_plan(*args: str) -> dict[str, float]:
     figures = {
         k: float(v) * 2**20 for k, v in re.findall(r"^\s+(\w+)\s+[\d.]+ GiB\s+\(([\d.]+) MiB\)", result.stdout, re.M)
     }
-    number, unit = re.search(r"FLOPs per step: ([\d.]+) (TFLOP|GFLOP)", result.stdout).groups()
+    number, unit = re.search(r"FLOPs per (?:step|call): ([\d.]+) (TFLOP|GFLOP)", result.stdout).groups()
     figures["tflop"] = float(number) / (1 if unit == "TFLOP" else 1000)
     figures["devices"] = int(re.search(r"\((\d+) devices\)", result.stdout).group(1))
     if fit := re.search(r"HBM per device ([\d.]+) GiB: (fits|does NOT fit)", result.stdout):

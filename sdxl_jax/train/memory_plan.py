@@ -32,7 +32,14 @@ from ml_collections import config_flags
 from sdxl_jax import generation
 from sdxl_jax.diffusion import schedules
 from sdxl_jax.sampling import SamplingOptions, plan_and_inputs
-from sdxl_jax.sharding import batch_shards, make_mesh, placement_shardings, tracing_context
+from sdxl_jax.sharding import (
+    SAMPLING_RULES,
+    batch_shards,
+    make_mesh,
+    placement_shardings,
+    sharding_context,
+    tracing_context,
+)
 from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.train.hlo_traffic import memory_traffic
 from sdxl_jax.train.state import (
@@ -194,7 +201,9 @@ def compile_sampling(config, models: Models, devices, batch_per_device: int, opt
     """The generation program (text encoders, the sampler's scan over UNet calls, VAE decode) compiled."""
     start = time.perf_counter()
     program, args = abstract_sampling(config, models, devices, batch_per_device, options)
-    lowered = jax.jit(program).lower(*args)
+    mesh = args[1].seeds.sharding.mesh
+    with sharding_context(mesh, SAMPLING_RULES):  # as `Pipeline` traces it
+        lowered = jax.jit(program).lower(*args)
     reference, _ = abstract_sampling(config, xla_attention(models), devices, batch_per_device, options)
     flops = jaxpr_flops(jax.jit(reference).trace(*args).jaxpr)
     return _measure(lowered, flops, len(devices), batch_per_device * len(devices), start)
@@ -248,9 +257,9 @@ def report(target: Target, what: str, c: Compiled, devices: int, search=None, pe
     for key in ("arguments", "outputs", "aliased", "temporaries", "total"):
         value = c.total if key == "total" else getattr(c, key)
         lines.append(f"  {key:<12} {value / GiB:8.2f} GiB  ({value / 2**20:.1f} MiB)")
-    flops = c.flops_per_device * devices
+    flops, call = c.flops_per_device * devices, "step" if per_example == "example" else "call"
     lines.append(
-        f"FLOPs per step: {_tera(flops)} ({_tera(c.flops_per_device)} per device, "
+        f"FLOPs per {call}: {_tera(flops)} ({_tera(c.flops_per_device)} per device, "
         f"{_tera(flops / c.global_batch)} per {per_example})"
     )
     lines.append(f"HBM traffic per device: {c.traffic / 1e9:.2f} GB")
@@ -266,7 +275,7 @@ def report(target: Target, what: str, c: Compiled, devices: int, search=None, pe
         lines.append(f"largest batch per device that fits: {best}{at_limit} (compiled, GiB per device: {shown})")
     r = roofline(c.flops_per_device, c.traffic, peak, bandwidth)
     lines.append(
-        f"roofline lower bound: {r['bound_s'] * 1e3:.1f} ms per step (compute {r['compute_s'] * 1e3:.1f} ms at "
+        f"roofline lower bound: {r['bound_s'] * 1e3:.1f} ms per {call} (compute {r['compute_s'] * 1e3:.1f} ms at "
         f"{peak / 1e12:.0f} TFLOP/s, memory {r['memory_s'] * 1e3:.1f} ms at {bandwidth / 1e9:.0f} GB/s); "
         f"MFU ceiling {r['mfu_ceiling']:.0%}"
     )
