@@ -40,7 +40,7 @@ def out_and_grads(attention, q, k, v, cotangent, causal: bool):
 
 # name -> (B, T, S, N, H, causal)
 CASES = {
-    "self_attention": (2, 256, 256, 2, 64, False),  # a UNet level's tokens (4096 / 1024 in SDXL)
+    "self_attention": (1, 384, 384, 2, 64, False),  # 3 x 3 blocks of 128: the running softmax across kv blocks
     "cross_attention_77_keys": (2, 256, 77, 2, 64, False),  # keys padded to 128, masked by segment id
     "clip_causal_77": (2, 77, 77, 2, 64, True),  # queries and keys padded
     "one_wide_head_ragged": (1, 200, 200, 1, 128, False),  # the VAE mid-block's shape of problem
