@@ -54,10 +54,11 @@ def layers(x, ws):
     return jax.lax.scan(lambda c, w: (step(c, w), None), x, ws)[0]
 
 
-def test_shape_bytes_pad_tiles_and_ignore_memory_spaces():
-    assert shape_bytes("bf16[6,512,512]{2,1,0:T(8,128)(2,1)S(1)}") == 6 * 512 * 512 * 2
+def test_shape_bytes_pad_tiles_and_count_hbm_only():
+    assert shape_bytes("bf16[6,512,512]{2,1,0:T(8,128)(2,1)}") == 6 * 512 * 512 * 2
+    assert shape_bytes("bf16[6,512,512]{2,1,0:T(8,128)(2,1)S(1)}") == 0  # in VMEM, on chip
     assert shape_bytes("(s32[]{:T(128)}, f32[256,512]{1,0:T(8,128)S(1)}, /*index=2*/pred[], u32[]{:S(2)})") == (
-        4 + 256 * 512 * 4 + 1 + 4  # a tiled scalar counts as itself, as in XLA's count
+        4 + 1  # a tiled scalar counts as itself, as in XLA's count; the others are not in HBM
     )
     assert shape_bytes("f32[256,32]{1,0:T(8,128)}") == 256 * 128 * 4  # 32 lanes move as 128
     assert shape_bytes("f32[3,32]{0,1:T(8,128)}") == 32 * 128 * 4  # dimension 0 is the minor one here

@@ -13,9 +13,11 @@ dynamic-update-slice writes only the update; parameters, constants, tuples, get-
 bitcasts are free. An async pair (`copy-start`/`copy-done`, `all-gather-start`/`-done`, ...) counts its
 operands at the start and its result at the done, once — XLA counts the start's tuple of buffers as well.
 
-Bytes are as laid out: a TPU layout's tiles (`T(8,128)`: a minor dimension of 32 moves as 128, a scalar
-as a 128-element tile) pad the array as XLA's TPU count does, since that is what HBM moves; memory
-spaces are ignored, so an operand the TPU compiler placed in VMEM (`S(1)`) still counts.
+Bytes are HBM bytes, as laid out: a TPU layout's tiles (`T(8,128)`: a minor dimension of 32 moves as 128)
+pad the array as XLA's TPU count does; an array the compiler placed in another memory space (`S(1)`,
+a TPU's on-chip VMEM; `S(2)`) moves no HBM bytes and counts 0, so an HBM -> VMEM prefetch counts its
+HBM read once. XLA's own figure counts VMEM operands too, which would put a roofline's memory term far
+above what HBM moves.
 The optimised TPU HLO carries no `known_trip_count`; the count is then read off the loop's counter
 (`compare(i, N)` in the condition, `i + step` in the body, the initial `i` in the while's operand tuple).
 A loop whose count is found neither way counts once and is named in `HloTraffic.uncounted_loops`.
@@ -50,12 +52,15 @@ class HloTraffic(NamedTuple):
 
 
 def _arrays(shape: str) -> list[tuple[str, int]]:
-    """(element type, element count) of each array in a shape, counted as laid out in memory: a tiled
-    layout (`{1,0:T(8,128)(2,1)}`) pads its most-minor dimensions up to the first tile; memory spaces
-    (`S(1)`) are ignored."""
+    """(element type, element count in HBM) of each array in a shape, counted as laid out in memory: a
+    tiled layout (`{1,0:T(8,128)(2,1)}`) pads its most-minor dimensions up to the first tile; an array in
+    another memory space than the default (`S(1)`: a TPU's on-chip VMEM) counts 0."""
     out = []
     for dtype, dims, layout in re.findall(r"([a-z][a-z0-9]*)\[([^\]]*)\](\{[^}]*\})?", shape):
         sizes = [int(d.lstrip("<=")) for d in dims.split(",") if d]
+        if re.search(r"S\([1-9]\d*\)", layout):
+            out.append((dtype, 0))
+            continue
         tile = re.search(r":(?:[^:]*?)T\(([\d,]+)\)", layout)
         if tile and sizes:  # (XLA's count takes a tiled scalar as its own size)
             order = [int(i) for i in layout[1:].split(":")[0].split(",") if i]  # minor to major
