@@ -74,6 +74,11 @@ def _arrays(shape: str) -> list[tuple[str, int]]:
     return out
 
 
+def _arrays_text(shape: str) -> list[str]:
+    """Each array of a (tuple) shape as its own shape text, layout included."""
+    return re.findall(r"[a-z][a-z0-9]*\[[^\]]*\](?:\{[^}]*\})?", shape)
+
+
 def shape_bytes(shape: str) -> float:
     """Bytes of an array or (nested) tuple shape: the sum of its arrays' (an unknown type is a KeyError)."""
     size = lambda t: 1 if t.startswith("f8") else 0.5 if t.startswith("f4") else 0 if t == "token" else _SIZES[t]
@@ -240,6 +245,9 @@ def _traffic(comps: dict, name: str, uncounted: list[str]) -> float:
         op, out = instr.op, shape_bytes(instr.shape)
         if op in _FREE:
             continue
+        scratch = _arrays_text(instr.shape)[-1] if instr.shape.startswith("(") else ""
+        if op == "custom-call" and scratch[:3] in ("s8[", "u8[") and '_target="__cu' in instr.attrs:
+            out -= shape_bytes(scratch)  # a cuBLAS / cuDNN call's workspace: scratch, not a result
         if op == "while":
             if (n := trip_count(comps, comp, instr)) is None:
                 n = 1
