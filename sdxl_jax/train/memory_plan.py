@@ -56,7 +56,9 @@ from sdxl_jax.train.targets import GiB, Target, parse_target, roofline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a training config (configs/*.py[:arg])", lock_config=False)
-flags.DEFINE_string("target", "cpu", "tpu:<generation>:<topology> (e.g. tpu:v5e:2x4) or cpu[:N] (fake devices)")
+flags.DEFINE_string(
+    "target", "cpu", "tpu:<generation>:<topology> (e.g. tpu:v5e:2x4), gpu:h100:<N>, or cpu[:N] (fake devices)"
+)
 flags.DEFINE_enum("program", "train", ["train", "sample"], "the train step, or the generation program")
 flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1", "train: mesh axis sizes, e.g. data=2,fsdp=4,tensor=1")
 flags.DEFINE_integer("batch_per_device", 1, "examples (train) or images (sample) per device")

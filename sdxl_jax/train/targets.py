@@ -15,6 +15,7 @@ verdict and a roofline lower bound of its run time.
 """
 
 import dataclasses
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -94,6 +95,8 @@ class Target:
         # Only libtpu's compiler is used (no TPU runtime is opened), so several planners and test workers
         # may load it at once; without this, a second process fails on libtpu's lockfile.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if importlib.util.find_spec("libtpu") is None:
+            raise RuntimeError(f'target {self} needs libtpu, the TPU compiler: pip install "jax[tpu]=={jax.__version__}"')
         return list(topologies.get_topology_desc(topology_name=self.topology, platform="tpu").devices)
 
     def per_device(self, devices: int) -> tuple[float, float, float]:
