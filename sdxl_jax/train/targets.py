@@ -96,7 +96,8 @@ class Target:
         # may load it at once; without this, a second process fails on libtpu's lockfile.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         if importlib.util.find_spec("libtpu") is None:
-            raise RuntimeError(f'target {self} needs libtpu, the TPU compiler: pip install "jax[tpu]=={jax.__version__}"')
+            install = f'pip install "jax[tpu]=={jax.__version__}"'
+            raise RuntimeError(f"target {self} needs libtpu, the TPU compiler, not installed here: {install}")
         return list(topologies.get_topology_desc(topology_name=self.topology, platform="tpu").devices)
 
     def per_device(self, devices: int) -> tuple[float, float, float]:
