@@ -276,9 +276,10 @@ def report(target: Target, what: str, c: Compiled, devices: int, search=None, pe
         at_limit = " (the search limit, --batch_limit)" if best == FLAGS.batch_limit else ""
         lines.append(f"largest batch per device that fits: {best}{at_limit} (compiled, GiB per device: {shown})")
     r = roofline(c.flops_per_device, c.traffic, peak, bandwidth)
+    ms = lambda seconds: f"{seconds * 1e3:.1f}" if seconds >= 1e-3 else f"{seconds * 1e3:.4f}"
     lines.append(
-        f"roofline lower bound: {r['bound_s'] * 1e3:.1f} ms per {call} (compute {r['compute_s'] * 1e3:.1f} ms at "
-        f"{peak / 1e12:.0f} TFLOP/s, memory {r['memory_s'] * 1e3:.1f} ms at {bandwidth / 1e9:.0f} GB/s); "
+        f"roofline lower bound: {ms(r['bound_s'])} ms per {call} (compute {ms(r['compute_s'])} ms at "
+        f"{peak / 1e12:.0f} TFLOP/s, memory {ms(r['memory_s'])} ms at {bandwidth / 1e9:.0f} GB/s); "
         f"MFU ceiling {r['mfu_ceiling']:.0%}"
     )
     if per_example == "image":
