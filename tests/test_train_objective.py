@@ -173,18 +173,18 @@ def test_lr_schedules_and_ema_decay():
     assert float(ema_decay(ema, jnp.int32(0))) == np.float32(0.999)
 
 
+def _plain_optimizer(name: str):
+    """The optimizer defaults with what the optimizer tests need: no decay, no clipping, their own LRs."""
+    opt = optimizer_defaults()
+    opt.update(name=name, learning_rate=1e-2, text_encoder_learning_rate=1e-3, decay_steps=1, weight_decay=0.0,
+               grad_clip_norm=1e9)  # fmt: skip
+    return opt
+
+
 def test_accumulation_averages_gradients_and_text_encoders_get_their_own_lr():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = optimizer_defaults()  # then what this test needs: no decay, no clipping, its own LRs
-    opt.update(
-        name="adamw",
-        learning_rate=1e-2,
-        text_encoder_learning_rate=1e-3,
-        decay_steps=1,
-        weight_decay=0.0,
-        grad_clip_norm=1e9,
-    )
+    opt = _plain_optimizer("adamw")
     params = {"unet": {"w": jnp.ones(3)}, "text_encoder_2": {"w": jnp.ones(3)}}
     g1 = jax.tree.map(lambda p: p * jnp.array([1.0, -2.0, 3.0]), params)
     g2 = jax.tree.map(lambda p: p * jnp.array([3.0, 1.0, -1.0]), params)
@@ -211,15 +211,7 @@ def _singular_spread(matrix) -> float:
 def test_muon_orthogonalises_every_kernel_and_adamw_moves_the_rest():
     from sdxl_jax.train.optim import make_optimizer
 
-    opt = optimizer_defaults()  # then what this test needs: no decay, no clipping, its own LRs
-    opt.update(
-        name="muon",
-        learning_rate=1e-2,
-        text_encoder_learning_rate=1e-3,
-        decay_steps=1,
-        weight_decay=0.0,
-        grad_clip_norm=1e9,
-    )
+    opt = _plain_optimizer("muon")
     shapes = {
         "unet": {
             "conv": {"kernel": (3, 3, 4, 8), "bias": (8,)},
