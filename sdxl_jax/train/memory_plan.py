@@ -176,12 +176,12 @@ class Compiled:
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def _measure(lowered, flops: float, devices: int, global_batch: int, start: float) -> Compiled:
+def _measure(lowered, flops: float, devices: int, global_batch: int, start: float, hlo_path=None) -> Compiled:
     compiled = lowered.compile()
     text = compiled.as_text()
-    if FLAGS.is_parsed() and FLAGS.hlo_dir:
-        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
-        with open(os.path.join(FLAGS.hlo_dir, f"{FLAGS.program}_batch{global_batch}.hlo.txt"), "w") as f:
+    if hlo_path:
+        os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
+        with open(hlo_path, "w") as f:
             f.write(text)
     mem = compiled.memory_analysis()
     return Compiled(global_batch, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
@@ -189,17 +189,22 @@ def _measure(lowered, flops: float, devices: int, global_batch: int, start: floa
                     time.perf_counter() - start)  # fmt: skip
 
 
-def compile_step(config, mesh_sizes, batch_per_device: int, height: int, width: int, cached: bool, devices):
-    """The train step compiled for `devices` (a TPU topology's or this host's)."""
+def compile_step(
+    config, mesh_sizes, batch_per_device: int, height: int, width: int, cached: bool, devices, hlo_dir=None
+):
+    """The train step compiled for `devices` (a TPU topology's or this host's); its HLO text into
+    `hlo_dir` when given."""
     start = time.perf_counter()
     spec, inputs = abstract_step(config, mesh_sizes, batch_per_device, height, width, cached, devices)
     with tracing_context(config, spec.mesh):
         lowered = make_train_step(spec).lower(*inputs)
         flops = model_flops(spec, *inputs)
-    return _measure(lowered, flops, spec.mesh.size, inputs[2]["ids_g"].shape[0], start)
+    batch = inputs[2]["ids_g"].shape[0]
+    path = hlo_dir and os.path.join(hlo_dir, f"train_batch{batch}.hlo.txt")
+    return _measure(lowered, flops, spec.mesh.size, batch, start, path)
 
 
-def compile_sampling(config, models: Models, devices, batch_per_device: int, options: SamplingOptions):
+def compile_sampling(config, models: Models, devices, batch_per_device: int, options: SamplingOptions, hlo_dir=None):
     """The generation program (text encoders, the sampler's scan over UNet calls, VAE decode) compiled."""
     start = time.perf_counter()
     program, args = abstract_sampling(config, models, devices, batch_per_device, options)
@@ -208,7 +213,9 @@ def compile_sampling(config, models: Models, devices, batch_per_device: int, opt
         lowered = jax.jit(program).lower(*args)
     reference, _ = abstract_sampling(config, xla_attention(models), devices, batch_per_device, options)
     flops = jaxpr_flops(jax.jit(reference).trace(*args).jaxpr)
-    return _measure(lowered, flops, len(devices), batch_per_device * len(devices), start)
+    batch = batch_per_device * len(devices)
+    path = hlo_dir and os.path.join(hlo_dir, f"sample_batch{batch}.hlo.txt")
+    return _measure(lowered, flops, len(devices), batch, start, path)
 
 
 def largest_batch(compile_at, first: int, first_result: Compiled, hbm: float, limit: int) -> tuple[int, list]:
@@ -311,14 +318,14 @@ def main(argv):
         sizes = parse_mesh(FLAGS.mesh)
         devices = _devices(target, target.cpu_devices or sizes["data"] * sizes["fsdp"] * sizes["tensor"])
         shape = (FLAGS.height, FLAGS.width, FLAGS.cached_latents)
-        compile_at = lambda b: compile_step(config, sizes, b, *shape, devices)
+        compile_at = lambda b: compile_step(config, sizes, b, *shape, devices, FLAGS.hlo_dir)
         what, unit = f"train step, mesh {sizes}, remat {config.model.unet.remat}", "example"
     else:
         devices = _devices(target, target.cpu_devices or 1)
         options = SamplingOptions(height=FLAGS.height, width=FLAGS.width, steps=FLAGS.steps,
                                   guidance_scale=FLAGS.guidance_scale)  # fmt: skip
         models = sampling_models(models_from_config(config.model))
-        compile_at = lambda b: compile_sampling(config, models, devices, b, options)
+        compile_at = lambda b: compile_sampling(config, models, devices, b, options, FLAGS.hlo_dir)
         what = f"sampling {options.height}x{options.width}, {options.steps} steps, CFG {options.guidance_scale}"
         unit = "image"
     first = compile_at(FLAGS.batch_per_device)
