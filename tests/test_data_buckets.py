@@ -12,10 +12,12 @@ from sdxl_jax.data.buckets import (
     assign_bucket,
     assign_buckets,
     bucket_table,
+    config_buckets,
     cover_size,
     crop_offset,
     flipped_offset,
     generate_buckets,
+    largest_bucket,
 )  # fmt: skip
 from sdxl_jax.data.transforms import crop_to_bucket
 from tests.helpers.data_fixtures import coordinate_image
@@ -64,6 +66,14 @@ def test_listed_tables_are_exactly_the_sizes_named():
     for bad in ("24x24,24x24", "24x0", "24x24,x32", "24x2.5", "area512"):
         with pytest.raises(ValueError, match="bucket spec"):
             bucket_table(bad)
+
+
+def test_config_buckets_and_the_largest_one():
+    assert config_buckets(((32, 32), (32, 48))) == (Bucket(32, 32), Bucket(32, 48))  # the synthetic source's pairs
+    assert config_buckets("sdxl") == SDXL_BUCKETS
+    assert largest_bucket(SDXL_BUCKETS) == Bucket(1024, 1024)
+    assert largest_bucket(config_buckets(((32, 32), (32, 48)))) == Bucket(32, 48)
+    assert largest_bucket(bucket_table("area=256")) == Bucket(256, 256)  # squarest of equal areas (128x512 too)
 
 
 @pytest.mark.parametrize("hw,expected", [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdxl_jax.train.memory_plan import Compiled, largest_batch
+from sdxl_jax.train.memory_plan import Compiled, largest_batch, planned_size
 from sdxl_jax.train.targets import CHIPS, GiB, Target, parse_target, roofline
 
 
@@ -65,3 +65,14 @@ def test_largest_batch_search(memory, first, most):
     assert len(compiled) == len(set(compiled)) <= most  # each batch compiled once, few compiles in all
     if 0 < best < limit:
         assert memory(best) <= hbm < memory(best + 1) and best + 1 in compiled  # both sides were compiled
+
+
+def test_planned_size_defaults_to_the_config():
+    from configs import tiny  # the training config: buckets 32x32 and 32x48 (h, w), validation 32x32
+
+    config = tiny.get_config()
+    assert planned_size(config, "train", None, None) == (32, 48)  # the largest bucket: the most memory
+    assert planned_size(config, "sample", None, None) == (32, 32)  # the validation size
+    assert planned_size(config, "train", 64, 128) == (64, 128)
+    with pytest.raises(Exception, match="together"):
+        planned_size(config, "train", 64, None)

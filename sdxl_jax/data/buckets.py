@@ -101,6 +101,20 @@ def bucket_table(spec: str) -> tuple[Bucket, ...]:
     return generate_buckets(side * side, **fields)  # "area=512" means 512², the way stages are named
 
 
+def config_buckets(buckets) -> tuple[Bucket, ...]:
+    """A data config's `buckets` field as a table: a spec string (the folder loaders') or `(h, w)` pairs
+    (the synthetic source's)."""
+    if isinstance(buckets, str):
+        return bucket_table(buckets)
+    return tuple(Bucket(int(h), int(w)) for h, w in buckets)
+
+
+def largest_bucket(buckets) -> Bucket:
+    """The bucket of most pixels, the one that needs the most memory; of equal ones the squarest (the
+    stage's nominal size: 256x256 of "area=256", not 128x512)."""
+    return max(buckets, key=lambda b: (b.h * b.w, -abs(math.log(b.h / b.w))))
+
+
 def listed_buckets(spec: str) -> tuple[Bucket, ...]:
     """ "WxH,WxH,...": exactly these sizes (positive, no repeats)."""
     sizes = []

@@ -8,7 +8,8 @@ no weights, no data and no accelerator, and print the compiler's own accounting 
     python -m sdxl_jax.plan --config configs/tiny.py --target cpu:4 --mesh data=1,fsdp=4,tensor=1
 
 The program is lowered with abstract inputs (`ShapeDtypeStruct`s carrying the run's shardings) and
-compiled for the target (`targets.py`: a TPU topology through libtpu, or fake XLA:CPU devices). Per
+compiled for the target (`targets.py`: a TPU topology through libtpu, or fake XLA:CPU devices) at the
+config's largest bucket (train) or validation size (sample) unless --height/--width are given. Per
 device it prints arguments (state, frozen params, batch), outputs, temporaries, the argument bytes
 donated to outputs, and the total live at the peak; on a TPU target also the fit against the chip's
 HBM, the largest batch per device that fits (found by compiling), and a roofline lower bound of the
@@ -30,6 +31,7 @@ from jax.sharding import AxisType
 from ml_collections import config_flags
 
 from sdxl_jax import generation
+from sdxl_jax.data.buckets import Bucket, config_buckets, largest_bucket
 from sdxl_jax.diffusion import schedules
 from sdxl_jax.sampling import SamplingOptions, plan_and_inputs
 from sdxl_jax.sharding import (
@@ -64,11 +66,13 @@ flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1", "train: mesh axis sizes, e
 flags.DEFINE_integer("batch_per_device", 1, "examples (train) or images (sample) per device")
 flags.DEFINE_string("remat", None, "override the UNet remat policy: none | minimal | full")
 flags.DEFINE_string("attention", None, "override the UNet attention kernel (xla | flash | cudnn)")
-flags.DEFINE_integer("height", 1024, "image height (pixels) of the planned bucket")
-flags.DEFINE_integer("width", 1024, "image width (pixels) of the planned bucket")
+flags.DEFINE_integer("height", None, "image height (pixels); default: train, the config's largest bucket; "
+                     "sample, its validation size")
+flags.DEFINE_integer("width", None, "image width (pixels); default as --height")
 flags.DEFINE_bool("cached_latents", False, "train: batches of cached latents and text (no VAE/text encoders)")
-flags.DEFINE_integer("steps", 20, "sample: sampler steps")
-flags.DEFINE_float("guidance_scale", 5.0, "sample: classifier-free guidance scale (1 = no CFG, half the work)")
+flags.DEFINE_integer("steps", None, "sample: sampler steps (default: the config's validation steps)")
+flags.DEFINE_float("guidance_scale", None, "sample: classifier-free guidance scale (1 = no CFG, half the work; "
+                   "default: the config's validation scale)")
 flags.DEFINE_bool("search_batch", True, "TPU targets: find the largest batch per device that fits, by compiling")
 flags.DEFINE_integer("batch_limit", 64, "the batch search stops at this many per device")
 flags.DEFINE_string("hlo_dir", None, "write each compiled program's optimized HLO text into this folder")
@@ -306,6 +310,18 @@ def _devices(target: Target, count: int):
     return devices[:count] if target.platform == "cpu" else devices
 
 
+def planned_size(config, program: str, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) in pixels: the flags where given, else the config's largest bucket (train) or its
+    validation size (sample)."""
+    if (height is None) != (width is None):
+        raise app.UsageError("give --height and --width together (or neither, for the config's size)")
+    if program == "train":
+        default = largest_bucket(config_buckets(config.data.buckets))
+    else:
+        default = Bucket(config.validation.height, config.validation.width)
+    return (height or default.h, width or default.w)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -314,16 +330,21 @@ def main(argv):
         config.model.unet.remat = FLAGS.remat
     if FLAGS.attention is not None:
         config.model.unet.attention = FLAGS.attention
+    height, width = planned_size(config, FLAGS.program, FLAGS.height, FLAGS.width)
     if FLAGS.program == "train":
         sizes = parse_mesh(FLAGS.mesh)
         devices = _devices(target, target.cpu_devices or sizes["data"] * sizes["fsdp"] * sizes["tensor"])
-        shape = (FLAGS.height, FLAGS.width, FLAGS.cached_latents)
+        shape = (height, width, FLAGS.cached_latents)
         compile_at = lambda b: compile_step(config, sizes, b, *shape, devices, FLAGS.hlo_dir)
-        what, unit = f"train step, mesh {sizes}, remat {config.model.unet.remat}", "example"
+        what = f"train step {height}x{width}, mesh {sizes}, remat {config.model.unet.remat}"
+        unit = "example"
     else:
         devices = _devices(target, target.cpu_devices or 1)
-        options = SamplingOptions(height=FLAGS.height, width=FLAGS.width, steps=FLAGS.steps,
-                                  guidance_scale=FLAGS.guidance_scale)  # fmt: skip
+        v = config.validation
+        options = SamplingOptions(
+            height=height, width=width, steps=FLAGS.steps or v.steps,
+            guidance_scale=v.guidance_scale if FLAGS.guidance_scale is None else FLAGS.guidance_scale,
+        )  # fmt: skip
         models = sampling_models(models_from_config(config.model))
         compile_at = lambda b: compile_sampling(config, models, devices, b, options, FLAGS.hlo_dir)
         what = f"sampling {options.height}x{options.width}, {options.steps} steps, CFG {options.guidance_scale}"
