@@ -66,13 +66,17 @@ flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1", "train: mesh axis sizes, e
 flags.DEFINE_integer("batch_per_device", 1, "examples (train) or images (sample) per device")
 flags.DEFINE_string("remat", None, "override the UNet remat policy: none | minimal | full")
 flags.DEFINE_string("attention", None, "override the UNet attention kernel (xla | flash | cudnn)")
-flags.DEFINE_integer("height", None, "image height (pixels); default: train, the config's largest bucket; "
-                     "sample, its validation size")
+flags.DEFINE_integer(
+    "height", None, "image height (pixels); default: train, the config's largest bucket; sample, its validation size"
+)
 flags.DEFINE_integer("width", None, "image width (pixels); default as --height")
 flags.DEFINE_bool("cached_latents", False, "train: batches of cached latents and text (no VAE/text encoders)")
 flags.DEFINE_integer("steps", None, "sample: sampler steps (default: the config's validation steps)")
-flags.DEFINE_float("guidance_scale", None, "sample: classifier-free guidance scale (1 = no CFG, half the work; "
-                   "default: the config's validation scale)")
+flags.DEFINE_float(
+    "guidance_scale",
+    None,
+    "sample: classifier-free guidance scale (1 = no CFG, half the work; default: the config's validation scale)",
+)
 flags.DEFINE_bool("search_batch", True, "TPU targets: find the largest batch per device that fits, by compiling")
 flags.DEFINE_integer("batch_limit", 64, "the batch search stops at this many per device")
 flags.DEFINE_string("hlo_dir", None, "write each compiled program's optimized HLO text into this folder")
