@@ -92,13 +92,18 @@ class _Placer:
         return placed
 
 
-def _stage(weights: PipelineWeights, dtype: str, prediction: str, place: _Placer) -> generation.Stage:
-    """A Stage with UNet and text encoders' params and compute in `dtype`, placed on the mesh."""
+def _stage(
+    weights: PipelineWeights, dtype: str, prediction: str, place: _Placer, attention: str | None
+) -> generation.Stage:
+    """A Stage with UNet and text encoders' params and compute in `dtype`, placed on the mesh; the UNet's
+    attention `attention` (None: its config's)."""
     cfgs = {
         name: weights.config(name).replace(dtype=dtype, param_dtype=dtype)
         for name in ("unet", "text_encoder", "text_encoder_2")
         if name in weights.components
     }
+    if attention is not None:
+        cfgs["unet"] = cfgs["unet"].replace(attention=attention)
     params = {name: place(weights, name, cfg) for name, cfg in cfgs.items()}
     encoders = TextEncoders(
         cfgs["text_encoder_2"], params["text_encoder_2"], cfgs.get("text_encoder"), params.get("text_encoder")
@@ -127,11 +132,15 @@ class Pipeline:
         mesh: jax.sharding.Mesh | None = None,
         param_sharding: str = "replicated",
         release_host_copies: bool = False,
+        attention: str | None = None,
         source: str = "",
     ) -> "Pipeline":
         """dtype ("bf16" | "fp32" | "fp16"): UNet and text encoders' params and compute; the VAE stays in
         its own config's dtype (fp32: the SDXL VAE overflows in half precision).
-        release_host_copies: empty the given PipelineWeights' params as they move to the devices."""
+        release_host_copies: empty the given PipelineWeights' params as they move to the devices.
+        attention: the UNets' and VAE's attention kernel (a key of `models.attention.ATTENTION_IMPLS`);
+        default "chunked" on CPU (whole score matrices are most of the program's memory there), the
+        configs' own elsewhere."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         if base.model != "base":
@@ -143,10 +152,14 @@ class Pipeline:
         mesh = mesh if mesh is not None else data_mesh()
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis for the batch, has {mesh.axis_names}")
+        if attention is None and platform_of(mesh) == "cpu":
+            attention = "chunked"
         place = _Placer(mesh, param_sharding, release_host_copies)
-        stage = _stage(base, DTYPES[dtype], prediction, place)
-        ref = None if refiner is None else _stage(refiner, DTYPES[dtype], prediction, place)
+        stage = _stage(base, DTYPES[dtype], prediction, place, attention)
+        ref = None if refiner is None else _stage(refiner, DTYPES[dtype], prediction, place, attention)
         vae_cfg = base.config("vae")
+        if attention is not None and hasattr(vae_cfg, "attention"):  # pixel space has no VAE
+            vae_cfg = vae_cfg.replace(attention=attention)
         models = generation.Models(stage, vae_cfg, place(base, "vae", vae_cfg), ref)
         return cls(models, mesh, schedules.scaled_linear_table(zero_terminal_snr=zero_terminal_snr), source)
 
@@ -266,9 +279,10 @@ class Pipeline:
         data = self.mesh.shape["data"]
         padded = -(-batch // data) * data
         inputs = jax.device_put(_pad_batch(inputs, batch, padded), generation.input_shardings(inputs, self.mesh))
+        if platform_of(self.mesh) == "cpu":  # the decoder's activations, one image per device at a time
+            plan = dataclasses.replace(plan, decode_group=data)
         start = time.perf_counter()
-        with sharding_context(self.mesh, SAMPLING_RULES):
-            out = _generate_jit(self.models, plan, inputs, latent_shape)
+        out = _program(self.mesh, self.models, plan, inputs, latent_shape)(self.models, inputs)
         out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
         log.info("generated %d image(s) in %.2f s", batch, time.perf_counter() - start)
         return out
@@ -277,7 +291,47 @@ class Pipeline:
 # ---- module-level pieces (jitted functions, shardings) ---------------------------------------------
 
 
+def platform_of(mesh: jax.sharding.Mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def memory_report(compiled) -> str:
+    """A compiled program's memory per device, from XLA's `memory_analysis()` (one line)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return "memory: not reported by this backend"
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    return (
+        f"memory per device: arguments {gib(m.argument_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)}, "
+        f"outputs {gib(m.output_size_in_bytes)}"
+    )
+
+
 _generate_jit = jax.jit(generation.generate, static_argnums=(1, 3))
+_PROGRAMS: dict = {}  # what jit's own cache would key on -> the compiled program (the last 16)
+
+
+def _signature(tree) -> tuple:
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+
+
+def _program(mesh, models: generation.Models, plan: generation.Plan, inputs: generation.Inputs, latent_shape):
+    """The generation program compiled for these models, plan and input shapes and shardings, with the
+    platform's `generation.compiler_options`; compiled on first use, its memory logged."""
+    options = generation.compiler_options(platform_of(mesh))
+    key = (_signature(models), plan, tuple(latent_shape), _signature(inputs), str(options))
+    if key not in _PROGRAMS:
+        start = time.perf_counter()
+        with sharding_context(mesh, SAMPLING_RULES):
+            compiled = _generate_jit.lower(models, plan, inputs, latent_shape).compile(options)
+        batch = jax.tree.leaves(inputs.seeds)[0].shape[0]
+        log.info("compiled the generation program (batch %d, latents %s) in %.1f s; %s",
+                 batch, latent_shape, time.perf_counter() - start, memory_report(compiled))  # fmt: skip
+        while len(_PROGRAMS) >= 16:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = compiled
+    return _PROGRAMS[key]
 
 
 def encode_images(vae_cfg, vae_params, images: jax.Array) -> np.ndarray:

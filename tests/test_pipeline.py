@@ -180,12 +180,14 @@ def test_new_prompts_seeds_guidance_do_not_recompile(ours, caplog):
     import jax
 
     kw = dict(height=H, width=W, steps=3, sampler="euler_a")
-    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    with jax.log_compiles(), caplog.at_level(logging.INFO):
         ours.generate(["a red cube", "a blue ball"], **kw, seed=0, guidance_scale=5.0)
         ours.generate(["something else entirely", "and more"], ["ugly", "bad"], **kw, seed=123, guidance_scale=9.5)
         ours.generate(["a third", "pair"], **kw, seed=7, guidance_scale=3.0, original_size=(512, 768), crop=(16, 32))
     compiles = [r for r in caplog.records if "Compiling jit(generate)" in r.getMessage()]
     assert len(compiles) == 1
+    reports = [r.getMessage() for r in caplog.records if "compiled the generation program" in r.getMessage()]
+    assert len(reports) == 1 and "temporaries" in reports[0], reports  # what `sample.py -v 0` shows
 
 
 def test_an_image_depends_only_on_its_seed(ours):

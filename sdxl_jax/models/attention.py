@@ -3,7 +3,8 @@
 Every attention in the project (the UNet's self/cross-attention, CLIP's causal self-attention, the
 VAE's mid-block attention over pixels) is the `Attention` module, which goes through
 `dot_product_attention`, whose implementation is chosen by name from `ATTENTION_IMPLS` ('xla'
-everywhere, 'cudnn' flash attention on NVIDIA GPUs, 'flash' the Pallas splash kernel on TPU and in
+everywhere, 'chunked' the same over blocks of queries (less memory, any platform), 'cudnn' flash
+attention on NVIDIA GPUs, 'flash' the Pallas splash kernel on TPU and in
 interpret mode elsewhere: `models.flash_attention`). Another kernel plugs in with `register_attention`.
 """
 
@@ -20,8 +21,33 @@ from sdxl_jax.models.layers import ACTIVATIONS, Dtype, GroupNorm, LayerNorm, den
 # softmax in fp32, scale 1/sqrt(H).
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
 
+
+def xla_attention(q, k, v, causal: bool) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+QUERY_CHUNK = 1024
+
+
+def chunked_attention(q, k, v, causal: bool, chunk: int = QUERY_CHUNK) -> jax.Array:
+    """XLA attention over `chunk` queries at a time (a `lax.map`), so the scores held at once are
+    `[B, N, chunk, S]` rather than `[B, N, T, S]`: exact (each query's softmax is its own), for
+    platforms without a fused kernel. SDXL at 1024² has T = S = 4096 (UNet) and 16384 (VAE mid
+    block) positions; their whole score matrices are the largest temporaries of the sampling program
+    on CPU. Sequences of at most `chunk` queries, and causal ones (CLIP, 77 tokens), go unchunked."""
+    b, t, n, h = q.shape
+    if t <= chunk or causal:
+        return xla_attention(q, k, v, causal)
+    pieces = -(-t // chunk)
+    q = jnp.pad(q, ((0, 0), (0, pieces * chunk - t), (0, 0), (0, 0)))  # padded queries are dropped after
+    q = q.reshape(b, pieces, chunk, n, h).swapaxes(0, 1)  # [pieces, B, chunk, N, H]
+    out = jax.lax.map(lambda qc: xla_attention(qc, k, v, False), q)
+    return out.swapaxes(0, 1).reshape(b, pieces * chunk, n, h)[:, :t]
+
+
 ATTENTION_IMPLS: dict[str, AttentionFn] = {
-    "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
+    "xla": xla_attention,
+    "chunked": chunked_attention,
     "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
     "flash": flash_attention,
 }
