@@ -18,6 +18,7 @@ count. The batch is split over the mesh's `data` axis (padded to a multiple of i
 replicated, or sharded FSDP-style with `param_sharding="fsdp"` on a mesh with an `fsdp` axis.
 """
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -31,7 +32,13 @@ import numpy as np
 
 from sdxl_jax import generation, sampling
 from sdxl_jax.conditioning import TextEncoders
-from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS, DTYPES, PipelineWeights, load_pipeline_weights
+from sdxl_jax.convert.pipeline_weights import (
+    ABSTRACT_PARAMS,
+    DTYPES,
+    PipelineWeights,
+    Placement,
+    load_pipeline_weights,
+)
 from sdxl_jax.diffusion import schedules
 from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of this module's interface)
 from sdxl_jax.models.pixel_space import first_stage
@@ -169,11 +176,21 @@ class Pipeline:
         folder, an original single file), and optionally a refiner the same way. `prediction` and
         `zero_terminal_snr` default to what the checkpoint's metadata records (train.py's exports do),
         else SDXL's (epsilon, no)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         start = time.perf_counter()
-        base = load_pipeline_weights(path, model="base")
-        ref = load_pipeline_weights(refiner, model="refiner") if refiner is not None else None
+        mesh = kwargs.pop("mesh", None)
+        mesh = mesh if mesh is not None else data_mesh()
+        how = kwargs.get("param_sharding", "replicated")
+        shardings = lambda name, cfg: placement_shardings(ABSTRACT_PARAMS[name](cfg), mesh, how)
+        placement = Placement(shardings, dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), DTYPES[dtype]))
+        base = load_pipeline_weights(path, model="base", placement=placement)
+        ref = load_pipeline_weights(refiner, model="refiner", placement=placement) if refiner is not None else None
         kwargs = objective_from_metadata(base.metadata) | kwargs
-        pipe = cls.from_weights(base, ref, dtype=dtype, source=Path(path).name, release_host_copies=True, **kwargs)
+        pipe = cls.from_weights(
+            base, ref, dtype=dtype, mesh=mesh, source=Path(path).name, release_host_copies=True, **kwargs
+        )
+        release_freed_memory()
         log.info(
             "loaded %s%s in %.1f s (%s)",
             path,
@@ -289,6 +306,16 @@ class Pipeline:
 
 
 # ---- module-level pieces (jitted functions, shardings) ---------------------------------------------
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed while loading back to the OS (glibc's `malloc_trim`): the tensors read and
+    dropped one by one are mostly below glibc's mmap threshold, so their pages otherwise stay in the
+    process (counted in its RSS) after they are freed. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def platform_of(mesh: jax.sharding.Mesh) -> str:

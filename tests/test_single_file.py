@@ -66,7 +66,8 @@ def without_position_ids(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
 
 
 class ShapeOnlyState(Mapping):
-    """A lazy single-file state dict of zero-stride placeholders that records every read."""
+    """A lazy single-file state dict of zero-stride placeholders that records every read; like the
+    file readers it gives shapes and dtypes without a read (`mapping.shape_of`)."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
         self.shapes, self.reads = dict(shapes), []
@@ -80,6 +81,12 @@ class ShapeOnlyState(Mapping):
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.shapes[key])
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(np.float32)
 
 
 # --- full size, from the manifests ----------------------------------------------------------------

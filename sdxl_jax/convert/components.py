@@ -10,13 +10,11 @@ name every PyTorch key through it, and the project format checks every loaded tr
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sdxl_jax.convert.files import component_weights, read_state_dict, stored_dtype
+from sdxl_jax.convert.files import component_weights, open_state_dict, stored_dtype
 from sdxl_jax.convert.mapping import KeyFn
 from sdxl_jax.convert.text_encoder import (
     text_encoder_config_from_transformers,
@@ -39,7 +37,7 @@ class Component:
     what: str  # what its folder holds, for errors: "diffusers UNet"
     weights_stem: str  # `{stem}[.{variant}].safetensors` (or sharded, or legacy `.bin`)
     config_from_torch: Callable[..., Any]  # (config.json dict, **field overrides) -> cfg
-    params_from_torch: Callable[[Mapping[str, np.ndarray], Any], Any]  # (state dict, cfg) -> params, strictly
+    params_from_torch: Callable[..., Any]  # (state dict, cfg, place=None) -> params, strictly (`torch_to_flax`)
     abstract_params: Callable[[Any], Any]  # cfg -> the boxed `ShapeDtypeStruct` tree
     torch_key: Callable[[Any], KeyFn]  # cfg -> (Flax path, rank) -> (PyTorch key, layout rule); text: prefixed
 
@@ -74,19 +72,24 @@ COMPONENTS: dict[str, Component] = {
 }
 
 
-def load_component(name: str, path: str | Path, variant: str | None = None, **config_overrides) -> tuple[Any, dict]:
-    """(config, params) of the diffusers folder of component `name` (a key of COMPONENTS).
+def load_component(
+    name: str, path: str | Path, variant: str | None = None, placement=None, **config_overrides
+) -> tuple[Any, dict]:
+    """(config, params) of the diffusers folder of component `name` (a key of COMPONENTS), read tensor by
+    tensor.
 
     The stored dtype becomes the config's `param_dtype` unless config_overrides set it; variant: e.g.
-    "fp16" for `*.fp16.safetensors`.
+    "fp16" for `*.fp16.safetensors`; placement: a `pipeline_weights.Placement` that puts each tensor
+    where it goes as it is read (default: numpy leaves).
     """
     component, folder = COMPONENTS[name], Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a {component.what} folder: no config.json")
-    state = read_state_dict(component_weights(folder, component.weights_stem, variant))
+    state = open_state_dict(component_weights(folder, component.weights_stem, variant))
     overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
     cfg = component.config_from_torch(json.loads((folder / "config.json").read_text()), **overrides)
-    return cfg, component.params_from_torch(state, cfg)
+    place = None if placement is None else placement.placer(name, cfg)
+    return cfg, component.params_from_torch(state, cfg, place)
 
 
 def load_unet(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[UNetConfig, dict]:

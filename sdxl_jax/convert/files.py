@@ -17,74 +17,112 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file
 
-from sdxl_jax.convert.mapping import ConversionError
+from sdxl_jax.convert.mapping import ConversionError, dtype_of, shape_of
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-def _read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e}); truncated or corrupt?") from e
-    except TypeError as e:  # a dtype numpy has no type for, e.g. float8
-        raise ConversionError(f"{path}: holds a tensor type this loader cannot read ({e})") from e
+class TorchPickle(Mapping):
+    """A `.bin`/`.ckpt`/`.pt` state dict, unpickled with `weights_only=True` (tensors and plain containers
+    only; a pickle that needs arbitrary code to load is refused) and memory-mapped, so a tensor's bytes
+    are read when it is asked for. Lightning-style `{"state_dict": ...}` wrappers are unwrapped;
+    non-tensor entries (step counters) are left out. bf16 tensors come back as fp32 numpy (numpy has
+    no bfloat16 of its own in torch's export), which the caller may cast back."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            import torch
+        except ModuleNotFoundError as e:
+            raise ConversionError(f"{self.path}: reading a PyTorch pickle needs torch (pip install torch); "
+                                  "safetensors files need no torch") from e  # fmt: skip
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise ConversionError(f"{self.path}: refused or unreadable as a weights-only PyTorch pickle "
+                                  f"(code payloads are never executed): {str(e).splitlines()[0]}") from e  # fmt: skip
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise ConversionError(f"{self.path}: expected a state dict, found a {type(obj).__name__}")
+        self._tensors = {k: v.detach() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        self._bf16 = torch.bfloat16
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = self._tensors[key]
+        return (value.float() if value.dtype == self._bf16 else value).numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        value = self._tensors[key]
+        return np.dtype(np.float32) if value.dtype == self._bf16 else np.dtype(str(value.dtype).removeprefix("torch."))
 
 
 def read_torch_pickle(path: str | Path) -> dict[str, np.ndarray]:
-    """A `.bin`/`.ckpt`/`.pt` state dict, unpickled with `weights_only=True`: tensors and plain containers only.
-
-    A pickle that needs arbitrary code to load is refused. Lightning-style `{"state_dict": ...}`
-    wrappers are unwrapped. bf16 tensors come back as fp32 numpy (numpy has no bfloat16 of its own in
-    torch's export), which the caller may cast back.
-    """
-    path = Path(path)
-    try:
-        import torch
-    except ModuleNotFoundError as e:
-        raise ConversionError(f"{path}: reading a PyTorch pickle needs torch (pip install torch); "
-                              "safetensors files need no torch") from e  # fmt: skip
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise ConversionError(f"{path}: refused or unreadable as a weights-only PyTorch pickle "
-                              f"(code payloads are never executed): {str(e).splitlines()[0]}") from e  # fmt: skip
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a state dict, found a {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue  # step counters and the like in training checkpoints
-        value = value.detach()
-        out[key] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    return out
+    """Every tensor of a `.bin`/`.ckpt`/`.pt` state dict (see `TorchPickle`)."""
+    state = TorchPickle(path)
+    return {key: state[key] for key in state}
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one weights file or sharded set (its `*.index.json`), by suffix."""
+def open_state_dict(path: str | Path) -> Mapping[str, np.ndarray]:
+    """One weights file or sharded set (its `*.index.json`) as a lazy mapping, by suffix: keys, shapes and
+    dtypes from the headers, each tensor read when asked for (`shape_of`, `dtype_of`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            part = read_state_dict(path.parent / shard)
-            if overlap := state.keys() & part.keys():
-                raise ConversionError(f"{shard}: tensors present in two shards: {sorted(overlap)[:5]}")
-            state.update(part)
-        if missing := set(weight_map) - state.keys():
-            raise ConversionError(f"{path}: index names tensors no shard holds: {sorted(missing)[:5]}")
-        return state
+        return ShardedState(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors_file(path)
+        return LazySafetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
-        return read_torch_pickle(path)
+        return TorchPickle(path)
     raise ConversionError(f"{path}: unknown weights format (expected .safetensors or one of {PICKLE_SUFFIXES})")
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of one weights file or sharded set (its `*.index.json`), by suffix."""
+    state = open_state_dict(path)
+    return {key: state[key] for key in state}
+
+
+class ShardedState(Mapping):
+    """A sharded weights set (`*.safetensors.index.json` / `*.bin.index.json`) as one lazy mapping."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        weight_map = json.loads(path.read_text())["weight_map"]
+        self._shards = {shard: open_state_dict(path.parent / shard) for shard in sorted(set(weight_map.values()))}
+        self._where: dict[str, Mapping] = {}
+        for shard, state in self._shards.items():
+            if overlap := self._where.keys() & set(state):
+                raise ConversionError(f"{shard}: tensors present in two shards: {sorted(overlap)[:5]}")
+            self._where |= dict.fromkeys(state, state)
+        if missing := set(weight_map) - self._where.keys():
+            raise ConversionError(f"{path}: index names tensors no shard holds: {sorted(missing)[:5]}")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return shape_of(self._where[key], key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return dtype_of(self._where[key], key)
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -109,9 +147,10 @@ def component_weights(folder: str | Path, stem: str, variant: str | None = None)
 def stored_dtype(state) -> str:
     """The floating dtype holding most of a state dict's parameters ("float16", "bfloat16", "float32")."""
     counts: dict[str, int] = {}
-    for value in state.values():
-        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
-            counts[value.dtype.name] = counts.get(value.dtype.name, 0) + int(np.prod(value.shape))
+    for key in state:
+        dtype = dtype_of(state, key)
+        if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16":
+            counts[dtype.name] = counts.get(dtype.name, 0) + int(np.prod(shape_of(state, key)))
     if not counts:
         raise ConversionError("the state dict holds no floating-point tensors")
     return max(counts, key=counts.get)
@@ -163,6 +202,12 @@ class LazySafetensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(_SAFETENSORS_DTYPES.get(self._entries[key]["dtype"], np.void))
 
     def metadata(self) -> dict[str, str]:
         return self._metadata

@@ -11,6 +11,7 @@ every target parameter produced exactly once. `flax_to_torch` is its inverse.
 """
 
 from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import flax
 import numpy as np
@@ -23,6 +24,9 @@ IGNORABLE_SUFFIXES = ("position_ids", "logit_scale", "denoiser.sigmas")
 
 Shape = tuple[int, ...]
 KeyFn = Callable[[tuple[str, ...], int], tuple[str, LeafRule]]
+# (Flax path, the PyTorch tensor as read, its layout rule's torch -> Flax function) -> the leaf the tree
+# holds there (e.g. a device array, laid out and cast on the device)
+LeafPlacer = Callable[[tuple[str, ...], np.ndarray, Callable[[Any], Any]], Any]
 
 
 class ConversionError(ValueError):
@@ -38,6 +42,15 @@ def offenders(missing=(), unexpected=(), mismatched=()) -> str:
             more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
             parts.append(f"  {title} ({len(items)}):\n    {shown}{more}")
     return "\n".join(parts)
+
+
+def shape_of(state: Mapping, key: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it where the mapping knows it (the lazy readers here)."""
+    return tuple(state.shape(key)) if hasattr(state, "shape") else tuple(np.shape(state[key]))
+
+
+def dtype_of(state: Mapping, key: str) -> np.dtype:
+    return np.dtype(state.dtype(key)) if hasattr(state, "dtype") else np.asarray(state[key]).dtype
 
 
 def check_tensors(
@@ -108,21 +121,31 @@ def torch_to_flax(
     dtype=None,
     ignorable: Iterable[str] = IGNORABLE_SUFFIXES,
     what: str = "checkpoint",
+    place: LeafPlacer | None = None,
 ):
-    """Nested Flax params (numpy) from a `{key: array}` state dict, strictly.
+    """Nested Flax params from a `{key: array}` state dict, strictly.
 
     abstract_params: unboxed tree of `ShapeDtypeStruct` (the target); dtype: cast to this (default:
     the target's dtype); ignorable: suffixes of the state-dict keys that may be present unasked.
-    Every tensor is checked (in PyTorch layout) before any is converted.
+    Every tensor is checked (in PyTorch layout, shapes from a lazy mapping's headers) before any is
+    read. Tensors are then read one at a time, in the state dict's order; each leaf is numpy (laid out
+    and cast here), or what `place(path, tensor, to_flax)` makes of the tensor as read (a `LeafPlacer`:
+    e.g. a device array, the host copy dropped before the next tensor is read, so a whole model never
+    exists twice in host memory).
     """
-    have = {key: tuple(np.shape(value)) for key, value in state_dict.items()}
+    have = {key: shape_of(state_dict, key) for key in state_dict.keys()}
     skipped = {key for key in have if key.endswith(tuple(ignorable))}
     check_tensors(f"{what} does not match the model", have, torch_shapes(abstract_params, key_fn), skipped)
     flat_abstract = flax.traverse_util.flatten_dict(abstract_params)
-    out = {
-        path: to_flax(np.asarray(state_dict[key])).astype(dtype or flat_abstract[path].dtype, copy=False)
-        for path, (key, (_, to_flax, _)) in key_table(abstract_params, key_fn).items()
-    }
+    table = key_table(abstract_params, key_fn)
+    order = {key: i for i, key in enumerate(state_dict.keys())}  # file order: reads go front to back
+    out = {}
+    for path, (key, (_, to_flax, _)) in sorted(table.items(), key=lambda item: order[item[1][0]]):
+        tensor = np.asarray(state_dict[key])
+        if place is None:
+            out[path] = to_flax(tensor).astype(dtype or flat_abstract[path].dtype, copy=False)
+        else:
+            out[path] = place(path, tensor, to_flax)
     return flax.traverse_util.unflatten_dict(out)
 
 

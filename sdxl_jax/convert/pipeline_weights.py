@@ -10,17 +10,22 @@ renamed into place, so a failed or interrupted save never leaves something that 
 """
 
 import dataclasses
+import functools
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax.convert.components import COMPONENTS, load_component
 from sdxl_jax.convert.files import atomic_output
-from sdxl_jax.convert.mapping import ConversionError, check_tree
+from sdxl_jax.convert.mapping import ConversionError, LeafPlacer, check_tree
 from sdxl_jax.models import pixel_space
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
@@ -64,6 +69,51 @@ class PipelineWeights:
 
     def num_bytes(self) -> int:
         return sum(x.nbytes for _, p in self.components.values() for x in jax.tree_util.tree_leaves(p))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a loader puts each parameter as it reads it, so no whole model is ever built on the host:
+    `shardings(component, cfg)` gives the tree of `jax.sharding.Sharding`s of that component's params
+    (the tree of `cfg`), `dtypes` the dtype to cast each component to (others: the config's
+    `param_dtype`). Each tensor is read, laid out, cast and put on the devices before the next is read.
+    """
+
+    shardings: Callable[[str, Any], Any]
+    dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def dtype(self, name: str, cfg) -> np.dtype:
+        return np.dtype(jnp.dtype(self.dtypes.get(name, cfg.param_dtype)))
+
+    def placer(self, name: str, cfg) -> LeafPlacer:
+        """(Flax path, PyTorch tensor, its torch -> Flax layout function) -> the leaf on the devices: the
+        tensor is put there as read and laid out and cast by XLA (numpy's strided transposes of conv
+        kernels and its fp16 -> bf16 cast were most of a full-size load's time)."""
+        flat = flax.traverse_util.flatten_dict(self.shardings(name, cfg))
+        dtype = self.dtype(name, cfg)
+
+        def place(path, tensor, to_flax):
+            sharding = flat[path]
+            whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            source = jax.make_array_from_callback(tensor.shape, whole, lambda index: tensor[index])
+            out = _layout_and_cast(to_flax, dtype, sharding)(source)
+            return out.block_until_ready()  # the host tensor (and the source copy) are free once this returns
+
+        return place
+
+    def abstract(self, name: str, cfg):
+        """The component's params as `ShapeDtypeStruct`s with this placement's dtype and shardings (what
+        Orbax restores into)."""
+        abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
+        dtype = self.dtype(name, cfg)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, self.shardings(name, cfg)
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_and_cast(to_flax, dtype, sharding):
+    return jax.jit(lambda x: to_flax(x).astype(dtype), out_shardings=sharding)
 
 
 def param_dtype_overrides(dtype: str | None) -> dict:
@@ -131,8 +181,9 @@ def is_project(path: str | Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
 
-def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
-    """Read the project format; dtype (fp32|bf16|fp16) casts the params and sets each config's param_dtype."""
+def load_project(path: str | Path, dtype: str | None = None, placement: Placement | None = None) -> PipelineWeights:
+    """Read the project format; dtype (fp32|bf16|fp16) casts the params and sets each config's param_dtype.
+    placement: restore each array straight onto the devices in its dtype and sharding (else numpy)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -145,9 +196,19 @@ def load_project(path: str | Path, dtype: str | None = None) -> PipelineWeights:
     with ocp.StandardCheckpointer() as checkpointer:
         for name, fields in index["configs"].items():
             cfg = config_from_dict(name, fields).replace(**overrides)
-            params = checkpointer.restore(path / name) if (path / name).exists() else {}
+            if not (path / name).exists():
+                params = {}
+            elif placement is not None:
+                stored = checkpointer.metadata(path / name).item_metadata.tree
+                check_tree(f"{name} params do not match its config", stored, ABSTRACT_PARAMS[name](cfg))
+                params = checkpointer.restore(path / name, placement.abstract(name, cfg))
+            else:
+                params = checkpointer.restore(path / name)
             check_params(name, cfg, params)
-            params = jax.tree_util.tree_map(lambda x, to=cfg.param_dtype: np.asarray(x).astype(to, copy=False), params)
+            if placement is None:
+                params = jax.tree_util.tree_map(
+                    lambda x, to=cfg.param_dtype: np.asarray(x).astype(to, copy=False), params
+                )
             components[name] = (cfg, params)
     return PipelineWeights(index["model"], components, dict(index.get("metadata", {})))
 
@@ -159,9 +220,12 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | None = None) -> PipelineWeights:
+def load_diffusers(
+    path: str | Path, variant: str | None = None, dtype: str | None = None, placement: Placement | None = None
+) -> PipelineWeights:
     """A diffusers SDXL repository folder (`model_index.json` + component folders); base vs refiner from
-    which text encoders it has. variant: e.g. "fp16" for `*.fp16.safetensors`; dtype casts (fp32|bf16|fp16)."""
+    which text encoders it has. variant: e.g. "fp16" for `*.fp16.safetensors`; dtype casts (fp32|bf16|fp16);
+    placement: each tensor onto the devices as it is read."""
     folder = Path(path)
     index = json.loads((folder / "model_index.json").read_text())
     present = {name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0]}
@@ -170,7 +234,9 @@ def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | No
         listed = f"model_index.json lists {sorted(present)}"
         raise ConversionError(f"{folder}: an SDXL {model} folder needs {sorted(missing)} ({listed})")
     overrides = param_dtype_overrides(dtype)
-    components = {name: load_component(name, folder / name, variant, **overrides) for name in MODEL_COMPONENTS[model]}
+    components = {
+        name: load_component(name, folder / name, variant, placement, **overrides) for name in MODEL_COMPONENTS[model]
+    }
     metadata = dict(source=str(folder), source_format="diffusers", pipeline=str(index.get("_class_name")))
     return PipelineWeights(model, components, metadata)
 
@@ -179,13 +245,15 @@ def load_diffusers(path: str | Path, variant: str | None = None, dtype: str | No
 
 
 def load_single_file(
-    path: str | Path, model: str | None = None, dtype: str | None = None, layout=None
+    path: str | Path, model: str | None = None, dtype: str | None = None, layout=None, placement=None
 ) -> PipelineWeights:
     """An original (sgm) SDXL single-file checkpoint: `.safetensors` (read lazily, no torch needed) or a
     weights-only `.ckpt`/`.pt` pickle. Base vs refiner is detected from the keys; `model` only checks it.
     dtype casts (fp32|bf16|fp16); default: the stored dtype. layout: a `SingleFileLayout` for files of
-    non-standard shapes (default: SDXL's base or refiner, as detected)."""
-    from sdxl_jax.convert.files import PICKLE_SUFFIXES, LazySafetensors, read_torch_pickle, stored_dtype
+    non-standard shapes (default: SDXL's base or refiner, as detected). placement: each tensor onto the
+    devices as it is read (a `Placement`); without one the leaves are numpy. Either way tensors are read
+    one at a time."""
+    from sdxl_jax.convert.files import PICKLE_SUFFIXES, LazySafetensors, TorchPickle, stored_dtype
     from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers
     from sdxl_jax.convert.single_file_keys import detect_model
 
@@ -195,7 +263,7 @@ def load_single_file(
     if path.suffix == ".safetensors":
         state = LazySafetensors(path)
     elif path.suffix in PICKLE_SUFFIXES:
-        state = read_torch_pickle(path)
+        state = TorchPickle(path)
     else:
         raise ConversionError(f"{path}: a single-file checkpoint is .safetensors or one of {PICKLE_SUFFIXES}")
     found = detect_model(state.keys())
@@ -206,29 +274,35 @@ def load_single_file(
     components = {}
     for name, diffusers_state in iter_single_file_to_diffusers(state, layout):
         cfg = getattr(layout, name).replace(**(overrides or {"param_dtype": stored_dtype(diffusers_state)}))
-        components[name] = (cfg, COMPONENTS[name].params_from_torch(diffusers_state, cfg))
-        del diffusers_state  # drop this component's source tensors before reading the next
+        place = None if placement is None else placement.placer(name, cfg)
+        components[name] = (cfg, COMPONENTS[name].params_from_torch(diffusers_state, cfg, place))
     metadata = dict(source=str(path), source_format="single-file")
     return PipelineWeights(found, components, metadata)
 
 
 def load_pipeline_weights(
-    path: str | Path, model: str | None = None, dtype: str | None = None, variant: str | None = None
+    path: str | Path,
+    model: str | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    placement: Placement | None = None,
 ) -> PipelineWeights:
     """Weights from anything users have: this project's checkpoint folder, a diffusers repository folder,
-    or an original single-file checkpoint. model ("base"|"refiner") is checked when given."""
+    or an original single-file checkpoint, read one tensor at a time. model ("base"|"refiner") is
+    checked when given; placement (a `Placement`): each tensor cast and put on the devices as it is
+    read, so peak host memory is the placed weights plus about one tensor."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
         if is_project(path):
-            weights = load_project(path, dtype)
+            weights = load_project(path, dtype, placement)
         elif is_diffusers_folder(path):
-            weights = load_diffusers(path, variant, dtype)
+            weights = load_diffusers(path, variant, dtype, placement)
         else:
             neither = f"neither an {FORMAT_NAME} checkpoint ({INDEX_FILE}) nor a diffusers folder (model_index.json)"
             raise ConversionError(f"{path} is {neither}")
         if model is not None and weights.model != model:
             raise ConversionError(f"{path} holds an SDXL {weights.model}, not a {model}")
         return weights
-    return load_single_file(path, model, dtype)
+    return load_single_file(path, model, dtype, placement=placement)

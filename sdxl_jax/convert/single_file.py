@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from sdxl_jax.convert.components import COMPONENTS
-from sdxl_jax.convert.mapping import ConversionError, check_tensors, offenders, torch_shapes
+from sdxl_jax.convert.mapping import ConversionError, check_tensors, dtype_of, offenders, shape_of, torch_shapes
 from sdxl_jax.convert.single_file_keys import (
     POSITION_IDS,
     NameTable,
@@ -233,8 +233,9 @@ def iter_single_file_to_diffusers(
     state: single-file key -> array; may be lazy (each tensor is read once, when its component is
     built; key membership is taken from `state.keys()` only). model: "base", "refiner" or a
     `SingleFileLayout`; default: detected from the keys (and checked against them when given).
-    Missing and unexpected tensors are reported before any is read; wrong shapes at the end of their
-    component. Text-encoder keys come out `text_model.`-prefixed, as in the released diffusers files.
+    Missing and unexpected tensors are reported before any is read, wrong shapes before the component's
+    tensors are read; each component's dict is a lazy `ComponentState` (a tensor is read when asked for).
+    Text-encoder keys come out `text_model.`-prefixed, as in the released diffusers files.
     """
     keys = set(state.keys())
     detected = detect_model(keys)
@@ -247,21 +248,50 @@ def iter_single_file_to_diffusers(
     check_tensors(what, dict.fromkeys(keys), dict.fromkeys(expected), ignorable_keys(layout.model))  # names only
     for component in layout.components:
         ops = [op for op in plan if op.component == component]
-        tensors = {op.single_file: np.asarray(state[op.single_file]) for op in ops}
         notes = {op.single_file: f" (for {component} {', '.join(op.diffusers)})" for op in ops}
         want = {op.single_file: op.single_file_shape for op in ops}
-        check_tensors(what, {name: t.shape for name, t in tensors.items()}, want, notes=notes)
-        out = {}
-        for op in ops:
-            out.update(op.forward(tensors.pop(op.single_file)))  # each source tensor dropped once converted
-        yield component, out
+        check_tensors(what, {op.single_file: shape_of(state, op.single_file) for op in ops}, want, notes=notes)
+        yield component, ComponentState(state, ops)
+
+
+class ComponentState(Mapping):
+    """One component's diffusers state dict over a single-file state dict: each diffusers tensor is made
+    from its single-file tensor (read then) when asked for, so a conversion holds one source tensor
+    at a time. Shapes and dtypes are known without reading (`mapping.shape_of`)."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], ops: Sequence[Op]):
+        self._state = state
+        self._parts = {key: (op, i) for op in ops for i, key in enumerate(op.diffusers)}  # q, k, v adjacent
+        self._last: tuple[str, dict[str, np.ndarray]] | None = None  # the split op whose parts are being read
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        op, _ = self._parts[key]
+        if self._last is None or self._last[0] != op.single_file:
+            self._last = (op.single_file, op.forward(np.asarray(self._state[op.single_file])))
+        tensors = self._last[1]
+        if len(op.diffusers) == 1:
+            self._last = None  # nothing else comes from this source tensor: do not keep it
+        return tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        op, i = self._parts[key]
+        return tuple(op.diffusers_shapes[i])
+
+    def dtype(self, key: str) -> np.dtype:
+        return dtype_of(self._state, self._parts[key][0].single_file)
 
 
 def single_file_to_diffusers(
     state: Mapping[str, np.ndarray], model: str | SingleFileLayout | None = None, *, shapes=None
 ) -> dict[str, dict[str, np.ndarray]]:
     """Component -> diffusers state dict, from a single-file state dict (see `iter_single_file_to_diffusers`)."""
-    return dict(iter_single_file_to_diffusers(state, model, shapes=shapes))
+    return {c: dict(tensors) for c, tensors in iter_single_file_to_diffusers(state, model, shapes=shapes)}
 
 
 def diffusers_to_single_file(

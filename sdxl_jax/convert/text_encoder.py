@@ -87,8 +87,9 @@ def text_encoder_config_from_transformers(config: Mapping, **overrides) -> CLIPT
     return CLIPTextConfig(**(fields | overrides))
 
 
-def text_encoder_params_from_transformers(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig):
-    """Flax params (numpy, `cfg.param_dtype`) from a transformers CLIP text state dict, strictly.
+def text_encoder_params_from_transformers(state_dict: Mapping[str, np.ndarray], cfg: CLIPTextConfig, place=None):
+    """Flax params (numpy, `cfg.param_dtype`, or as `place` puts each leaf) from a transformers CLIP text
+    state dict, strictly.
 
     The key form (`text_model.`-prefixed or not) is detected; keys of the other form are then reported
     as unexpected, like any other stray tensor.
@@ -97,7 +98,7 @@ def text_encoder_params_from_transformers(state_dict: Mapping[str, np.ndarray], 
     target = meta.unbox(abstract_params(cfg))
     form = "prefixed" if prefixed else "unprefixed"
     what = f"transformers CLIP text state dict ({form} keys)"
-    return torch_to_flax(state_dict, target, text_encoder_key_fn(prefixed), what=what)
+    return torch_to_flax(state_dict, target, text_encoder_key_fn(prefixed), what=what, place=place)
 
 
 def text_encoder_params_to_transformers(params, cfg: CLIPTextConfig, prefixed: bool = True) -> dict[str, np.ndarray]:

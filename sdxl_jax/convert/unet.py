@@ -155,11 +155,13 @@ def unet_key_fn(cfg: UNetConfig):
     return lambda path, ndim: unet_torch_key(path, ndim, cfg.use_linear_projection)
 
 
-def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig):
-    """Flax UNet params (numpy, `cfg.param_dtype`) from a diffusers UNet state dict, strictly."""
+def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig, place=None):
+    """Flax UNet params (numpy, `cfg.param_dtype`) from a diffusers UNet state dict, strictly.
+    place: `mapping.LeafPlacer` for each leaf (not for `scan_layers` trees: those are stacked on the host)."""
     flat_cfg = cfg.replace(scan_layers=False)
     target = meta.unbox(abstract_params(flat_cfg))
-    params = torch_to_flax(state_dict, target, unet_key_fn(cfg), what="diffusers UNet state dict")
+    place = None if cfg.scan_layers else place
+    params = torch_to_flax(state_dict, target, unet_key_fn(cfg), what="diffusers UNet state dict", place=place)
     return stack_scanned_blocks(params) if cfg.scan_layers else params
 
 

@@ -129,11 +129,13 @@ def vae_key_fn(attention_layout: str = "diffusers"):
 
 
 def vae_params_from_diffusers(
-    state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, *, attention_layout: str = "diffusers"
+    state_dict: Mapping[str, np.ndarray], cfg: VAEConfig, place=None, *, attention_layout: str = "diffusers"
 ):
-    """Flax VAE params (numpy, `cfg.param_dtype`) from a diffusers AutoencoderKL state dict, strictly."""
+    """Flax VAE params (numpy, `cfg.param_dtype`, or as `place` puts each leaf) from a diffusers
+    AutoencoderKL state dict, strictly."""
     target = meta.unbox(abstract_params(cfg))
-    return torch_to_flax(state_dict, target, vae_key_fn(attention_layout), what="diffusers VAE state dict")
+    key_fn = vae_key_fn(attention_layout)
+    return torch_to_flax(state_dict, target, key_fn, what="diffusers VAE state dict", place=place)
 
 
 def vae_params_to_diffusers(params, cfg: VAEConfig, *, attention_layout: str = "diffusers") -> dict[str, np.ndarray]:

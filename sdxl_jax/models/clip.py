@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_jax.models.attention import MLP, TRANSFORMERS_PROJECTIONS, Attention
-from sdxl_jax.models.config import ModelConfig, check_choice
+from sdxl_jax.models.config import ModelConfig, abstract_params_of, check_choice
 from sdxl_jax.models.layers import ACTIVATIONS, LayerNorm, dense, maybe_remat, param_count
 
 
@@ -184,6 +184,12 @@ class CLIPTextModel(nn.Module):
 
 
 def abstract_params(cfg: CLIPTextConfig, batch: int = 1, length: int = 1):
+    """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s (nothing is allocated);
+    cached (`config.abstract_params_of`): read-only."""
+    return abstract_params_of(_trace_params, cfg, batch, length)
+
+
+def _trace_params(cfg: CLIPTextConfig, batch: int = 1, length: int = 1):
     """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s (nothing is allocated)."""
     ids = jnp.zeros((batch, length), jnp.int32)
     return jax.eval_shape(lambda: CLIPTextModel(cfg).init(jax.random.key(0), ids)["params"])

@@ -16,7 +16,10 @@ configs describe the same checkpoint layout iff their architectures are equal.
 """
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from sdxl_jax.models.attention import ATTENTION_IMPLS
@@ -75,3 +78,21 @@ class ModelConfig:
         """This config with its runtime fields at their defaults: what fixes the parameter tree."""
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in RUNTIME_FIELDS}
         return self.replace(**defaults)
+
+
+def abstract_params_of(trace: Callable, cfg, *args):
+    """`trace(cfg, *args)` (a model's boxed `ShapeDtypeStruct` parameter tree, from `jax.eval_shape`),
+    cached: tracing the full-size UNet takes seconds and loaders ask for the same tree under several
+    compute and parameter dtypes and attention kernels. The trace is shared by configs that differ only
+    in those (every parameter is created in `param_dtype`); its leaves then get `cfg.param_dtype`.
+    Read-only."""
+    neutral = cfg.replace(dtype="float32", param_dtype="float32")
+    if hasattr(cfg, "attention"):  # the kernel does not change the parameters either
+        neutral = neutral.replace(attention="xla")
+    dtype = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), _traced(trace, neutral, args))
+
+
+@functools.lru_cache(maxsize=16)
+def _traced(trace: Callable, cfg, args: tuple):
+    return trace(cfg, *args)

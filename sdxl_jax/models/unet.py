@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_jax.models.attention import SpatialTransformer
-from sdxl_jax.models.config import ModelConfig, check_norm_groups
+from sdxl_jax.models.config import ModelConfig, abstract_params_of, check_norm_groups
 from sdxl_jax.models.layers import (
     Downsample,
     EmbeddingMLP,
@@ -253,6 +253,12 @@ def unet_param_count(cfg: UNetConfig) -> int:
 
 
 def abstract_params(cfg: UNetConfig, batch: int = 1, latent: tuple[int, int] | None = None):
+    """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s (nothing is allocated);
+    cached (`config.abstract_params_of`): read-only."""
+    return abstract_params_of(_trace_params, cfg, batch, latent)
+
+
+def _trace_params(cfg: UNetConfig, batch: int = 1, latent: tuple[int, int] | None = None):
     """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s."""
     f = cfg.downsample_factor
     h, w = latent or (f, f)

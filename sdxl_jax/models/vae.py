@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sdxl_jax.models.attention import Attention
-from sdxl_jax.models.config import ModelConfig, check_norm_groups, check_positive
+from sdxl_jax.models.config import ModelConfig, abstract_params_of, check_norm_groups, check_positive
 from sdxl_jax.models.layers import (
     Downsample,
     Dtype,
@@ -362,6 +362,12 @@ class AutoencoderKL(nn.Module):
 
 
 def abstract_params(cfg: VAEConfig, batch: int = 1):
+    """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s (nothing is allocated);
+    cached (`config.abstract_params_of`): read-only."""
+    return abstract_params_of(_trace_params, cfg, batch)
+
+
+def _trace_params(cfg: VAEConfig, batch: int = 1):
     """The boxed (logically annotated) parameter tree as `ShapeDtypeStruct`s; nothing is allocated."""
     f = cfg.downsample_factor
     x = jnp.zeros((batch, f, f, cfg.in_channels))
