@@ -9,8 +9,8 @@
      read             every tensor of the single file read into memory, one at a time
      load_{fp32,bf16} `Pipeline.load(project checkpoint)`; RSS after loading; `_single` from the file
      generate_{512,1024}_{fp32,bf16}[_b4]
-                      load + `generate` (batch 1, or 4 with _b4; 2 Euler steps; CFG 5): the second call's
-                      time, the compiled program's memory
+                      the README's `sample.py` command on the project checkpoint: 1 image (4 with _b4),
+                      2 Euler steps, CFG 5; its log's compiled-program memory and batch time
      convert_{in,out} `python -m sdxl_jax.convert` single file -> project format, and back
      diffusers_1024_fp32
                       diffusers' `StableDiffusionXLPipeline.from_single_file` (local configs, fp32) +
@@ -70,27 +70,6 @@ def job_load(args) -> dict:
     return _load(args.single_file if args.source == "single" else args.project, args.dtype)[1]
 
 
-def job_generate(args) -> dict:
-    import logging
-
-    from sdxl_jax import pipeline as pipeline_lib
-
-    reports = []
-    handler = logging.Handler()
-    handler.emit = lambda record: reports.append(record.getMessage())
-    pipeline_lib.log.addHandler(handler)
-    pipeline_lib.log.setLevel(logging.INFO)
-    pipe, out = _load(args.project, args.dtype)
-    kw = dict(height=args.size, width=args.size, steps=2, sampler="euler", guidance_scale=5.0)
-    for seed in (0, args.batch):  # the first call compiles
-        start = time.perf_counter()
-        images = pipe.generate([PROMPT] * args.batch, seed=seed, **kw)
-        out[f"generate_s{'_first' if seed == 0 else ''}"] = time.perf_counter() - start
-    out["program"] = next((r.split("; ", 1)[1] for r in reports if "compiled the generation program" in r), "")
-    out["images"] = list(images.shape)
-    return out
-
-
 def job_diffusers(args) -> dict:
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -101,16 +80,15 @@ def job_diffusers(args) -> dict:
         args.single_file, config=str(args.diffusers_configs), local_files_only=True, torch_dtype=torch.float32
     )
     out = dict(load_s=time.perf_counter() - start, rss_after_load=rss())
-    for i in range(2):
-        start = time.perf_counter()
-        image = pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, height=args.size, width=args.size,
-                     generator=torch.Generator().manual_seed(i), output_type="np").images  # fmt: skip
-        out[f"generate_s{'_first' if i == 0 else ''}"] = time.perf_counter() - start
+    start = time.perf_counter()
+    image = pipe(PROMPT, num_inference_steps=2, guidance_scale=5.0, height=args.size, width=args.size,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    out["generate_s"] = time.perf_counter() - start
     out["images"] = list(np.shape(image))
     return out
 
 
-JOBS = {"read": job_read, "load": job_load, "generate": job_generate, "diffusers": job_diffusers}
+JOBS = {"read": job_read, "load": job_load, "diffusers": job_diffusers}
 
 
 # ---- the driver -------------------------------------------------------------------------------------
@@ -138,6 +116,15 @@ def diffusers_configs(folder: Path) -> None:
     tmp.rename(folder)
 
 
+def sample_py(work: Path, dtype: str, size: int, n: int) -> list[str]:
+    """The README's real-weights command (2 Euler steps, CFG 5, one batch of n), `-v 0` for its log."""
+    return [sys.executable, str(HERE.parent / "sample.py"), "--config", str(HERE.parent / "configs" / "sdxl_base.py"),
+            f"--config.checkpoint={work / 'ckpt'}", f"--config.dtype={dtype}", "--prompt", PROMPT, "--n", str(n),
+            "--steps", "2", "--height", str(size), "--width", str(size),
+            "--outdir", str(work / f"out_{dtype}_{size}_{n}"),
+            "--config.compilation_cache=none", "-v", "0"]  # fmt: skip
+
+
 def plan(work: Path) -> dict[str, list[str]]:
     """Job name -> its command line."""
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -147,11 +134,8 @@ def plan(work: Path) -> dict[str, list[str]]:
         jobs[f"load_{dtype}"] = me + ["--job", "load", "--dtype", dtype] + common
         jobs[f"load_{dtype}_single"] = me + ["--job", "load", "--dtype", dtype, "--source", "single"] + common
         for size in (512, 1024):
-            jobs[f"generate_{size}_{dtype}"] = (
-                me + ["--job", "generate", "--dtype", dtype, "--size", str(size)] + common
-            )
-    jobs["generate_1024_bf16_b4"] = me + ["--job", "generate", "--dtype", "bf16", "--size", "1024", "--batch", "4"]
-    jobs["generate_1024_bf16_b4"] += common
+            jobs[f"generate_{size}_{dtype}"] = sample_py(work, dtype, size, 1)
+    jobs["generate_1024_bf16_b4"] = sample_py(work, "bf16", 1024, 4)
     back = work / "back.safetensors"
     convert = [sys.executable, "-m", "sdxl_jax.convert"]
     jobs["convert_in"] = convert + [str(work / "sdxl_base_random_fp16.safetensors"), str(work / "ckpt_again")]
@@ -203,8 +187,14 @@ def main():
             figures = timed(jobs[name], log)
         except SystemExit as e:  # timed() exits on a failed job: record it (e.g. killed for memory), go on
             figures = dict(failed=str(e)[-400:])
-        printed = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
+        lines = log.read_text().splitlines()
+        printed = [line for line in lines if line.startswith("RESULT ")]
         figures |= json.loads(printed[-1][7:]) if printed else {}
+        for line in lines:
+            if "compiled the generation program" in line:
+                figures["program"] = line.split("] ", 1)[-1]
+            elif line.startswith("batch "):
+                figures["batch"] = line
         results[name] = figures
         shown = {k: (f"{v / GiB:.2f} GiB" if ("rss" in k or "bytes" in k) and isinstance(v, int) else v)
                  for k, v in figures.items() if k not in ("user_s", "sys_s")}  # fmt: skip

@@ -139,9 +139,22 @@ def test_init_from_loads_weights_and_converts_the_layer_layout(tmp_path):
         loaded["vae"]["encoder"]["conv_in"]["kernel"], params["vae"]["encoder"]["conv_in"]["kernel"]
     )
 
+    # with shardings: each tensor placed as it is read (the scanned UNet read to numpy and restacked)
+    whole = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
+    for config in (models, scanned):
+        shardings = jax.tree.map(lambda _: whole, nn.meta.unbox(abstract_params(config)))
+        placed = load_params(config, str(tmp_path / "w"), shardings)
+        unet = stack_scanned_blocks(params["unet"]) if config.unet.scan_layers else params["unet"]
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed["vae"]))
+        assert all(isinstance(x, jax.Array) != config.unet.scan_layers for x in jax.tree.leaves(placed["unet"]))
+        for a, b in zip(jax.tree.leaves(placed["unet"]), jax.tree.leaves(unet), strict=True):
+            np.testing.assert_array_equal(a, b)
+
     wider = dataclasses.replace(models, vae=models.vae.replace(block_out_channels=(8, 8, 16, 32)))
     with pytest.raises(ValueError, match="vae architecture differs"):
         load_params(wider, str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="vae architecture differs"):  # before any tensor is placed
+        load_params(wider, str(tmp_path / "w"), jax.tree.map(lambda _: whole, nn.meta.unbox(abstract_params(models))))
     refiner = tiny_models(refiner=True)
     with pytest.raises(ValueError, match="holds an SDXL base, the config trains a refiner"):
         load_params(refiner, str(tmp_path / "w"))

@@ -10,6 +10,7 @@ implies, then converts: every source key consumed exactly once (apart from named
 every target parameter produced exactly once. `flax_to_torch` is its inverse.
 """
 
+import concurrent.futures
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ import numpy as np
 from flax.linen import meta
 
 from sdxl_jax.convert.torch_layouts import LeafRule
+
+PLACERS = 3  # threads placing tensors at once when loading onto devices (`torch_to_flax(place=...)`)
 
 # Buffers that released checkpoints may carry and that no parameter corresponds to.
 IGNORABLE_SUFFIXES = ("position_ids", "logit_scale", "denoiser.sigmas")
@@ -139,13 +142,16 @@ def torch_to_flax(
     flat_abstract = flax.traverse_util.flatten_dict(abstract_params)
     table = key_table(abstract_params, key_fn)
     order = {key: i for i, key in enumerate(state_dict.keys())}  # file order: reads go front to back
-    out = {}
-    for path, (key, (_, to_flax, _)) in sorted(table.items(), key=lambda item: order[item[1][0]]):
-        tensor = np.asarray(state_dict[key])
-        if place is None:
-            out[path] = to_flax(tensor).astype(dtype or flat_abstract[path].dtype, copy=False)
-        else:
-            out[path] = place(path, tensor, to_flax)
+    leaves = sorted(table.items(), key=lambda item: order[item[1][0]])
+    if place is None:
+        out = {
+            path: to_flax(np.asarray(state_dict[key])).astype(dtype or flat_abstract[path].dtype, copy=False)
+            for path, (key, (_, to_flax, _)) in leaves
+        }
+    else:  # reads, host copies and device work of a few tensors overlap; at most PLACERS tensors in flight
+        with concurrent.futures.ThreadPoolExecutor(PLACERS) as pool:
+            work = lambda leaf: place(leaf[0], np.asarray(state_dict[leaf[1][0]]), leaf[1][1][1])
+            out = dict(zip((path for path, _ in leaves), pool.map(work, leaves), strict=True))
     return flax.traverse_util.unflatten_dict(out)
 
 

@@ -79,17 +79,20 @@ class Placement:
     `param_dtype`). Each tensor is read, laid out, cast and put on the devices before the next is read.
     """
 
-    shardings: Callable[[str, Any], Any]
+    shardings: Callable[[str, Any], Any]  # may return None: that component is read into numpy instead
     dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def dtype(self, name: str, cfg) -> np.dtype:
         return np.dtype(jnp.dtype(self.dtypes.get(name, cfg.param_dtype)))
 
-    def placer(self, name: str, cfg) -> LeafPlacer:
+    def placer(self, name: str, cfg) -> LeafPlacer | None:
         """(Flax path, PyTorch tensor, its torch -> Flax layout function) -> the leaf on the devices: the
         tensor is put there as read and laid out and cast by XLA (numpy's strided transposes of conv
-        kernels and its fp16 -> bf16 cast were most of a full-size load's time)."""
-        flat = flax.traverse_util.flatten_dict(self.shardings(name, cfg))
+        kernels and its fp16 -> bf16 cast were most of a full-size load's time). None: not placed."""
+        shardings = self.shardings(name, cfg)
+        if shardings is None:
+            return None
+        flat = flax.traverse_util.flatten_dict(shardings)
         dtype = self.dtype(name, cfg)
 
         def place(path, tensor, to_flax):
@@ -103,12 +106,13 @@ class Placement:
 
     def abstract(self, name: str, cfg):
         """The component's params as `ShapeDtypeStruct`s with this placement's dtype and shardings (what
-        Orbax restores into)."""
+        Orbax restores into); None where the component is not placed."""
+        shardings = self.shardings(name, cfg)
+        if shardings is None:
+            return None
         abstract = nn.meta.unbox(ABSTRACT_PARAMS[name](cfg))
         dtype = self.dtype(name, cfg)
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, self.shardings(name, cfg)
-        )
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, shardings)
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,19 +200,19 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
     with ocp.StandardCheckpointer() as checkpointer:
         for name, fields in index["configs"].items():
             cfg = config_from_dict(name, fields).replace(**overrides)
+            target = None if placement is None or not (path / name).exists() else placement.abstract(name, cfg)
             if not (path / name).exists():
                 params = {}
-            elif placement is not None:
+            elif target is not None:
                 stored = checkpointer.metadata(path / name).item_metadata.tree
                 check_tree(f"{name} params do not match its config", stored, ABSTRACT_PARAMS[name](cfg))
-                params = checkpointer.restore(path / name, placement.abstract(name, cfg))
+                params = checkpointer.restore(path / name, target)
             else:
                 params = checkpointer.restore(path / name)
             check_params(name, cfg, params)
-            if placement is None:
-                params = jax.tree_util.tree_map(
-                    lambda x, to=cfg.param_dtype: np.asarray(x).astype(to, copy=False), params
-                )
+            if target is None:
+                to = cfg.param_dtype
+                params = jax.tree_util.tree_map(lambda x, to=to: np.asarray(x).astype(to, copy=False), params)
             components[name] = (cfg, params)
     return PipelineWeights(index["model"], components, dict(index.get("metadata", {})))
 

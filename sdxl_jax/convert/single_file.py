@@ -15,6 +15,7 @@ iterated component by component (`iter_single_file_to_diffusers`) from a lazy ma
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -263,15 +264,16 @@ class ComponentState(Mapping):
         self._state = state
         self._parts = {key: (op, i) for op in ops for i, key in enumerate(op.diffusers)}  # q, k, v adjacent
         self._last: tuple[str, dict[str, np.ndarray]] | None = None  # the split op whose parts are being read
+        self._lock = threading.Lock()
 
     def __getitem__(self, key: str) -> np.ndarray:
         op, _ = self._parts[key]
-        if self._last is None or self._last[0] != op.single_file:
-            self._last = (op.single_file, op.forward(np.asarray(self._state[op.single_file])))
-        tensors = self._last[1]
         if len(op.diffusers) == 1:
-            self._last = None  # nothing else comes from this source tensor: do not keep it
-        return tensors[key]
+            return op.forward(np.asarray(self._state[op.single_file]))[key]
+        with self._lock:  # loaders read from several threads
+            if self._last is None or self._last[0] != op.single_file:
+                self._last = (op.single_file, op.forward(np.asarray(self._state[op.single_file])))
+            return self._last[1][key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._parts)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from sdxl_jax.conditioning import TextEncoders
-from sdxl_jax.convert.pipeline_weights import config_from_dict, load_pipeline_weights
+from sdxl_jax.convert.pipeline_weights import Placement, config_from_dict, load_pipeline_weights
 from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
 from sdxl_jax.models import CLIPTextConfig, CLIPTextModel, UNet, UNetConfig
 from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
@@ -129,21 +129,40 @@ def abstract_params(models: Models) -> dict:
     return jax.eval_shape(lambda: init_params(models, jax.random.key(0)))
 
 
-def load_params(models: Models, path: str) -> dict:
-    """`{component: numpy params}` from a PipelineWeights path, cast to each config's `param_dtype`.
+def load_params(models: Models, path: str, shardings: dict | None = None) -> dict:
+    """`{component: params}` from a PipelineWeights path, cast to each config's `param_dtype`.
 
     The file's architecture must be the config's (runtime fields like dtype or remat aside); the
-    UNet's transformer blocks are stacked or unstacked to the config's `scan_layers`."""
-    weights = load_pipeline_weights(path)
-    if weights.model != models.kind:
-        raise ValueError(f"{path} holds an SDXL {weights.model}, the config trains a {models.kind}")
-    out = {}
-    for name in models.components:
-        want, have = models.config(name).architecture(), weights.config(name).architecture()
+    UNet's transformer blocks are stacked or unstacked to the config's `scan_layers`. shardings
+    (`{component: tree of Shardings}`): each tensor is placed as it is read (a `Placement`; the host
+    never holds the whole model) where the file's tree is the config's; other components (a UNet to
+    restack) and every component without `shardings` come back as numpy."""
+
+    def check(name, cfg):
+        want, have = models.config(name).architecture(), cfg.architecture()
         if want != have:
             raise ValueError(
                 f"{path}: {name} architecture differs from the config's:\n  file:   {have}\n  config: {want}"
             )
+
+    def placed_like_the_config(name, cfg):  # a Placement's shardings: the file's config comes first
+        check(name, cfg)
+        same_tree = name != "unet" or cfg.scan_layers == models.unet.scan_layers
+        return shardings[name] if same_tree else None  # None: read into numpy, restacked below
+
+    placement = None
+    if shardings is not None:
+        dtypes = {name: models.config(name).param_dtype for name in models.components}
+        placement = Placement(placed_like_the_config, dtypes)
+    weights = load_pipeline_weights(path, placement=placement)
+    if weights.model != models.kind:
+        raise ValueError(f"{path} holds an SDXL {weights.model}, the config trains a {models.kind}")
+    out = {}
+    for name in models.components:
+        check(name, weights.config(name))
+        if any(isinstance(x, jax.Array) for x in jax.tree.leaves(weights.params(name))):
+            out[name] = weights.params(name)  # placed as it was read
+            continue
         dtype = np.dtype(jnp.dtype(models.config(name).param_dtype))
         params = weights.params(name)
         if name == "unet" and models.unet.scan_layers != weights.config(name).scan_layers:
@@ -188,7 +207,7 @@ def state_shardings(models: Models, tx, trainable, seed: int, mesh, rules):
 
 def place(tree, shardings):
     """Host (numpy) arrays -> global arrays with `shardings`; every process passes the whole tree and
-    each device takes its own slice (works across hosts)."""
+    each device takes its own slice (works across hosts). A single array with a single sharding too."""
     put = lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index])
     return jax.tree.map(put, tree, shardings)
 
@@ -202,7 +221,8 @@ def create_sharded_state(spec) -> tuple[TrainState, dict]:
     """
     config, models = spec.config, spec.models
     if config.init_from:
-        params = place(load_params(models, config.init_from), spec.param_shardings)
+        params = load_params(models, config.init_from, spec.param_shardings)
+        params = jax.tree.map(lambda x, s: x if isinstance(x, jax.Array) else place(x, s), params, spec.param_shardings)
     else:
         init = lambda key: nn.meta.unbox(init_params(models, key))
         params = jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(config.seed))
