@@ -97,7 +97,8 @@ class Placement:
 
         def place(path, tensor, to_flax):
             sharding = flat[path]
-            whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            named = isinstance(sharding, jax.sharding.NamedSharding)  # the source whole on every device
+            whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) if named else sharding
             source = jax.make_array_from_callback(tensor.shape, whole, lambda index: tensor[index])
             out = _layout_and_cast(to_flax, dtype, sharding)(source)
             return out.block_until_ready()  # the host tensor (and the source copy) are free once this returns
