@@ -201,16 +201,14 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
     with ocp.StandardCheckpointer() as checkpointer:
         for name, fields in index["configs"].items():
             cfg = config_from_dict(name, fields).replace(**overrides)
-            target = None if placement is None or not (path / name).exists() else placement.abstract(name, cfg)
-            if not (path / name).exists():
-                params = {}
-            elif target is not None:
-                stored = checkpointer.metadata(path / name).item_metadata.tree
-                check_tree(f"{name} params do not match its config", stored, ABSTRACT_PARAMS[name](cfg))
-                params = checkpointer.restore(path / name, target)
-            else:
-                params = checkpointer.restore(path / name)
-            check_params(name, cfg, params)
+            if not (path / name).exists():  # a parameter-free component (pixel space)
+                check_params(name, cfg, {})
+                components[name] = (cfg, {})
+                continue
+            # checked from the metadata, before anything is read (a wrong target fails obscurely in Orbax)
+            check_params(name, cfg, checkpointer.metadata(path / name).item_metadata.tree)
+            target = None if placement is None else placement.abstract(name, cfg)
+            params = checkpointer.restore(path / name, target)
             if target is None:
                 to = cfg.param_dtype
                 params = jax.tree_util.tree_map(lambda x, to=to: np.asarray(x).astype(to, copy=False), params)
