@@ -7,7 +7,7 @@
 The flags are shorthands for the config fields of the same meaning (`--config.steps` etc. work too).
 Image k (counting over all prompts and their n copies) uses seed `seed + k`, recorded in its PNG, so any
 single image can be regenerated alone. Each batch is one compiled call; the first pays the compilation
-(cached on disk across runs, see `pipeline.enable_compilation_cache`).
+(cached on disk across runs, see `compilation.enable_compilation_cache`).
 """
 
 import json

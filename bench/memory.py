@@ -58,11 +58,13 @@ def job_read(args) -> dict:
 
 
 def _load(path, dtype):
+    import jax
+
     from sdxl_jax.pipeline import Pipeline
 
     start = time.perf_counter()
     pipe = Pipeline.load(path, dtype=dtype)
-    weights = sum(x.nbytes for x in __import__("jax").tree.leaves(pipe.models))
+    weights = sum(x.nbytes for x in jax.tree.leaves(pipe.models))
     return pipe, dict(load_s=time.perf_counter() - start, rss_after_load=rss(), weights_bytes=weights)
 
 

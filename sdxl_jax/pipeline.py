@@ -21,7 +21,6 @@ replicated, or sharded FSDP-style with `param_sharding="fsdp"` on a mesh with an
 import ctypes
 import dataclasses
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdxl_jax import generation, sampling
+from sdxl_jax.compilation import (  # noqa: F401  (enable_compilation_cache, default_cache_dir: this module's too)
+    compiled_generation,
+    default_cache_dir,
+    enable_compilation_cache,
+    platform_of,
+)
 from sdxl_jax.conditioning import TextEncoders
 from sdxl_jax.convert.pipeline_weights import (
     ABSTRACT_PARAMS,
@@ -44,7 +49,7 @@ from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.vae import to_latents
 from sdxl_jax.sampling import SamplingOptions
-from sdxl_jax.sharding import PLACEMENTS, SAMPLING_RULES, data_mesh, placement_shardings, sharding_context
+from sdxl_jax.sharding import PLACEMENTS, data_mesh, placement_shardings
 
 PARAM_SHARDINGS, default_mesh = PLACEMENTS, data_mesh  # this module's names for them before sharding.py
 
@@ -53,22 +58,6 @@ log = logging.getLogger("sdxl_jax")
 
 class NonFiniteImageWarning(UserWarning):
     """A decoded image held NaN or inf (written as black there)."""
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("SDXL_JAX_CACHE_DIR") or Path(base) / "sdxl_jax" / "xla")
-
-
-def enable_compilation_cache(path: str | Path | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache (default `default_cache_dir()`, or $SDXL_JAX_CACHE_DIR),
-    so a second process compiling the same program loads it from disk instead."""
-    path = Path(path) if path is not None else default_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 def objective_from_metadata(metadata: dict[str, str]) -> dict:
@@ -81,18 +70,23 @@ def objective_from_metadata(metadata: dict[str, str]) -> dict:
     return out
 
 
+def shardings_on(mesh, how: str):
+    """(component name, config) -> the shardings of its params on `mesh`, placed `how` (`PLACEMENTS`)."""
+    return lambda name, cfg: placement_shardings(ABSTRACT_PARAMS[name](cfg), mesh, how)
+
+
 class _Placer:
     """Casts one component's host params and puts them on the mesh; with `release`, drops the host copy
     from the PipelineWeights right after, so a full-size model never exists twice in host memory."""
 
     def __init__(self, mesh, how: str, release: bool):
-        self.mesh, self.how, self.release = mesh, how, release
+        self.shardings, self.release = shardings_on(mesh, how), release
 
     def __call__(self, weights: PipelineWeights, name: str, cfg):
         dtype = jnp.dtype(cfg.param_dtype)
         cast = lambda x: x.astype(dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(dtype, copy=False)
         params = jax.tree.map(cast, weights.params(name))
-        placed = jax.device_put(params, placement_shardings(ABSTRACT_PARAMS[name](cfg), self.mesh, self.how))
+        placed = jax.device_put(params, self.shardings(name, cfg))  # no-op for what the loader placed
         jax.block_until_ready(placed)
         if self.release:
             weights.components[name] = (weights.config(name), None)
@@ -181,8 +175,7 @@ class Pipeline:
         start = time.perf_counter()
         mesh = kwargs.pop("mesh", None)
         mesh = mesh if mesh is not None else data_mesh()
-        how = kwargs.get("param_sharding", "replicated")
-        shardings = lambda name, cfg: placement_shardings(ABSTRACT_PARAMS[name](cfg), mesh, how)
+        shardings = shardings_on(mesh, kwargs.get("param_sharding", "replicated"))
         placement = Placement(shardings, dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), DTYPES[dtype]))
         base = load_pipeline_weights(path, model="base", placement=placement)
         ref = load_pipeline_weights(refiner, model="refiner", placement=placement) if refiner is not None else None
@@ -296,10 +289,12 @@ class Pipeline:
         data = self.mesh.shape["data"]
         padded = -(-batch // data) * data
         inputs = jax.device_put(_pad_batch(inputs, batch, padded), generation.input_shardings(inputs, self.mesh))
-        if platform_of(self.mesh) == "cpu":  # the decoder's activations, one image per device at a time
+        platform = platform_of(self.mesh)
+        if platform == "cpu":  # the decoder's activations, one image per device at a time
             plan = dataclasses.replace(plan, decode_group=data)
+        options = generation.compiler_options(platform)
         start = time.perf_counter()
-        out = _program(self.mesh, self.models, plan, inputs, latent_shape)(self.models, inputs)
+        out = compiled_generation(self.mesh, self.models, plan, inputs, latent_shape, options)(self.models, inputs)
         out = jax.tree.map(lambda x: x[:batch], jax.device_get(out))
         log.info("generated %d image(s) in %.2f s", batch, time.perf_counter() - start)
         return out
@@ -316,49 +311,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def platform_of(mesh: jax.sharding.Mesh) -> str:
-    return mesh.devices.flat[0].platform
-
-
-def memory_report(compiled) -> str:
-    """A compiled program's memory per device, from XLA's `memory_analysis()` (one line)."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return "memory: not reported by this backend"
-    gib = lambda n: f"{n / 2**30:.2f} GiB"
-    return (
-        f"memory per device: arguments {gib(m.argument_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)}, "
-        f"outputs {gib(m.output_size_in_bytes)}"
-    )
-
-
-_generate_jit = jax.jit(generation.generate, static_argnums=(1, 3))
-_PROGRAMS: dict = {}  # what jit's own cache would key on -> the compiled program (the last 16)
-
-
-def _signature(tree) -> tuple:
-    leaves, structure = jax.tree.flatten(tree)
-    return structure, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
-
-
-def _program(mesh, models: generation.Models, plan: generation.Plan, inputs: generation.Inputs, latent_shape):
-    """The generation program compiled for these models, plan and input shapes and shardings, with the
-    platform's `generation.compiler_options`; compiled on first use, its memory logged."""
-    options = generation.compiler_options(platform_of(mesh))
-    key = (_signature(models), plan, tuple(latent_shape), _signature(inputs), str(options))
-    if key not in _PROGRAMS:
-        start = time.perf_counter()
-        with sharding_context(mesh, SAMPLING_RULES):
-            compiled = _generate_jit.lower(models, plan, inputs, latent_shape).compile(options)
-        batch = jax.tree.leaves(inputs.seeds)[0].shape[0]
-        log.info("compiled the generation program (batch %d, latents %s) in %.1f s; %s",
-                 batch, latent_shape, time.perf_counter() - start, memory_report(compiled))  # fmt: skip
-        while len(_PROGRAMS) >= 16:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = compiled
-    return _PROGRAMS[key]
 
 
 def encode_images(vae_cfg, vae_params, images: jax.Array) -> np.ndarray:
