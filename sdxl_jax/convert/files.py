@@ -67,12 +67,6 @@ class TorchPickle(Mapping):
         return np.dtype(np.float32) if value.dtype == self._bf16 else np.dtype(str(value.dtype).removeprefix("torch."))
 
 
-def read_torch_pickle(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a `.bin`/`.ckpt`/`.pt` state dict (see `TorchPickle`)."""
-    state = TorchPickle(path)
-    return {key: state[key] for key in state}
-
-
 def open_state_dict(path: str | Path) -> Mapping[str, np.ndarray]:
     """One weights file or sharded set (its `*.index.json`) as a lazy mapping, by suffix: keys, shapes and
     dtypes from the headers, each tensor read when asked for (`shape_of`, `dtype_of`)."""
@@ -100,9 +94,9 @@ class ShardedState(Mapping):
     def __init__(self, path: str | Path):
         path = Path(path)
         weight_map = json.loads(path.read_text())["weight_map"]
-        self._shards = {shard: open_state_dict(path.parent / shard) for shard in sorted(set(weight_map.values()))}
         self._where: dict[str, Mapping] = {}
-        for shard, state in self._shards.items():
+        for shard in sorted(set(weight_map.values())):
+            state = open_state_dict(path.parent / shard)
             if overlap := self._where.keys() & set(state):
                 raise ConversionError(f"{shard}: tensors present in two shards: {sorted(overlap)[:5]}")
             self._where |= dict.fromkeys(state, state)
