@@ -7,7 +7,10 @@
 2. Runs each job in its own process and reports its wall time and peak RSS (`os.wait4`'s ru_maxrss,
    with the peak anonymous and file-backed parts sampled from /proc), plus what the job prints:
      read             every tensor of the single file read into memory, one at a time
-     load_{fp32,bf16} `Pipeline.load(project checkpoint)`; RSS after loading; `_single` from the file
+     read_project     every file of the project checkpoint, read front to back
+     load_{fp32,bf16} `Pipeline.load(project checkpoint)`; RSS after loading; `_single` from the file.
+                      With the persistent compilation cache in the workdir, as `sample.py` has it;
+                      `load_bf16_single_first` without one (a first load: every layout program compiled)
      generate_{512,1024}_{fp32,bf16}[_b4]
                       the README's `sample.py` command on the project checkpoint: 1 image (4 with _b4),
                       2 Euler steps, CFG 5; its log's compiled-program memory and batch time
@@ -15,7 +18,8 @@
      diffusers_1024_fp32
                       diffusers' `StableDiffusionXLPipeline.from_single_file` (local configs, fp32) +
                       the same generation, for reference
-Weights are random: images are noise; memory and time are those of the real model. Other jobs on the
+Read and load jobs find the checkpoint files in the page cache (`--page_cache warm`, the default) or
+on the disk only (`cold`: stored as `<job>_cold`). Weights are random: images are noise; memory and time are those of the real model. Other jobs on the
 machine share its cores, memory and page cache: run it alone.
 """
 
@@ -57,11 +61,25 @@ def job_read(args) -> dict:
     return dict(bytes=total, read_s=time.perf_counter() - start)
 
 
-def _load(path, dtype):
+def job_read_project(args) -> dict:
+    """Every file of the project checkpoint, read front to back into one reused buffer."""
+    start, total, buffer = time.perf_counter(), 0, bytearray(64 * 2**20)
+    for path in sorted(p for p in args.project.rglob("*") if p.is_file()):
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+    return dict(bytes=total, read_s=time.perf_counter() - start)
+
+
+def _load(args, path, dtype):
     import jax
 
     from sdxl_jax.pipeline import Pipeline
 
+    if args.compilation_cache != "none":  # as sample.py does
+        from sdxl_jax.compilation import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
     start = time.perf_counter()
     pipe = Pipeline.load(path, dtype=dtype)
     weights = sum(x.nbytes for x in jax.tree.leaves(pipe.models))
@@ -69,7 +87,7 @@ def _load(path, dtype):
 
 
 def job_load(args) -> dict:
-    return _load(args.single_file if args.source == "single" else args.project, args.dtype)[1]
+    return _load(args, args.single_file if args.source == "single" else args.project, args.dtype)[1]
 
 
 def job_diffusers(args) -> dict:
@@ -90,10 +108,30 @@ def job_diffusers(args) -> dict:
     return out
 
 
-JOBS = {"read": job_read, "load": job_load, "diffusers": job_diffusers}
+JOBS = {"read": job_read, "read_project": job_read_project, "load": job_load, "diffusers": job_diffusers}
 
 
 # ---- the driver -------------------------------------------------------------------------------------
+
+
+def drop_from_page_cache(files) -> None:
+    """Evict the files' pages from the kernel's page cache, so the next read comes from the disk."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_through(files) -> None:
+    """Read the files once, so the next read finds them in the page cache."""
+    buffer = bytearray(64 * 2**20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def diffusers_configs(folder: Path) -> None:
@@ -131,10 +169,13 @@ def plan(work: Path) -> dict[str, list[str]]:
     """Job name -> its command line."""
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--workdir", str(work)]
-    jobs = {"read": me + ["--job", "read"] + common}
+    jobs = {"read": me + ["--job", "read"] + common, "read_project": me + ["--job", "read_project"] + common}
+    load = me + ["--job", "load"] + common
+    jobs["load_bf16_single_first"] = load + ["--dtype", "bf16", "--source", "single"]  # no compilation cache
+    load += ["--compilation_cache", str(work / "xla_cache")]
     for dtype in ("fp32", "bf16"):
-        jobs[f"load_{dtype}"] = me + ["--job", "load", "--dtype", dtype] + common
-        jobs[f"load_{dtype}_single"] = me + ["--job", "load", "--dtype", dtype, "--source", "single"] + common
+        jobs[f"load_{dtype}"] = load + ["--dtype", dtype]
+        jobs[f"load_{dtype}_single"] = load + ["--dtype", dtype, "--source", "single"]
         for size in (512, 1024):
             jobs[f"generate_{size}_{dtype}"] = sample_py(work, dtype, size, 1)
     jobs["generate_1024_bf16_b4"] = sample_py(work, "bf16", 1024, 4)
@@ -155,6 +196,14 @@ def main():
     parser.add_argument("--size", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--source", default="project", help=argparse.SUPPRESS)
+    parser.add_argument("--compilation_cache", default="none", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--page_cache",
+        choices=("warm", "cold"),
+        default="warm",
+        help="before each read/load job, the checkpoint files are read once (warm) or dropped from the "
+        "page cache (cold: posix_fadvise DONTNEED); results are stored per mode",
+    )
     args = parser.parse_args()
     work = args.workdir
     args.single_file = work / "sdxl_base_random_fp16.safetensors"
@@ -183,10 +232,15 @@ def main():
     for name in chosen:
         shutil.rmtree(work / "ckpt_again", ignore_errors=True)
         (work / "back.safetensors").unlink(missing_ok=True)
+        if name.startswith(("read", "load")):
+            files = [args.single_file] + sorted(p for p in args.project.rglob("*") if p.is_file())
+            (drop_from_page_cache if args.page_cache == "cold" else read_through)(files)
+        if name.startswith(("read", "load")) and args.page_cache == "cold":
+            name = name + "_cold"
         log = work / f"{name}.log"
         load = os.getloadavg()[0]
         try:
-            figures = timed(jobs[name], log)
+            figures = timed(jobs[name.removesuffix('_cold')], log)
         except SystemExit as e:  # timed() exits on a failed job: record it (e.g. killed for memory), go on
             figures = dict(failed=str(e)[-400:])
         lines = log.read_text().splitlines()
@@ -201,7 +255,8 @@ def main():
         shown = {k: (f"{v / GiB:.2f} GiB" if ("rss" in k or "bytes" in k) and isinstance(v, int) else v)
                  for k, v in figures.items() if k not in ("user_s", "sys_s")}  # fmt: skip
         print(f"{name} (load avg {load:.1f}): " + json.dumps(shown, default=str), flush=True)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    stored = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
+    (work / "results.json").write_text(json.dumps(stored | results, indent=1))
     print(f"results: {work / 'results.json'}")
 
 

@@ -26,11 +26,13 @@ def default_cache_dir() -> Path:
 
 def enable_compilation_cache(path: str | Path | None = None) -> Path:
     """Turn on JAX's persistent compilation cache (default `default_cache_dir()`, or $SDXL_JAX_CACHE_DIR),
-    so a second process compiling the same program loads it from disk instead."""
+    so a second process compiling the same program loads it from disk instead. Every program is kept,
+    however quick to compile: loading weights compiles ~100 small per-shape layout-and-cast programs,
+    which together cost more than the read itself."""
     path = Path(path) if path is not None else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 

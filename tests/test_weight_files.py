@@ -154,3 +154,18 @@ def test_strict_conversion_names_every_offender(component):
     assert "shape mismatch (1)" in text and mis_shaped[0] in text
     if ignorable:
         assert ignorable[0].split(".")[-1] not in text  # not even its last name: "position_ids", "sigmas"
+
+
+def test_safetensors_tensors_are_read_aligned_so_cpu_placement_copies_nothing(tmp_path):
+    from sdxl_jax.convert.files import ALIGNMENT, LazySafetensors
+
+    # odd-sized tensors, so the file offsets are not aligned themselves
+    tensors = {f"t{i}": np.arange(i * 7 + 3, dtype=np.float16).reshape(-1, 1) for i in range(5)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    state = LazySafetensors(tmp_path / "a.safetensors")
+    for key, want in tensors.items():
+        got = state[key]
+        assert got.ctypes.data % ALIGNMENT == 0
+        np.testing.assert_array_equal(got, want)
+    placed = jax.device_put(got)
+    assert placed.unsafe_buffer_pointer() == got.ctypes.data  # XLA:CPU aliased the host array

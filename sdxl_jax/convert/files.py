@@ -156,6 +156,26 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+ALIGNMENT = 64  # XLA:CPU takes a host array this aligned without copying it (`jax.device_put`)
+
+
+def aligned_empty(count: int, dtype) -> np.ndarray:
+    """An uninitialised 1-D array of `count` elements whose data starts on an `ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(count * dtype.itemsize + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + count * dtype.itemsize].view(dtype)
+
+
+def _read_into(path: Path, offset: int, buffer: np.ndarray) -> int:
+    """Fill `buffer` (uint8) from `path` at `offset`; the number of bytes read (short at end of file)."""
+    done, view = 0, memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while done < len(view) and (n := os.preadv(f.fileno(), [view[done:]], offset + done)) > 0:
+            done += n  # one read returns at most ~2 GiB on Linux
+    return done
+
+
 class LazySafetensors(Mapping):
     """A `.safetensors` file as a read-only mapping that reads each tensor only when asked for it.
 
@@ -186,8 +206,8 @@ class LazySafetensors(Mapping):
         dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         count = (end - begin) // dtype.itemsize
-        array = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
-        if array.size != count:
+        array = aligned_empty(count, dtype)  # so that placing it on a CPU device copies nothing
+        if _read_into(self.path, self._data_start + begin, array.view(np.uint8)) != end - begin:
             raise ConversionError(f"{self.path}: tensor {key} is cut short; truncated file?")
         return array.reshape(entry["shape"])
 

@@ -161,10 +161,12 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
     path = Path(path).absolute()  # Orbax wants absolute paths
     with atomic_output(path, folder=True) as tmp:
         # Orbax's default numpy handler deep-copies every array before writing; a full UNet would be
-        # held twice. Save synchronously, without the copy.
+        # held twice. Save synchronously, without the copy, and uncompressed: zstd saves ~8% of a
+        # checkpoint of weights and roughly doubles the time to restore it.
         handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
         registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
-        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        pytree = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+        checkpointer = ocp.Checkpointer(pytree)
         for name, (_, params) in weights.components.items():
             if not jax.tree_util.tree_leaves(params):
                 continue  # a parameter-free component (pixel space): its config says it all
