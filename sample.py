@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image, PngImagePlugin
 
-from sdxl_jax import __version__
+from sdxl_jax import __version__, storage
 from sdxl_jax import pipeline as pipeline_lib
 from sdxl_jax.sampling import SamplingOptions
 
@@ -125,7 +125,7 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
         "Model": model,
     }
     if config.refiner and config.denoising_end > 0:
-        fields |= {"Refiner": Path(config.refiner).name, "Refiner switch at": config.denoising_end}
+        fields |= {"Refiner": storage.path(config.refiner).name, "Refiner switch at": config.denoising_end}
     fields["Version"] = f"sdxl_jax {__version__}"
     lines = [prompt]
     if config.negative_prompt:
@@ -148,6 +148,10 @@ def main(argv):
         )
     prompts = read_prompts()
     check_config(config)
+    try:  # a bad --outdir fails now, not after the model is loaded and the first batch sampled
+        storage.check_writable(config.outdir, "--outdir")
+    except storage.StorageError as e:
+        raise app.UsageError(str(e)) from None
     if config.compilation_cache != "none":
         cache = pipeline_lib.enable_compilation_cache(config.compilation_cache or None)
         print(f"compilation cache: {cache}")
@@ -165,9 +169,8 @@ def main(argv):
     print("settings: " + json.dumps({k: v for k, v in config.to_dict().items() if k != "compilation_cache"}))
 
     jobs = [(prompt, config.seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(config.n))]
-    outdir = Path(config.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    model = Path(config.checkpoint).name
+    outdir = storage.path(config.outdir)
+    model = storage.path(config.checkpoint).name
     negative = config.negative_prompt or None
     written = 0
     size = min(config.batch_size, len(jobs))
@@ -180,8 +183,8 @@ def main(argv):
         for (prompt, seed), image in zip(batch, images):
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", infotext(config, prompt, seed, model))
-            path = outdir / f"{seed:08d}.png"
-            Image.fromarray(image).save(path, pnginfo=info)
+            with (outdir / f"{seed:08d}.png").open("wb") as f:
+                Image.fromarray(image).save(f, format="PNG", pnginfo=info)
             written += 1
         print(
             f"batch {b // size + 1}/{-(-len(jobs) // size)}: {len(batch)} image(s) in "

@@ -9,9 +9,12 @@ WORKDIR: checkpoints/, metrics.jsonl, config.json, tensorboard/, validation/, ex
 --config.export_on_finish). Started again on the same WORKDIR, a run resumes from its newest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdxl_jax import storage
 from sdxl_jax.train.huge_pages import reexec_with_huge_pages
 from sdxl_jax.train.loop import train
 
@@ -27,7 +30,10 @@ def main(argv):
     if FLAGS.config.malloc_huge_pages:
         reexec_with_huge_pages()  # replaces this process, so before any work
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    train(FLAGS.config, FLAGS.workdir)
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except storage.StorageError as e:  # a bad --workdir: one line, before any compute
+        sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@
                       diffusers' `StableDiffusionXLPipeline.from_single_file` (local configs, fp32) +
                       the same generation, for reference
 Read and load jobs find the checkpoint files in the page cache (`--page_cache warm`, the default) or
-on the disk only (`cold`: stored as `<job>_cold`). Weights are random: images are noise; memory and time are those of the real model. Other jobs on the
-machine share its cores, memory and page cache: run it alone.
+on the disk only (`cold`: stored as `<job>_cold`). Weights are random: images are noise; memory and time
+are those of the real model. Other jobs on the machine share its cores, memory and page cache: run it
+alone.
 """
 
 import argparse
@@ -171,7 +172,8 @@ def plan(work: Path) -> dict[str, list[str]]:
     common = ["--workdir", str(work)]
     jobs = {"read": me + ["--job", "read"] + common, "read_project": me + ["--job", "read_project"] + common}
     load = me + ["--job", "load"] + common
-    jobs["load_bf16_single_first"] = load + ["--dtype", "bf16", "--source", "single"]  # no compilation cache
+    # a first load: no compilation cache
+    jobs["load_bf16_single_first"] = load + ["--dtype", "bf16", "--source", "single"]
     load += ["--compilation_cache", str(work / "xla_cache")]
     for dtype in ("fp32", "bf16"):
         jobs[f"load_{dtype}"] = load + ["--dtype", dtype]
@@ -240,7 +242,7 @@ def main():
         log = work / f"{name}.log"
         load = os.getloadavg()[0]
         try:
-            figures = timed(jobs[name.removesuffix('_cold')], log)
+            figures = timed(jobs[name.removesuffix("_cold")], log)
         except SystemExit as e:  # timed() exits on a failed job: record it (e.g. killed for memory), go on
             figures = dict(failed=str(e)[-400:])
         lines = log.read_text().splitlines()

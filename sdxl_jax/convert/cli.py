@@ -23,6 +23,7 @@ from typing import NamedTuple, TextIO
 
 import jax
 
+from sdxl_jax import storage
 from sdxl_jax.convert import export
 from sdxl_jax.convert import pipeline_weights as pw
 
@@ -81,15 +82,15 @@ def convert(src, dst, to: str = "jax", dtype: str | None = None, model: str | No
     dtype: fp32|bf16|fp16 cast (default: as stored); model: base|refiner, checked; variant: a diffusers
     folder's weight variant (e.g. fp16). Progress and phases are written to `log` (default: stderr)."""
     log = sys.stderr if log is None else log
-    src, dst = Path(src).absolute(), Path(dst).absolute()  # Orbax wants absolute paths
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+    src, dst = storage.absolute(src), storage.absolute(dst)  # Orbax wants absolute paths; URLs stay
     if to == "single-file" and dst.suffix != ".safetensors":
         raise ValueError(f"{dst}: a single-file output must be named *.safetensors")
-    if not src.exists():
-        raise FileNotFoundError(f"no such file or folder: {src}")
+    storage.check_readable(src, "source")
+    storage.check_writable(dst.parent, "destination folder")  # before the minutes of reading
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it")
     if variant is not None and not pw.is_diffusers_folder(src):
         raise ValueError(f"--variant applies to a diffusers folder (with model_index.json); {src} is not one")
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sdxl_jax import storage
 from sdxl_jax.convert.files import component_weights, open_state_dict, stored_dtype
 from sdxl_jax.convert.mapping import KeyFn
 from sdxl_jax.convert.text_encoder import (
@@ -82,7 +83,7 @@ def load_component(
     "fp16" for `*.fp16.safetensors`; placement: a `pipeline_weights.Placement` that puts each tensor
     where it goes as it is read (default: numpy leaves).
     """
-    component, folder = COMPONENTS[name], Path(path)
+    component, folder = COMPONENTS[name], storage.path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a {component.what} folder: no config.json")
     state = open_state_dict(component_weights(folder, component.weights_stem, variant))

@@ -28,7 +28,7 @@ import flax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax import __version__
+from sdxl_jax import __version__, storage
 from sdxl_jax.convert.components import COMPONENTS
 from sdxl_jax.convert.files import atomic_output, refuse_existing, stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, key_table
@@ -266,7 +266,7 @@ def export_diffusers(
     states = {name: torch_state(name, cfg, params) for name, (cfg, params) in weights.components.items()}
     metadata = export_metadata(weights, states, dtype)
     tally = _Tally(states, dtype, progress)
-    with atomic_output(out_dir, folder=True) as tmp:
+    with atomic_output(out_dir, folder=True, last=("model_index.json",)) as tmp:
         for name, state in states.items():
             (tmp / name).mkdir()
             written_dtype = target_dtype(dtype, np.dtype(stored_dtype(state))).name
@@ -303,7 +303,7 @@ def export_single_file(
     """Write `weights` as an original (sgm) single-file `.safetensors` checkpoint, atomically; `out_file`
     must not exist. The metadata goes into the header (`format: pt` plus source, model, dtype, version).
     dtype: fp32|bf16|fp16 (default: as stored). progress: called per tensor."""
-    out_file = Path(out_file)
+    out_file = storage.path(out_file)
     if out_file.suffix != ".safetensors":
         raise ValueError(f"{out_file}: a single-file export is written as .safetensors")
     refuse_existing(out_file)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from sdxl_jax import storage
 from sdxl_jax.convert.mapping import ConversionError, dtype_of, shape_of
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -67,10 +68,11 @@ class TorchPickle(Mapping):
         return np.dtype(np.float32) if value.dtype == self._bf16 else np.dtype(str(value.dtype).removeprefix("torch."))
 
 
-def open_state_dict(path: str | Path) -> Mapping[str, np.ndarray]:
+def open_state_dict(path) -> Mapping[str, np.ndarray]:
     """One weights file or sharded set (its `*.index.json`) as a lazy mapping, by suffix: keys, shapes and
-    dtypes from the headers, each tensor read when asked for (`shape_of`, `dtype_of`)."""
-    path = Path(path)
+    dtypes from the headers, each tensor read when asked for (`shape_of`, `dtype_of`). Safetensors may
+    be in a bucket; pickles must be local."""
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.name.endswith(".index.json"):
@@ -91,8 +93,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 class ShardedState(Mapping):
     """A sharded weights set (`*.safetensors.index.json` / `*.bin.index.json`) as one lazy mapping."""
 
-    def __init__(self, path: str | Path):
-        path = Path(path)
+    def __init__(self, path):
+        path = storage.path(path)
         weight_map = json.loads(path.read_text())["weight_map"]
         self._where: dict[str, Mapping] = {}
         for shard in sorted(set(weight_map.values())):
@@ -121,7 +123,7 @@ class ShardedState(Mapping):
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of one `.safetensors` file, or of a sharded set given its `*.safetensors.index.json`."""
-    path = Path(path)
+    path = storage.path(path)
     if not (path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json")):
         raise ConversionError(f"{path}: not a .safetensors file")
     return read_state_dict(path)
@@ -129,7 +131,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def component_weights(folder: str | Path, stem: str, variant: str | None = None) -> Path:
     """The weights file of a diffusers component folder: safetensors first, then legacy `.bin`."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     infix = f".{variant}" if variant else ""
     for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
         if (folder / f"{stem}{infix}{suffix}").exists():
@@ -167,9 +169,16 @@ def aligned_empty(count: int, dtype) -> np.ndarray:
     return raw[start : start + count * dtype.itemsize].view(dtype)
 
 
-def _read_into(path: Path, offset: int, buffer: np.ndarray) -> int:
-    """Fill `buffer` (uint8) from `path` at `offset`; the number of bytes read (short at end of file)."""
+def _read_into(path, offset: int, buffer: np.ndarray) -> int:
+    """Fill `buffer` (uint8) from `path` (local or in a bucket) at `offset`; the number of bytes read
+    (short at end of file)."""
     done, view = 0, memoryview(buffer)
+    if storage.is_remote(path):
+        with storage.path(path).open("rb") as f:  # a ranged read
+            f.seek(offset)
+            while done < len(view) and (n := f.readinto(view[done:])) > 0:
+                done += n
+        return done
     with open(path, "rb", buffering=0) as f:
         while done < len(view) and (n := os.preadv(f.fileno(), [view[done:]], offset + done)) > 0:
             done += n  # one read returns at most ~2 GiB on Linux
@@ -184,14 +193,16 @@ class LazySafetensors(Mapping):
     through a memory map, whose pages would otherwise stay resident (a second copy of the file).
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path):
+        self.path = storage.path(path)
         try:
-            with safe_open(self.path, framework="np") as f:  # validates the header
-                self._metadata = f.metadata() or {}
-            with open(self.path, "rb") as f:
+            if not storage.is_remote(self.path):
+                with safe_open(self.path, framework="np") as f:  # validates the header
+                    f.metadata()
+            with self.path.open("rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
+            self._metadata = header.get("__metadata__") or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise ConversionError(f"{self.path}: not a readable safetensors file ({e}); truncated or corrupt?") from e
         header.pop("__metadata__", None)
@@ -227,16 +238,28 @@ class LazySafetensors(Mapping):
         return self._metadata
 
 
-def refuse_existing(path: str | Path) -> None:
-    if Path(path).exists():
+def refuse_existing(path) -> None:
+    if storage.path(path).exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path, folder: bool) -> Iterator[Path]:
+def atomic_output(path, folder: bool, last: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary sibling of `path` (a folder or a file) to write into, renamed to `path` on success and
     removed on any failure or interrupt, so nothing half-written ever stands at `path`. Refuses an
-    existing `path` (before and after the writing). The output gets the umask's permissions."""
+    existing `path` (before and after the writing). The output gets the umask's permissions.
+
+    `path` in a bucket (no renames there): the output is written to a local temporary folder, then
+    uploaded with the files named in `last` (its index) after all others; a failed upload is removed."""
+    if storage.is_remote(path):
+        refuse_existing(path)
+        with tempfile.TemporaryDirectory(prefix="sdxl_jax-upload-") as staging:
+            tmp = Path(staging) / storage.path(path).name
+            if folder:
+                tmp.mkdir()
+            yield tmp
+            storage.upload_tree(tmp, path, last)
+        return
     path = Path(path)
     refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)

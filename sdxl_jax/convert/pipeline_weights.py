@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdxl_jax import storage
 from sdxl_jax.convert.components import COMPONENTS, load_component
 from sdxl_jax.convert.files import atomic_output
 from sdxl_jax.convert.mapping import ConversionError, LeafPlacer, check_tree
@@ -158,8 +159,8 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
     """Write `weights` as the project format at `path` (must not exist), atomically."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()  # Orbax wants absolute paths
-    with atomic_output(path, folder=True) as tmp:
+    path = storage.absolute(path)  # Orbax wants absolute paths
+    with atomic_output(path, folder=True, last=(INDEX_FILE,)) as tmp:
         # Orbax's default numpy handler deep-copies every array before writing; a full UNet would be
         # held twice. Save synchronously, without the copy, and uncompressed: zstd saves ~8% of a
         # checkpoint of weights and roughly doubles the time to restore it.
@@ -178,14 +179,13 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
             configs={name: config_to_dict(cfg) for name, (cfg, _) in weights.components.items()},
             metadata=dict(weights.metadata, saved=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
         )
+        # Orbax's `*/commit_success.txt` stay: on a bucket Orbax takes a checkpoint without one for unfinished
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
-        for note in tmp.glob("*/commit_success.txt"):  # Orbax's note naming the temporary path; not read back
-            note.unlink()
     return path
 
 
-def is_project(path: str | Path) -> bool:
-    return (Path(path) / INDEX_FILE).is_file()
+def is_project(path) -> bool:
+    return (storage.path(path) / INDEX_FILE).is_file()
 
 
 def load_project(path: str | Path, dtype: str | None = None, placement: Placement | None = None) -> PipelineWeights:
@@ -193,7 +193,7 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
     placement: restore each array straight onto the devices in its dtype and sharding (else numpy)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = storage.absolute(path)  # Orbax opens bucket URLs itself
     index = json.loads((path / INDEX_FILE).read_text())
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         found = f"{index.get('format')} v{index.get('version')}"
@@ -221,8 +221,8 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
 # ---- diffusers folders -------------------------------------------------------------------------------
 
 
-def is_diffusers_folder(path: str | Path) -> bool:
-    return (Path(path) / "model_index.json").is_file()
+def is_diffusers_folder(path) -> bool:
+    return (storage.path(path) / "model_index.json").is_file()
 
 
 def load_diffusers(
@@ -231,7 +231,7 @@ def load_diffusers(
     """A diffusers SDXL repository folder (`model_index.json` + component folders); base vs refiner from
     which text encoders it has. variant: e.g. "fp16" for `*.fp16.safetensors`; dtype casts (fp32|bf16|fp16);
     placement: each tensor onto the devices as it is read."""
-    folder = Path(path)
+    folder = storage.path(path)
     index = json.loads((folder / "model_index.json").read_text())
     present = {name for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[0]}
     model = "base" if "text_encoder" in present else "refiner"
@@ -262,7 +262,7 @@ def load_single_file(
     from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers
     from sdxl_jax.convert.single_file_keys import detect_model
 
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".safetensors":
@@ -296,9 +296,7 @@ def load_pipeline_weights(
     or an original single-file checkpoint, read one tensor at a time. model ("base"|"refiner") is
     checked when given; placement (a `Placement`): each tensor cast and put on the devices as it is
     read, so peak host memory is the placed weights plus about one tensor."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+    path = storage.check_readable(path, "checkpoint")
     if path.is_dir():
         if is_project(path):
             weights = load_project(path, dtype, placement)

@@ -18,7 +18,6 @@ the loop saves a final checkpoint and exits cleanly.
 """
 
 import signal
-from pathlib import Path
 
 import grain.checkpoint
 import jax
@@ -27,13 +26,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sdxl_jax import storage
 
-def make_manager(directory: str | Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+
+def make_manager(directory, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.max_checkpoints,
         enable_async_checkpointing=config.async_checkpointing, create=True, cleanup_tmp_directories=True,
     )  # fmt: skip
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(storage.absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data) -> None:

@@ -9,12 +9,11 @@ An existing export is never overwritten: a later one, at another step, goes to `
 process takes part in gathering the sharded params; process 0 writes.
 """
 
-from pathlib import Path
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sdxl_jax import storage
 from sdxl_jax.convert.export import export_diffusers, export_single_file
 from sdxl_jax.convert.pipeline_weights import PipelineWeights, save_project
 
@@ -45,12 +44,13 @@ def pipeline_weights(models, state, frozen: dict, use_ema: bool, diffusion=None)
     return PipelineWeights(models.kind, components, metadata)
 
 
-def export_run(models, state, frozen: dict, config, workdir: str | Path) -> Path | None:
-    """Write the export named by `config.export_on_finish`; returns its path (None for "none")."""
+def export_run(models, state, frozen: dict, config, workdir):
+    """Write the export named by `config.export_on_finish` (into a bucket too: staged locally, uploaded
+    with its index last); returns its path (None for "none")."""
     fmt = config.export_on_finish
     if fmt == "none":
         return None
-    out = Path(workdir) / EXPORT_PATHS[fmt]
+    out = storage.path(workdir) / EXPORT_PATHS[fmt]
     if out.exists():  # a finished run started again, or extended: keep the earlier export
         out = out.with_name(f"{out.stem}-step{int(state.step)}{out.suffix}")
         if out.exists():
@@ -58,6 +58,5 @@ def export_run(models, state, frozen: dict, config, workdir: str | Path) -> Path
             return out
     weights = pipeline_weights(models, state, frozen, config.export_ema, config.diffusion)
     if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
         EXPORTERS[fmt](weights, out)
     return out

@@ -9,11 +9,11 @@ validation/, export/ (with `export_on_finish`).
 """
 
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 
+from sdxl_jax import storage
 from sdxl_jax.sharding import batch_shards, initialize_distributed, make_mesh, tracing_context
 from sdxl_jax.train import checkpoint
 from sdxl_jax.train.config import check
@@ -25,17 +25,21 @@ from sdxl_jax.train.step import CompiledSteps, StepSpec
 from sdxl_jax.train.validation import make_validation
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Run (or resume) the training described by `config` in `workdir`; returns the final state."""
+def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
+    """Run (or resume) the training described by `config` in `workdir` (a local path or a bucket URL,
+    see `storage`); returns the final state."""
     check(config)
     initialize_distributed(config.distributed)
+    # every host checks it can write there, before any compute (a typo would otherwise surface at the
+    # first checkpoint)
+    workdir = storage.check_writable(workdir, "--workdir")
     mesh = make_mesh(config.mesh)
     if config.batch_size % batch_shards(mesh, config.sharding_rules):
         raise ValueError(f"batch_size {config.batch_size} does not split over the mesh {dict(mesh.shape)}")
     spec = StepSpec.build(config, mesh)
     state, frozen = create_sharded_state(spec)
     data = make_data(config)
-    manager = checkpoint.make_manager(Path(workdir) / "checkpoints", config)
+    manager = checkpoint.make_manager(workdir / "checkpoints", config)
     restored, restored_step = checkpoint.restore_latest(manager, state, data)
     state = restored if restored is not None else state
 

@@ -12,25 +12,26 @@ The run's config goes to `config.json` (the seed included). One JSON object per 
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from sdxl_jax import storage
 from sdxl_jax.train.tensorboard import EventWriter, png
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, config, *, enabled: bool):
-        self.workdir, self.enabled = Path(workdir), enabled
+    def __init__(self, workdir, config, *, enabled: bool):
+        self.workdir, self.enabled = storage.path(workdir), enabled
         self.log_every, self.num_steps, self.batch_size = config.log_every, config.num_steps, config.batch_size
         self.peak = config.peak_flops_per_device * jax.device_count()
         self.buckets = Counter()
         self._times, self._flops = [], []
         if enabled:
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            if not storage.is_remote(self.workdir):
+                self.workdir.mkdir(parents=True, exist_ok=True)
             (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            self._jsonl = storage.AppendFile(self.workdir / "metrics.jsonl")  # on a bucket: uploaded at each flush
             self._tb = EventWriter(self.workdir / "tensorboard")
 
     def step(
@@ -81,7 +82,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         folder = self.workdir / name / f"step_{step:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             (folder / f"{i:02d}.png").write_bytes(png(image))
             self._tb.image(step, f"{name}/{i}", image)

@@ -17,10 +17,11 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sdxl_jax import storage
 
 
 def _crc32c_table() -> list[int]:
@@ -86,12 +87,15 @@ def png(image: np.ndarray) -> bytes:
 
 
 class EventWriter:
-    """Appends events to `events.out.tfevents.<time>.<host>` in `logdir`."""
+    """Appends events to `events.out.tfevents.<time>.<host>` in `logdir` (a local folder or a bucket
+    prefix: there the file is uploaded whole at each `flush`, see `storage.AppendFile`)."""
 
-    def __init__(self, logdir: str | Path):
-        Path(logdir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(logdir) / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
+    def __init__(self, logdir):
+        logdir = storage.path(logdir)
+        if not storage.is_remote(logdir):
+            logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self._file = storage.AppendFile(self.path)
         self._file.write(_record(_event(0, file_version="brain.Event:2")))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -147,10 +151,10 @@ def _fields(buf: bytes):
         yield number, wire, value
 
 
-def read_events(path: str | Path) -> list[dict]:
+def read_events(path) -> list[dict]:
     """Every event of a file as {"step", "wall_time", "scalars": {tag: v}, "images": {tag: (h, w, png)}};
     checks both CRCs of every record."""
-    data, i, events = Path(path).read_bytes(), 0, []
+    data, i, events = storage.path(path).read_bytes(), 0, []
     while i < len(data):
         header = data[i : i + 8]
         (length,) = struct.unpack("<Q", header)

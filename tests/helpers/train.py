@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sdxl_jax import storage
 from tests.helpers.processes import child_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def state_arrays(state) -> dict[str, np.ndarray]:
 
 
 def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
 
 
