@@ -2,6 +2,7 @@
 
     p = storage.path("gs://bucket/run1")        # an `etils.epath.Path`; a local path stays local
     storage.check_writable(p, "--workdir")     # create, write, read back, delete a probe object: fail fast
+    storage.make_dirs(p)                       # a local folder; nothing on a bucket
     f = storage.AppendFile(p / "metrics.jsonl")  # appended to, anywhere (see below)
     storage.upload_tree(local_folder, p / "export", last=("sdxl_jax.json",))
 
@@ -23,7 +24,7 @@ from etils import epath
 
 SCHEMES = {"gs": "Google Cloud Storage", "s3": "Amazon S3"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
-_HALF_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(?!/)")  # gs:/bucket, s3:bucket-less forms
+_HALF_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # gs:/bucket: a URL that lost a slash
 
 
 class StorageError(ValueError):
@@ -51,6 +52,17 @@ def path(location) -> epath.Path:
     return epath.Path(text)
 
 
+def make_dirs(location) -> None:
+    """Create a local folder and its parents; nothing on a bucket (objects need no folders)."""
+    if not is_remote(location):
+        path(location).mkdir(parents=True, exist_ok=True)
+
+
+def _cause(e: Exception) -> str:
+    """The first line of an exception, for a one-line error."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def absolute(location) -> epath.Path:
     """A local path made absolute (Orbax requires it); a URL as it is."""
     p = path(location)
@@ -65,15 +77,13 @@ def check_writable(location, what: str = "output location") -> epath.Path:
     probe = p / f".sdxl_jax_probe-{socket.gethostname()}-{os.getpid()}"
     payload = b"sdxl_jax write probe\n"
     try:
-        if not is_remote(p):
-            p.mkdir(parents=True, exist_ok=True)
+        make_dirs(p)
         probe.write_bytes(payload)
         if probe.read_bytes() != payload:
             raise OSError("the probe object read back differs from what was written")
         probe.unlink()
     except Exception as e:  # noqa: BLE001  fsspec backends raise anything from OSError to HttpError
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
-        raise StorageError(f"{what} {p} is not usable: {type(e).__name__}: {cause}") from None
+        raise StorageError(f"{what} {p} is not usable: {_cause(e)}") from None
     return p
 
 
@@ -83,8 +93,7 @@ def check_readable(location, what: str = "input") -> epath.Path:
     try:
         found = p.exists()
     except Exception as e:  # noqa: BLE001
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
-        raise StorageError(f"{what} {p} is not readable: {type(e).__name__}: {cause}") from None
+        raise StorageError(f"{what} {p} is not readable: {_cause(e)}") from None
     if not found:
         raise FileNotFoundError(f"no such file or folder: {p}")
     return p
@@ -135,8 +144,7 @@ def upload_tree(local: str | Path, destination, last: tuple[str, ...] = ()) -> N
     try:
         for file in files:
             target = dest if file == local else dest / file.relative_to(local).as_posix()
-            if not is_remote(target):
-                target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             with open(file, "rb") as src, target.open("wb") as out:
                 shutil.copyfileobj(src, out, 16 * 2**20)
     except BaseException:

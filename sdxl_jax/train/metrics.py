@@ -28,8 +28,7 @@ class MetricsWriter:
         self.buckets = Counter()
         self._times, self._flops = [], []
         if enabled:
-            if not storage.is_remote(self.workdir):
-                self.workdir.mkdir(parents=True, exist_ok=True)
+            storage.make_dirs(self.workdir)
             (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
             self._jsonl = storage.AppendFile(self.workdir / "metrics.jsonl")  # on a bucket: uploaded at each flush
             self._tb = EventWriter(self.workdir / "tensorboard")
@@ -82,8 +81,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         folder = self.workdir / name / f"step_{step:08d}"
-        if not storage.is_remote(folder):
-            folder.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(folder)
         for i, image in enumerate(images):
             (folder / f"{i:02d}.png").write_bytes(png(image))
             self._tb.image(step, f"{name}/{i}", image)

@@ -92,8 +92,7 @@ class EventWriter:
 
     def __init__(self, logdir):
         logdir = storage.path(logdir)
-        if not storage.is_remote(logdir):
-            logdir.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(logdir)
         self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
         self._file = storage.AppendFile(self.path)
         self._file.write(_record(_event(0, file_version="brain.Event:2")))
