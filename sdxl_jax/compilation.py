@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 
 from sdxl_jax import generation
+from sdxl_jax.models import config as model_config
 from sdxl_jax.sharding import SAMPLING_RULES, sharding_context
 
 log = logging.getLogger("sdxl_jax")
@@ -28,12 +29,14 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path:
     """Turn on JAX's persistent compilation cache (default `default_cache_dir()`, or $SDXL_JAX_CACHE_DIR),
     so a second process compiling the same program loads it from disk instead. Every program is kept,
     however quick to compile: loading weights compiles ~100 small per-shape layout-and-cast programs,
-    which together cost more than the read itself."""
+    which together cost more than the read itself. The models' traced parameter trees are kept beside
+    them (`abstract_params/`, see `models.config.use_disk_cache`): loaders need them before any read."""
     path = Path(path) if path is not None else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    model_config.use_disk_cache(path / "abstract_params")
     return path
 
 

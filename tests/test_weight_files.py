@@ -2,7 +2,9 @@
 the strict conversion every component's state dict goes through."""
 
 import json
+import os
 import pickle
+import threading
 
 import jax
 import numpy as np
@@ -22,7 +24,7 @@ from sdxl_jax.convert import (
     vae_params_from_diffusers,
     vae_params_to_diffusers,
 )
-from sdxl_jax.convert.files import component_weights
+from sdxl_jax.convert.files import component_weights, open_state_dict, source_files
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
 from sdxl_jax.models.vae import VAEConfig
@@ -45,6 +47,8 @@ def test_safetensors_single_and_sharded(tmp_path):
     index = {"weight_map": {"a.weight": "m-1.safetensors", "b.bias": "m-2.safetensors"}}
     (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
     assert_same(read_state_dict(tmp_path / "m.safetensors.index.json"))
+    sharded = open_state_dict(tmp_path / "m.safetensors.index.json")  # what a loader reads ahead
+    assert [p.name for p in source_files(sharded)] == ["m-1.safetensors", "m-2.safetensors"]
 
 
 def test_sharded_index_naming_a_missing_tensor_is_refused(tmp_path):
@@ -169,3 +173,49 @@ def test_safetensors_tensors_are_read_aligned_so_cpu_placement_copies_nothing(tm
         np.testing.assert_array_equal(got, want)
     placed = jax.device_put(got)
     assert placed.unsafe_buffer_pointer() == got.ctypes.data  # XLA:CPU aliased the host array
+
+
+def test_byte_ranges_hold_the_tensors_and_prefetch_asks_for_them_in_order(tmp_path, monkeypatch):
+    from sdxl_jax.convert import files
+
+    tensors = {f"t{i}": np.arange(i * 5 + 1, dtype=np.float32) for i in range(4)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    state = files.LazySafetensors(tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    for key, want in tensors.items():
+        [(path, offset, length)] = state.byte_ranges([key])
+        assert path == state.path and offset == state.offset(key)
+        assert raw[offset : offset + length] == want.tobytes()
+    whole = state.byte_ranges(sorted(tensors))  # adjacent in the file: one range
+    assert len(whole) == 1 and whole[0][1] + whole[0][2] == len(raw)
+    order = ["t3", "t0"]
+    asked = []
+    monkeypatch.setattr(files.Prefetch, "STEP", 8)
+    monkeypatch.setattr(files.os, "posix_fadvise", lambda fd, offset, n, advice: asked.append((offset, n, advice)))
+    with files.Prefetch(state.byte_ranges(order) + [("gs://bucket/x.safetensors", 0, 100)]) as ahead:
+        ahead._thread.join()
+    expected = []
+    for _, offset, length in state.byte_ranges(order):  # 8-byte steps, t3 before t0; the bucket skipped
+        expected += [(o, min(8, offset + length - o), os.POSIX_FADV_WILLNEED) for o in range(offset, offset + length, 8)]
+    assert asked == expected
+
+
+def test_prefetch_stops_when_the_loader_is_done_and_ignores_missing_files(tmp_path, monkeypatch):
+    from sdxl_jax.convert import files
+
+    (tmp_path / "big").write_bytes(b"\0" * 4096)
+    started, release, asked = threading.Event(), threading.Event(), []
+
+    def slow(fd, offset, n, advice):
+        asked.append(offset)
+        started.set()
+        release.wait()
+
+    monkeypatch.setattr(files.Prefetch, "STEP", 1)
+    monkeypatch.setattr(files.os, "posix_fadvise", slow)
+    with files.Prefetch(files.whole_files([tmp_path])) as ahead:
+        started.wait()
+        threading.Timer(0.2, release.set).start()  # the first step ends after the loader is done
+    assert not ahead._thread.is_alive() and asked == [0]  # not the other 4095 steps
+    with files.Prefetch([(tmp_path / "gone", 0, 10)]):  # the read that follows reports it, not the prefetch
+        pass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdxl_jax import storage
-from sdxl_jax.convert.files import component_weights, open_state_dict, stored_dtype
+from sdxl_jax.convert.files import Prefetch, component_weights, open_state_dict, source_files, stored_dtype, whole_files
 from sdxl_jax.convert.mapping import KeyFn
 from sdxl_jax.convert.text_encoder import (
     text_encoder_config_from_transformers,
@@ -90,7 +90,8 @@ def load_component(
     overrides = {"param_dtype": stored_dtype(state)} | config_overrides  # keep the stored dtype unless asked
     cfg = component.config_from_torch(json.loads((folder / "config.json").read_text()), **overrides)
     place = None if placement is None else placement.placer(name, cfg)
-    return cfg, component.params_from_torch(state, cfg, place)
+    with Prefetch(whole_files(source_files(state))):
+        return cfg, component.params_from_torch(state, cfg, place)
 
 
 def load_unet(path: str | Path, variant: str | None = None, **config_overrides) -> tuple[UNetConfig, dict]:

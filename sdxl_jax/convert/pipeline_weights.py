@@ -25,7 +25,7 @@ import numpy as np
 
 from sdxl_jax import storage
 from sdxl_jax.convert.components import COMPONENTS, load_component
-from sdxl_jax.convert.files import atomic_output
+from sdxl_jax.convert.files import Prefetch, atomic_output, whole_files
 from sdxl_jax.convert.mapping import ConversionError, LeafPlacer, check_tree
 from sdxl_jax.models import pixel_space
 from sdxl_jax.models.clip import CLIPTextConfig
@@ -210,7 +210,8 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
             # checked from the metadata, before anything is read (a wrong target fails obscurely in Orbax)
             check_params(name, cfg, checkpointer.metadata(path / name).item_metadata.tree)
             target = None if placement is None else placement.abstract(name, cfg)
-            params = checkpointer.restore(path / name, target)
+            with Prefetch(whole_files([path / name])):
+                params = checkpointer.restore(path / name, target)
             if target is None:
                 to = cfg.param_dtype
                 params = jax.tree_util.tree_map(lambda x, to=to: np.asarray(x).astype(to, copy=False), params)
@@ -259,7 +260,7 @@ def load_single_file(
     devices as it is read (a `Placement`); without one the leaves are numpy. Either way tensors are read
     one at a time."""
     from sdxl_jax.convert.files import PICKLE_SUFFIXES, LazySafetensors, TorchPickle, stored_dtype
-    from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers
+    from sdxl_jax.convert.single_file import LAYOUTS, iter_single_file_to_diffusers, read_order
     from sdxl_jax.convert.single_file_keys import detect_model
 
     path = storage.path(path)
@@ -277,10 +278,12 @@ def load_single_file(
     layout = layout or LAYOUTS[found]()
     overrides = param_dtype_overrides(dtype)
     components = {}
-    for name, diffusers_state in iter_single_file_to_diffusers(state, layout):
-        cfg = getattr(layout, name).replace(**(overrides or {"param_dtype": stored_dtype(diffusers_state)}))
-        place = None if placement is None else placement.placer(name, cfg)
-        components[name] = (cfg, COMPONENTS[name].params_from_torch(diffusers_state, cfg, place))
+    ahead = state.byte_ranges(read_order(state, layout)) if isinstance(state, LazySafetensors) else whole_files([path])
+    with Prefetch(ahead):
+        for name, diffusers_state in iter_single_file_to_diffusers(state, layout):
+            cfg = getattr(layout, name).replace(**(overrides or {"param_dtype": stored_dtype(diffusers_state)}))
+            place = None if placement is None else placement.placer(name, cfg)
+            components[name] = (cfg, COMPONENTS[name].params_from_torch(diffusers_state, cfg, place))
     metadata = dict(source=str(path), source_format="single-file")
     return PipelineWeights(found, components, metadata)
 

@@ -255,6 +255,17 @@ def iter_single_file_to_diffusers(
         yield component, ComponentState(state, ops)
 
 
+def read_order(state, layout: SingleFileLayout) -> list[str]:
+    """The single-file keys in the order `iter_single_file_to_diffusers` reads them: component by
+    component, each in file order (`state.offset`), for reading ahead (`files.Prefetch`)."""
+    plan = single_file_plan(layout)
+    order = []
+    for component in layout.components:
+        keys = {op.single_file for op in plan if op.component == component}
+        order += sorted(keys & set(state.keys()), key=state.offset)
+    return order
+
+
 class ComponentState(Mapping):
     """One component's diffusers state dict over a single-file state dict: each diffusers tensor is made
     from its single-file tensor (read then) when asked for, so a conversion holds one source tensor

@@ -17,8 +17,15 @@ configs describe the same checkpoint layout iff their architectures are equal.
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -95,4 +102,71 @@ def abstract_params_of(trace: Callable, cfg, *args):
 
 @functools.lru_cache(maxsize=16)
 def _traced(trace: Callable, cfg, args: tuple):
-    return trace(cfg, *args)
+    if _DISK_CACHE is None:
+        return trace(cfg, *args)
+    file = _DISK_CACHE / f"{_cache_key(trace, cfg, args)}.json"
+    try:
+        return _tree_from_json(json.loads(file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or unreadable: trace again
+        pass
+    tree = trace(cfg, *args)
+    encoded = _tree_to_json(tree)
+    if encoded is not None:
+        with tempfile.NamedTemporaryFile("w", dir=_DISK_CACHE, suffix=".tmp", delete=False) as f:
+            f.write(json.dumps(encoded))
+        os.replace(f.name, file)  # atomic: concurrent processes never read half a file
+    return tree
+
+
+# Where traced parameter trees are kept across processes (`use_disk_cache`); None: in this process only.
+_DISK_CACHE: Path | None = None
+
+
+def use_disk_cache(folder: str | Path | None) -> None:
+    """Keep traced parameter trees as JSON files in `folder` (None: stop): tracing the full-size UNet
+    takes seconds of every load, its tree a few milliseconds to read. Entries are keyed by the trace
+    function, the config, the arguments, the jax and flax versions and the source of `sdxl_jax.models`,
+    so editing a model never reads a stale tree."""
+    global _DISK_CACHE
+    _DISK_CACHE = None if folder is None else Path(folder)
+    if _DISK_CACHE is not None:
+        _DISK_CACHE.mkdir(parents=True, exist_ok=True)
+    _traced.cache_clear()
+
+
+@functools.cache
+def _models_source_digest() -> str:
+    digest = hashlib.sha256()
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_key(trace: Callable, cfg, args: tuple) -> str:
+    what = (trace.__module__, trace.__qualname__, repr(cfg), repr(args), jax.__version__, flax.__version__)
+    return hashlib.sha256(repr((what, _models_source_digest())).encode()).hexdigest()[:32]
+
+
+def _tree_to_json(tree) -> list | None:
+    """[[path, shape, dtype, logical names or None], ...] of a tree of (logically partitioned)
+    `ShapeDtypeStruct`s; None if it holds anything else (such a tree is not kept on disk)."""
+    boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    rows = []
+    for path, leaf in flax.traverse_util.flatten_dict(tree, is_leaf=lambda _, x: boxed(x)).items():
+        names = None
+        if boxed(leaf):
+            if leaf.mesh is not None or leaf.rules is not None:
+                return None
+            names, leaf = list(leaf.names), leaf.value
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is not None:
+            return None
+        rows.append([list(path), list(leaf.shape), leaf.dtype.name, names])
+    return rows
+
+
+def _tree_from_json(rows: list):
+    flat = {}
+    for path, shape, dtype, names in rows:
+        leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+        flat[tuple(path)] = leaf if names is None else nn.LogicallyPartitioned(leaf, tuple(names))
+    return flax.traverse_util.unflatten_dict(flat)
