@@ -1,12 +1,15 @@
 """Runs on buckets: URL checks, fail-fast probes, append and upload semantics, and `gs://` end to end
-against a local GCS emulator (`tests/helpers/gcs_emulator.py` on loopback; gcsfs and TensorStore pointed
-at it by STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL)."""
+against a local GCS emulator (`tests/helpers/gcs_emulator.py` on loopback; gcsfs, TensorStore and
+ArrayRecord's GCS reader pointed at it by STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL and
+CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 
 from sdxl_jax import storage
 from tests.helpers.processes import child_env, free_port
-from tests.helpers.train import REPO, run_train
+from tests.helpers.train import REPO, run_train, run_train_py
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,8 @@ def gcs():
                 raise RuntimeError("the GCS emulator did not start") from None
             time.sleep(0.2)
     url = f"http://127.0.0.1:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -94,6 +98,76 @@ def test_a_missing_bucket_stops_train_py_in_one_line(gcs):
     assert last.startswith("train.py: error: --workdir gs://no-such-bucket/run is not usable"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert seconds < 60, seconds  # before any compile (imports take most of it)
+
+
+def _records(source) -> list:
+    """Every record of a source, images as bytes (a local folder gives paths)."""
+    out = []
+    for i in range(len(source)):
+        record = source[i]
+        if isinstance(record, dict):  # a prepared record
+            out.append({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in record.items()})
+            continue
+        image = Path(record.image).read_bytes() if isinstance(record.image, str) else record.image
+        out.append(record._replace(image=image))
+    return out
+
+
+PREPARE_ARGS = ["--buckets", "area=32,step=16,min=32,max=32", "--num_shards", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bucket_data(gcs, tmp_path_factory):
+    """An image folder (sidecar captions and a metadata.jsonl), two WebDataset tars and prepared shards,
+    on the disk (the returned folder) and under gs://bucket/data/ (images, tars, prepared)."""
+    from sdxl_jax.data import prepare
+    from tests.helpers.data_fixtures import mixed_folder, webdataset_shards
+
+    root = tmp_path_factory.mktemp("data")
+    folder = mixed_folder(root / "images", n=6)
+    (folder / "more").mkdir()
+    (folder / "more" / "metadata.jsonl").write_text('{"file_name": "x.jpg", "text": "from metadata"}\n')
+    (folder / "more" / "x.jpg").write_bytes(next(folder.glob("*.jpg")).read_bytes())
+    webdataset_shards(root / "tars")
+    prepare.prepare(prepare.parse_args([str(folder), str(root / "prepared"), *PREPARE_ARGS]))
+    for name in ("images", "tars", "prepared"):
+        storage.upload_tree(root / name, f"gs://bucket/data/{name}")
+    return root
+
+
+def test_data_sources_read_from_a_bucket_as_from_a_disk(bucket_data, tmp_path):
+    from sdxl_jax.data import prepare
+    from sdxl_jax.data.sources import FolderSource, PreparedSource, TarSource, tar_shards
+
+    local, remote = FolderSource(bucket_data / "images"), FolderSource("gs://bucket/data/images")
+    assert remote.paths == local.paths and "more/x.jpg" in remote.paths
+    assert _records(remote) == _records(local)
+    tars = [str(p) for p in tar_shards("gs://bucket/data/tars")]
+    assert tars == ["gs://bucket/data/tars/00000.tar", "gs://bucket/data/tars/00001.tar"]
+    assert _records(TarSource(tars)) == _records(TarSource(tar_shards(bucket_data / "tars")))
+    remote = PreparedSource("gs://bucket/data/prepared")  # ArrayRecord reads the shards from the bucket itself
+    assert remote.shard_paths[0].startswith("gs://bucket/data/prepared/")
+    assert _records(remote) == _records(PreparedSource(bucket_data / "prepared"))
+    # raw images in the bucket, prepared into local shards
+    prepare.prepare(prepare.parse_args(["gs://bucket/data/images", str(tmp_path / "from_bucket"), *PREPARE_ARGS]))
+    assert _records(PreparedSource(tmp_path / "from_bucket")) == _records(PreparedSource(bucket_data / "prepared"))
+    with pytest.raises(ValueError, match="local disks and gs:// only"):
+        PreparedSource("s3://bucket/prepared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["prepared", "tar"])
+def test_train_py_streams_its_data_from_a_bucket(bucket_data, source):
+    """train.py with its data and its workdir in the bucket, the data read in a grain worker process."""
+    run = f"gs://bucket/run_{source}"
+    result = run_train_py(run, "--config.num_steps=2", "--config.checkpoint_every=2",
+                          f"--config.data.source={source}", f"--config.data.path=gs://bucket/data/{source}s"
+                          if source == "tar" else f"--config.data.path=gs://bucket/data/{source}",
+                          "--config.data.num_workers=1", "--config.batch_size=4", config="configs/tiny.py:folder")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (storage.path(run) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == [1, 2]
+    assert [p.name for p in (storage.path(run) / "checkpoints").iterdir()] == ["2"]
 
 
 @pytest.mark.slow

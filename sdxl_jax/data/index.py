@@ -12,6 +12,7 @@ record ids 0..N-1 in shard order), so the loader never touches an image to plan 
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdxl_jax import storage
 from sdxl_jax.data.buckets import Bucket, assign_buckets, bucket_table
 from sdxl_jax.data.captions import EMPTY_CAPTION_POLICIES
 from sdxl_jax.data.images import DEFAULT_MAX_PIXELS, BadImage, image_size
@@ -194,7 +196,7 @@ def save_prepared_index(root: Path, index: PreparedIndex, report: Report) -> Non
 
 
 def load_prepared_index(root: str | Path) -> PreparedIndex:
-    root = Path(root)
+    root = storage.path(root)
     path = root / "index.json"
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a prepared dataset (no index.json; did `prepare` finish?)")
@@ -204,7 +206,7 @@ def load_prepared_index(root: str | Path) -> PreparedIndex:
     buckets = bucket_table(meta["bucket_spec"])
     if [b.name for b in buckets] != meta["buckets"]:
         raise ValueError(f"{path}: bucket spec {meta['bucket_spec']!r} now gives a different table than when prepared")
-    with np.load(root / "index.npz") as arrays:
+    with np.load(io.BytesIO((root / "index.npz").read_bytes())) as arrays:
         bucket, sizes = arrays["bucket"].astype(np.int32), arrays["original_size"].astype(np.int32)
     if len(bucket) != meta["num_records"]:
         raise ValueError(f"{root}: index.npz has {len(bucket)} records, index.json says {meta['num_records']}")

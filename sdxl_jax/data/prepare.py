@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdxl_jax import storage
 from sdxl_jax.data.buckets import bucket_table, cover_size
 from sdxl_jax.data.captions import pick_caption
 from sdxl_jax.data.images import BadImage, decode_image, encode_image
@@ -49,7 +50,7 @@ def open_raw_source(src: str, args: argparse.Namespace):
     if src.startswith("tfds:"):
         name, _, split = src[len("tfds:") :].partition(":")
         return TfdsSource(name, split or "train", args.tfds_data_dir, args.image_feature, args.text_feature)
-    path = Path(src)
+    path = storage.path(src)  # raw images may be in a bucket; the shards are written locally
     if path.is_dir() and not any(path.glob("*.tar")):
         return FolderSource(path, args.caption_ext)
     return TarSource(tar_shards(path))

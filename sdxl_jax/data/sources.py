@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sdxl_jax import storage
 from sdxl_jax.data.captions import parse_captions
 from sdxl_jax.data.records import decode_record
 
@@ -70,27 +71,30 @@ def _record(key: str, image, caption_raw, meta: dict | None) -> RawRecord:
 
 
 class FolderSource:
-    """Images under `root` (recursively), captions from sidecar files or `metadata.jsonl`."""
+    """Images under `root` (recursively), captions from sidecar files or `metadata.jsonl`. `root` may be
+    in a bucket (`gs://...`): it is listed once, and each image is then read whole (locally PIL reads only
+    what it needs from the path)."""
 
     def __init__(self, root: str | Path, caption_ext: str = ".txt"):
-        self.root = Path(root)
+        self.root = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.caption_ext = caption_ext
         self.paths: list[str] = []
         self.metadata: dict[str, dict] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        bare = lambda p: str(p).split("://", 1)[-1]  # a bucket's walk may leave out the scheme
+        for dirpath, dirnames, filenames in self.root.walk():
             dirnames.sort()
-            rel = Path(dirpath).relative_to(self.root)
+            rel = Path(os.path.relpath(bare(dirpath), bare(self.root)))
             for name in sorted(filenames):
                 if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     self.paths.append(str(rel / name))
                 elif name == METADATA_FILE:
-                    self._read_metadata(Path(dirpath) / name, rel)
+                    self._read_metadata(self.root / rel / name, rel)
         self.paths.sort()
 
-    def _read_metadata(self, path: Path, rel: Path) -> None:
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    def _read_metadata(self, path, rel: Path) -> None:
+        for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -108,15 +112,16 @@ class FolderSource:
     def __getitem__(self, i: int) -> RawRecord:
         rel = self.paths[i]
         path = self.root / rel
+        image = path.read_bytes() if storage.is_remote(path) else str(path)
         entry = self.metadata.get(os.path.normpath(rel))
         if entry is not None:
-            return _record(rel, str(path), entry.get("text"), entry)
+            return _record(rel, image, entry.get("text"), entry)
         stem = path.with_suffix("")
         caption_file = stem.with_name(stem.name + self.caption_ext)
         caption = caption_file.read_bytes() if caption_file.is_file() else None
         meta_file = stem.with_name(stem.name + ".json")
         meta = _read_json(meta_file.read_bytes()) if meta_file.is_file() else None
-        return _record(rel, str(path), caption, meta)
+        return _record(rel, image, caption, meta)
 
 
 class TarSource:
@@ -132,13 +137,13 @@ class TarSource:
         self.no_image = 0  # keys with a caption or json but no image member
         for shard, path in enumerate(self.paths):
             members: dict[str, dict] = {}
-            try:
-                tar = tarfile.open(path, mode="r:")  # uncompressed only: offsets must be file offsets
+            try:  # uncompressed only: offsets must be file offsets
+                tar = tarfile.open(fileobj=storage.path(path).open("rb"), mode="r:")
             except tarfile.ReadError as e:
                 raise ValueError(
                     f"{path}: not an uncompressed tar ({e}); compressed shards have no random access"
                 ) from None
-            with tar:
+            with tar, tar.fileobj:
                 for m in tar:
                     if not m.isreg():  # links, devices, directories: never followed
                         continue
@@ -169,7 +174,7 @@ class TarSource:
         if offset < 0:
             return None
         if shard not in self._files:
-            self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115 (kept open, per process)
+            self._files[shard] = storage.path(self.paths[shard]).open("rb")  # noqa: SIM115 (kept open, per process)
         f = self._files[shard]
         f.seek(offset)
         return f.read(size)
@@ -183,15 +188,15 @@ class TarSource:
         return _record(self.keys[i], image, txt, _read_json(meta))
 
 
-def tar_shards(path: str | Path) -> list[Path]:
-    """A folder of `*.tar`, a single tar, or a glob pattern -> the sorted shard list."""
-    path = Path(path)
+def tar_shards(path: str | Path) -> list:
+    """A folder of `*.tar`, a single tar, or a glob pattern -> the sorted shard list (local or in a bucket)."""
+    path = storage.path(path)
     if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
+        shards = sorted(path.glob("*.tar"), key=str)
     elif path.is_file():
         shards = [path]
     else:
-        shards = sorted(path.parent.glob(path.name))
+        shards = sorted(path.parent.glob(path.name), key=str)
     if not shards:
         raise FileNotFoundError(f"no .tar shards at {path}")
     return shards
@@ -257,7 +262,9 @@ class PreparedSource:
     def __init__(self, root: str | Path):
         from sdxl_jax.data.index import load_prepared_index
 
-        self.root = Path(root)
+        self.root = storage.path(root)
+        if storage.is_remote(self.root) and not str(self.root).startswith("gs://"):
+            raise ValueError(f"{self.root}: ArrayRecord reads prepared shards from local disks and gs:// only")
         self.index = load_prepared_index(self.root)
         self.shard_paths = [str(self.root / name) for name in self.index.shards]
         self._source = None
