@@ -158,7 +158,7 @@ def main(argv):
     start = time.perf_counter()
     try:
         pipe = pipeline_lib.Pipeline.load(config.checkpoint, refiner=config.refiner or None, dtype=config.dtype)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, storage.StorageError) as e:
         raise app.UsageError(str(e)) from None
     print(
         f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "

@@ -6,11 +6,12 @@
     f = storage.AppendFile(p / "metrics.jsonl")  # appended to, anywhere (see below)
     storage.upload_tree(local_folder, p / "export", last=("sdxl_jax.json",))
 
-`epath` reaches buckets through fsspec (`gcsfs`, `s3fs`); Orbax and TensorStore open `gs://` and
-`s3://` themselves, so checkpoints go straight to the bucket. Bucket objects cannot be renamed or
-appended to: a file that grows (metrics, TensorBoard events) is spooled locally and uploaded whole at
-each flush, and a folder that must appear complete or not at all is written locally and uploaded with
-its index files last (readers take a folder without its index for an unfinished one).
+`epath` reaches buckets through fsspec (`gcsfs`, `s3fs`); Orbax and TensorStore open `gs://` themselves,
+so checkpoints go straight to the bucket (Orbax cannot open `s3://`: `orbax_path` refuses it in one
+line). Bucket objects cannot be renamed or appended to: a file that grows (metrics, TensorBoard events)
+is spooled locally and uploaded whole at each flush, and a folder that must appear complete or not at
+all is written locally and uploaded with its index files last (readers take a folder without its index
+for an unfinished one).
 """
 
 import os
@@ -67,6 +68,21 @@ def absolute(location) -> epath.Path:
     """A local path made absolute (Orbax requires it); a URL as it is."""
     p = path(location)
     return p if is_remote(p) else epath.Path(os.path.abspath(p))
+
+
+ORBAX_SCHEMES = ("gs",)  # what Orbax's TensorStore paths support besides local files
+
+
+def orbax_path(location, what: str = "checkpoint") -> epath.Path:
+    """`absolute(location)` where Orbax can keep a checkpoint: a local path or `gs://`; `s3://` is refused
+    (Orbax builds TensorStore specs for local files and GCS only) with what to do instead."""
+    p = absolute(location)
+    if is_remote(p) and (scheme := os.fspath(p).split("://", 1)[0]) not in ORBAX_SCHEMES:
+        raise StorageError(
+            f"{what} {p}: Orbax checkpoints cannot live on {scheme}:// (it opens local paths and gs:// only); "
+            "use gs://, a local disk, or a mount of the bucket"
+        )
+    return p
 
 
 def check_writable(location, what: str = "output location") -> epath.Path:

@@ -1,7 +1,7 @@
 """Runs on buckets: URL checks, fail-fast probes, append and upload semantics, and `gs://` end to end
 against a local GCS emulator (`tests/helpers/gcs_emulator.py` on loopback; gcsfs, TensorStore and
 ArrayRecord's GCS reader pointed at it by STORAGE_EMULATOR_HOST, TENSORSTORE_GCS_HTTP_URL and
-CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
+CLOUD_STORAGE_EMULATOR_ENDPOINT); `s3://` against moto's S3 server (AWS_ENDPOINT_URL)."""
 
 import json
 import os
@@ -20,33 +20,54 @@ from tests.helpers.processes import child_env, free_port
 from tests.helpers.train import REPO, run_train, run_train_py
 
 
+def _serve(cmd: list[str], port: int, env: dict, setup=lambda: None):
+    """Run a storage emulator on loopback `port`, put `env` (its settings) into this process's
+    environment, and so `child_env()`'s, run `setup`, and yield `env`; undone when the fixture ends."""
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"{cmd[2]} did not start") from None
+                time.sleep(0.2)
+        os.environ.update(env)
+        setup()
+        yield env
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.terminate()
+        server.wait(10)
+
+
 @pytest.fixture(scope="module")
 def gcs():
-    """A GCS emulator with the bucket `bucket`; its settings in this process's environment (and so in
-    `child_env()`'s) for the module's duration."""
+    """A GCS emulator with the bucket `bucket`."""
     port = free_port()
-    cmd = [sys.executable, "-m", "tests.helpers.gcs_emulator", str(port)]
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("the GCS emulator did not start") from None
-            time.sleep(0.2)
     url = f"http://127.0.0.1:{port}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    server.terminate()
-    server.wait(10)
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}  # fmt: skip
+    yield from _serve([sys.executable, "-m", "tests.helpers.gcs_emulator", str(port)], port, env)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server with the bucket `bucket` (s3fs and boto find it by AWS_ENDPOINT_URL)."""
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    def bucket():
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bucket")
+
+    yield from _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, env, bucket)
 
 
 def test_urls_are_checked():
@@ -160,14 +181,63 @@ def test_data_sources_read_from_a_bucket_as_from_a_disk(bucket_data, tmp_path):
 def test_train_py_streams_its_data_from_a_bucket(bucket_data, source):
     """train.py with its data and its workdir in the bucket, the data read in a grain worker process."""
     run = f"gs://bucket/run_{source}"
-    result = run_train_py(run, "--config.num_steps=2", "--config.checkpoint_every=2",
-                          f"--config.data.source={source}", f"--config.data.path=gs://bucket/data/{source}s"
-                          if source == "tar" else f"--config.data.path=gs://bucket/data/{source}",
-                          "--config.data.num_workers=1", "--config.batch_size=4", config="configs/tiny.py:folder")  # fmt: skip
+    data = f"gs://bucket/data/{source}s" if source == "tar" else f"gs://bucket/data/{source}"
+    flags = ["--config.num_steps=2", "--config.checkpoint_every=2", f"--config.data.source={source}",
+             f"--config.data.path={data}", "--config.data.num_workers=1", "--config.batch_size=4"]  # fmt: skip
+    result = run_train_py(run, *flags, config="configs/tiny.py:folder")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (storage.path(run) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == [1, 2]
     assert [p.name for p in (storage.path(run) / "checkpoints").iterdir()] == ["2"]
+
+
+def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
+    """The trainer's `init_from` (the loader `sample.py` uses too), placed as it reads, from gs://."""
+    import flax.linen as nn
+
+    from configs.tiny import tiny_models
+    from sdxl_jax.convert import PipelineWeights, save_project
+    from sdxl_jax.train.state import abstract_params, load_params
+
+    models = tiny_models(refiner=False)
+    rng = np.random.default_rng(0)
+    abstract = nn.meta.unbox(abstract_params(models))
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    save_project(PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), "gs://bucket/w")
+    whole = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
+    loaded = load_params(models, "gs://bucket/w", jax.tree.map(lambda _: whole, abstract))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves({n: params[n] for n in models.components}), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_s3_probes_logs_and_weights_work_and_checkpoints_are_refused_in_one_line(s3, tmp_path):
+    from safetensors.numpy import save_file
+
+    from sdxl_jax.convert.files import LazySafetensors
+
+    assert storage.check_writable("s3://bucket/run", "--workdir") == storage.path("s3://bucket/run")
+    with pytest.raises(storage.StorageError, match=r"^--workdir s3://no-such-bucket/run is not usable: "):
+        storage.check_writable("s3://no-such-bucket/run", "--workdir")
+    log = storage.AppendFile("s3://bucket/run/metrics.jsonl")
+    log.write("a\n")
+    log.close()
+    again = storage.AppendFile("s3://bucket/run/metrics.jsonl")
+    again.write("b\n")
+    again.close()
+    assert storage.path("s3://bucket/run/metrics.jsonl").read_text() == "a\nb\n"
+    tensors = {"x": np.arange(12, dtype=np.float16).reshape(3, 4), "y": np.ones(5, np.float32)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    storage.upload_tree(tmp_path, "s3://bucket/weights")
+    remote = LazySafetensors("s3://bucket/weights/w.safetensors")  # ranged reads
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(remote[key], value)
+    with pytest.raises(storage.StorageError, match="cannot live on s3://"):
+        storage.orbax_path("s3://bucket/run/checkpoints", "--workdir")
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", "s3://bucket/run"]
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: --workdir s3://bucket/run/checkpoints: Orbax"), result.stderr[-2000:]
 
 
 @pytest.mark.slow

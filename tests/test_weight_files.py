@@ -196,7 +196,8 @@ def test_byte_ranges_hold_the_tensors_and_prefetch_asks_for_them_in_order(tmp_pa
         ahead._thread.join()
     expected = []
     for _, offset, length in state.byte_ranges(order):  # 8-byte steps, t3 before t0; the bucket skipped
-        expected += [(o, min(8, offset + length - o), os.POSIX_FADV_WILLNEED) for o in range(offset, offset + length, 8)]
+        steps = range(offset, offset + length, 8)
+        expected += [(o, min(8, offset + length - o), os.POSIX_FADV_WILLNEED) for o in steps]
     assert asked == expected
 
 

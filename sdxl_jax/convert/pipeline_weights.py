@@ -159,7 +159,7 @@ def save_project(weights: PipelineWeights, path: str | Path) -> Path:
     """Write `weights` as the project format at `path` (must not exist), atomically."""
     import orbax.checkpoint as ocp
 
-    path = storage.absolute(path)  # Orbax wants absolute paths
+    path = storage.orbax_path(path, "project checkpoint")  # Orbax wants absolute paths
     with atomic_output(path, folder=True, last=(INDEX_FILE,)) as tmp:
         # Orbax's default numpy handler deep-copies every array before writing; a full UNet would be
         # held twice. Save synchronously, without the copy, and uncompressed: zstd saves ~8% of a
@@ -193,7 +193,7 @@ def load_project(path: str | Path, dtype: str | None = None, placement: Placemen
     placement: restore each array straight onto the devices in its dtype and sharding (else numpy)."""
     import orbax.checkpoint as ocp
 
-    path = storage.absolute(path)  # Orbax opens bucket URLs itself
+    path = storage.orbax_path(path, "project checkpoint")  # Orbax opens gs:// URLs itself
     index = json.loads((path / INDEX_FILE).read_text())
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         found = f"{index.get('format')} v{index.get('version')}"

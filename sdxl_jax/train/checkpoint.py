@@ -34,7 +34,7 @@ def make_manager(directory, config: ml_collections.ConfigDict) -> ocp.Checkpoint
         max_to_keep=config.max_checkpoints,
         enable_async_checkpointing=config.async_checkpointing, create=True, cleanup_tmp_directories=True,
     )  # fmt: skip
-    return ocp.CheckpointManager(storage.absolute(directory), options=options)
+    return ocp.CheckpointManager(storage.orbax_path(directory, "--workdir's checkpoints"), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data) -> None:

@@ -33,6 +33,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
     # every host checks it can write there, before any compute (a typo would otherwise surface at the
     # first checkpoint)
     workdir = storage.check_writable(workdir, "--workdir")
+    storage.orbax_path(workdir / "checkpoints", "--workdir")  # and Orbax can keep checkpoints there
     mesh = make_mesh(config.mesh)
     if config.batch_size % batch_shards(mesh, config.sharding_rules):
         raise ValueError(f"batch_size {config.batch_size} does not split over the mesh {dict(mesh.shape)}")
