@@ -203,7 +203,9 @@ def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
     rng = np.random.default_rng(0)
     abstract = nn.meta.unbox(abstract_params(models))
     params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
-    save_project(PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), "gs://bucket/w")
+    save_project(
+        PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), "gs://bucket/w"
+    )
     whole = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
     loaded = load_params(models, "gs://bucket/w", jax.tree.map(lambda _: whole, abstract))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves({n: params[n] for n in models.components}), strict=True):
