@@ -137,13 +137,15 @@ class TarSource:
         self.no_image = 0  # keys with a caption or json but no image member
         for shard, path in enumerate(self.paths):
             members: dict[str, dict] = {}
+            file = storage.path(path).open("rb")
             try:  # uncompressed only: offsets must be file offsets
-                tar = tarfile.open(fileobj=storage.path(path).open("rb"), mode="r:")
+                tar = tarfile.open(fileobj=file, mode="r:")
             except tarfile.ReadError as e:
+                file.close()
                 raise ValueError(
                     f"{path}: not an uncompressed tar ({e}); compressed shards have no random access"
                 ) from None
-            with tar, tar.fileobj:
+            with tar, file:
                 for m in tar:
                     if not m.isreg():  # links, devices, directories: never followed
                         continue
