@@ -176,6 +176,25 @@ def test_data_sources_read_from_a_bucket_as_from_a_disk(bucket_data, tmp_path):
         PreparedSource("s3://bucket/prepared")
 
 
+def test_prepare_writes_into_a_bucket_and_resumes_from_it(bucket_data, monkeypatch):
+    from sdxl_jax.data import prepare
+    from sdxl_jax.data.sources import PreparedSource
+
+    out = "gs://bucket/data/prepared_here"
+    prepare.prepare(prepare.parse_args([str(bucket_data / "images"), out, *PREPARE_ARGS]))
+    want = _records(PreparedSource(bucket_data / "prepared"))
+    assert _records(PreparedSource(out)) == want
+    # a run cut off after its first shard: the second shard's record list and the index never arrived
+    for name in ("shard-00001-of-00002.json", "index.json"):
+        (storage.path(out) / name).unlink()
+    written = []
+    real = prepare.write_shard
+    monkeypatch.setattr(prepare, "write_shard", lambda s, *a: written.append(s) or real(s, *a))
+    prepare.prepare(prepare.parse_args([str(bucket_data / "images"), out, *PREPARE_ARGS]))
+    assert written == [1]  # shard 0 was taken from the bucket
+    assert _records(PreparedSource(out)) == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["prepared", "tar"])
 def test_train_py_streams_its_data_from_a_bucket(bucket_data, source):

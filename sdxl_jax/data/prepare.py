@@ -5,7 +5,9 @@
 
 SRC: an image folder, a folder / file / glob of WebDataset `.tar` shards, or `tfds:NAME[:SPLIT]`
 (NAME a registered TFDS name or a prepared TFDS folder; `--tfds_data_dir`, `--image_feature`,
-`--text_feature`). Steps, each visible in the progress bar and resumable:
+`--text_feature`); folders and tars may be in a bucket. OUT: a folder, or a `gs://` URL (staged in a
+local temporary folder, each file uploaded when finished: `Output`). Steps, each visible in the
+progress bar and resumable:
 
 1. scan: every record's image header (never its pixels) and caption -> bucket, or a skip reason.
    Saved as OUT/scan.npz; a re-run reuses it.
@@ -26,7 +28,9 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +89,7 @@ def _check_settings(out: Path, args: argparse.Namespace) -> None:
         before = json.loads(path.read_text())
         if before != settings:
             diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-            raise SystemExit(f"{out} was prepared with other settings {diff} (before, now); use a new OUT")
+            raise SystemExit(f"{args.out} was prepared with other settings {diff} (before, now); use a new OUT")
     else:
         path.write_text(json.dumps(settings, indent=1))
 
@@ -145,10 +149,9 @@ def _image_record(raw, original, bucket, args) -> dict:
                 original_size=list(original), bucket=bucket.name, aesthetic=raw.aesthetic)  # fmt: skip
 
 
-def write_shard(s: int, positions: range, index: BucketIndex, source, args, encoder, progress) -> dict:
+def write_shard(s: int, positions: range, index: BucketIndex, source, args, encoder, progress, out: Path) -> dict:
     """Step 2 for shard `s`, the kept records at `positions` of the scan -> its record list and skip
-    counts (also saved as shard-*.json, which marks the shard done)."""
-    out = Path(args.out)
+    counts (also saved as shard-*.json in `out`, which marks the shard done)."""
     name = _shard_name(s, args.num_shards)
     writer = ShardWriter(out / f"{name}.array_record")
     skipped: dict[str, int] = {}
@@ -220,36 +223,83 @@ def build_index(out: Path, index: BucketIndex, report: Report, args, shards: lis
     return final
 
 
+class Output:
+    """Where `prepare` writes: OUT itself, or for a bucket (`gs://...`) a local staging folder whose files
+    are uploaded as each is finished (a shard, then the record list that marks it done; the index last),
+    so a re-run resumes from what the bucket holds and readers never see a shard without its data."""
+
+    def __init__(self, location: str):
+        self.remote = storage.path(location) if storage.is_remote(location) else None
+        if self.remote is not None:
+            storage.check_writable(self.remote, "prepare's OUT")
+            self.local = Path(tempfile.mkdtemp(prefix="sdxl_prepare_"))
+        else:
+            self.local = Path(location)
+            self.local.mkdir(parents=True, exist_ok=True)
+
+    def has(self, name: str) -> bool:
+        return ((self.remote or self.local) / name).exists()
+
+    def fetch(self, *names: str) -> None:
+        """Copy these (small) files from the bucket into the staging folder, where present."""
+        for name in names if self.remote is not None else ():
+            if (self.remote / name).exists():
+                (self.local / name).write_bytes((self.remote / name).read_bytes())
+
+    def publish(self, *names: str, drop: bool = False) -> None:
+        """Upload these staged files, in order; `drop`: then delete them here (shards: disk space)."""
+        for name in names if self.remote is not None else ():
+            with open(self.local / name, "rb") as src, (self.remote / name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+            if drop:
+                (self.local / name).unlink()
+
+    def close(self) -> None:
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 def prepare(args: argparse.Namespace) -> Report:
     """The whole run (see the module docstring); returns the final report."""
     from tqdm import tqdm
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.cache_latents and not args.checkpoint:
         raise SystemExit("--cache_latents needs --checkpoint PATH (the VAE and text encoders)")
     source = open_raw_source(args.src, args)
     if args.num_shards is None:  # before the settings check: it is part of them
         n = len(source)
         args.num_shards = max(1, math.ceil(n / RECORDS_PER_SHARD))
-    _check_settings(out, args)
-    index, report = scan(out, source, args)
-    encoder = None
-    if args.cache_latents:
-        from sdxl_jax.data.latent_cache import LatentEncoder
+    output = Output(args.out)
+    out = output.local
+    try:
+        output.fetch("prepare.json", "scan.npz", "scan.json")
+        _check_settings(out, args)
+        output.publish("prepare.json")
+        index, report = scan(out, source, args)
+        output.publish("scan.npz", "scan.json")
+        encoder = None
+        if args.cache_latents:
+            from sdxl_jax.data.latent_cache import LatentEncoder
 
-        encoder = LatentEncoder(args.checkpoint, args.batch_size)
-    bounds = [len(index) * s // args.num_shards for s in range(args.num_shards + 1)]
-    shards = []
-    with tqdm(total=len(index), desc="writing", unit="img", disable=args.quiet) as progress:
-        for s in range(args.num_shards):
-            done_file = out / f"{_shard_name(s, args.num_shards)}.json"
-            if done_file.is_file() and (out / f"{_shard_name(s, args.num_shards)}.array_record").is_file():
-                shards.append(json.loads(done_file.read_text()))
-                progress.update(bounds[s + 1] - bounds[s])
-                continue
-            shards.append(write_shard(s, range(bounds[s], bounds[s + 1]), index, source, args, encoder, progress))
-    final = build_index(out, index, report, args, shards)
+            encoder = LatentEncoder(args.checkpoint, args.batch_size)
+        bounds = [len(index) * s // args.num_shards for s in range(args.num_shards + 1)]
+        shards = []
+        with tqdm(total=len(index), desc="writing", unit="img", disable=args.quiet) as progress:
+            for s in range(args.num_shards):
+                name = _shard_name(s, args.num_shards)
+                output.fetch(f"{name}.json")
+                if (out / f"{name}.json").is_file() and output.has(f"{name}.array_record"):
+                    shards.append(json.loads((out / f"{name}.json").read_text()))
+                    progress.update(bounds[s + 1] - bounds[s])
+                    continue
+                positions = range(bounds[s], bounds[s + 1])
+                shards.append(write_shard(s, positions, index, source, args, encoder, progress, out))
+                output.publish(f"{name}.array_record", drop=True)
+                output.publish(f"{name}.json")
+        final = build_index(out, index, report, args, shards)
+        output.publish("index.npz", "report.json", "index.json")  # index.json marks a finished dataset
+    finally:
+        output.close()
     print(final.summary(), file=sys.stderr)
     return final
 
@@ -261,7 +311,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="image folder, .tar shard(s) (folder, file or glob), or tfds:NAME[:SPLIT]")
-    p.add_argument("out", help="output folder (created; re-running continues an unfinished run)")
+    p.add_argument("out", help="output folder or gs:// URL (created; re-running continues an unfinished run)")
     p.add_argument(
         "--buckets", default="sdxl", help="'sdxl', 'area=512[,step=64,min=..,max=..,ratio=..]' or 'WxH,WxH,..'"
     )
