@@ -17,7 +17,7 @@ import pytest
 
 from sdxl_jax import storage
 from tests.helpers.processes import child_env, free_port
-from tests.helpers.train import REPO, run_train, run_train_py
+from tests.helpers.train import REPO, child_command, run_train, run_train_py
 
 
 def _serve(cmd: list[str], port: int, env: dict, setup=lambda: None):
@@ -310,3 +310,32 @@ def test_train_resume_export_sample_and_convert_on_a_bucket(gcs, tmp_path):
     for name, (_, params) in exported.components.items():
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(local.params(name)), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_a_bucket_resumes_from_its_last_complete_checkpoint(gcs, tmp_path):
+    """kill -9 while the third checkpoint is being written into the bucket: restore lists only complete
+    steps, the unfinished one is cleaned up, and the resumed run ends bitwise where a straight one does."""
+    common = {"num_steps": 6, "checkpoint_every": 1, "max_checkpoints": 10}
+    straight = run_train(tmp_path / "local", common)
+    run = "gs://bucket/run_killed"
+    checkpoints = storage.path(run) / "checkpoints"
+    cmd = child_command(tmp_path / "unused", tmp_path / "unused.npz", common)
+    cmd[-2] = run  # the child's workdir
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "3").exists():  # the third save has begun
+        assert proc.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    complete = sorted(int(p.name) for p in checkpoints.iterdir() if (p / "commit_success.txt").exists())
+    assert complete and complete[-1] <= 3
+    resumed = run_train(run, common)
+    assert {k: v for k, v in resumed["losses"].items()} == straight["losses"]
+    for name, value in straight["arrays"].items():
+        np.testing.assert_array_equal(resumed["arrays"][name], value, err_msg=name)
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == [str(step) for step in range(1, 7)], names  # no unfinished step left behind
+    assert all((checkpoints / name / "commit_success.txt").exists() for name in names)
