@@ -176,6 +176,21 @@ def test_data_sources_read_from_a_bucket_as_from_a_disk(bucket_data, tmp_path):
         PreparedSource("s3://bucket/prepared")
 
 
+def test_array_record_shards_past_the_footer_prefetch_read_from_a_bucket(gcs, tmp_path):
+    """Real shards are MBs: ArrayRecord fetches the last 1 MiB first (a suffix range), then the rest."""
+    import grain
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    records = [np.random.default_rng(i).bytes(150_000) for i in range(20)]  # 3 MB
+    writer = ArrayRecordWriter(str(tmp_path / "big.array_record"), "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
+    storage.upload_tree(tmp_path / "big.array_record", "gs://bucket/big/shard.array_record")
+    source = grain.sources.ArrayRecordDataSource(["gs://bucket/big/shard.array_record"])
+    assert [source[i] for i in range(len(source))] == records
+
+
 def test_prepare_writes_into_a_bucket_and_resumes_from_it(bucket_data, monkeypatch):
     from sdxl_jax.data import prepare
     from sdxl_jax.data.sources import PreparedSource

@@ -1,11 +1,16 @@
 """The GCS emulator the bucket tests run (`gcp-storage-emulator`, in memory, bucket `bucket`, loopback),
-with one header added: media downloads carry `x-goog-generation`, as real GCS sends them. TensorStore
-reads an object's generation from it (OCDBT's manifest updates are conditional on it) and fails with
-"Malformed StorageGeneration" without it.
+with two behaviours of real GCS added to media downloads:
+
+- they carry `x-goog-generation`: TensorStore reads an object's generation from it (OCDBT's manifest
+  updates are conditional on it) and fails with "Malformed StorageGeneration" without it;
+- `Range: bytes=-N` (the last N bytes, how ArrayRecord's reader fetches a file's footer) is answered;
+  the emulator knows only `bytes=A-[B]` and would send the whole object, which ArrayRecord then takes
+  for the footer of any file over its 1 MiB prefetch ("Invalid Riegeli/records file").
 
     python -m tests.helpers.gcs_emulator PORT
 """
 
+import re
 import sys
 
 from gcp_storage_emulator.handlers import objects
@@ -13,7 +18,18 @@ from gcp_storage_emulator.handlers import objects
 _download = objects.download
 
 
+_SUFFIX_RANGE = re.compile(r"^\s*bytes=-([0-9]+)\s*$")
+
+
 def _download_with_generation(request, response, storage, *args, **kwargs):
+    headers = request._request_handler.headers
+    if match := _SUFFIX_RANGE.match(headers.get("range") or ""):
+        try:
+            size = len(storage.get_file(request.params["bucket_name"], request.params["object_id"]))
+        except Exception:  # noqa: BLE001  (a missing object: the original handler answers 404)
+            size = None
+        if size is not None:
+            headers.replace_header("range", f"bytes={max(0, size - int(match.group(1)))}-")
     result = _download(request, response, storage, *args, **kwargs)
     try:
         obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
