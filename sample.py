@@ -2,7 +2,8 @@
 
     python sample.py --config configs/sdxl_base.py --config.checkpoint=PATH --prompt "a cat" \
         [--prompts_file F] [--negative_prompt ...] [--n 4] [--steps 30] [--guidance 5.0] [--sampler euler] \
-        [--seed 0] [--width 1024 --height 1024] [--refiner PATH --denoising_end 0.8] --outdir out/
+        [--seed 0] [--width 1024 --height 1024] [--refiner PATH --denoising_end 0.8] \
+        [--lora style.safetensors:0.8 ...] --outdir out/
 
 The flags are shorthands for the config fields of the same meaning (`--config.steps` etc. work too).
 Image k (counting over all prompts and their n copies) uses seed `seed + k`, recorded in its PNG, so any
@@ -21,6 +22,8 @@ from PIL import Image, PngImagePlugin
 
 from sdxl_jax import __version__, storage
 from sdxl_jax import pipeline as pipeline_lib
+from sdxl_jax.convert.lora import parse_loras
+from sdxl_jax.convert.mapping import ConversionError
 from sdxl_jax.sampling import SamplingOptions
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a text file with one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", None, "where the PNGs go (config.outdir)")
+_LORA = flags.DEFINE_multi_string(
+    "lora", [], "a LoRA file merged into the model, PATH[:SCALE] (repeatable; added to config.loras)"
+)
 # Shorthand flags for the config fields of the same name (--guidance: guidance_scale), by type.
 _SHORTHANDS = {
     flags.DEFINE_string: ("negative_prompt", "sampler", "schedule", "refiner"),
@@ -68,6 +74,8 @@ def apply_shorthands(config) -> None:
             setattr(config, _FIELDS.get(name, name), flag.value)
     if _OUTDIR.value is not None:
         config.outdir = _OUTDIR.value
+    if _LORA.value:
+        config.loras = ",".join(filter(None, [config.loras, *_LORA.value]))
 
 
 def read_prompts() -> list[str]:
@@ -127,7 +135,8 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
     if config.refiner and config.denoising_end > 0:
         fields |= {"Refiner": storage.path(config.refiner).name, "Refiner switch at": config.denoising_end}
     fields["Version"] = f"sdxl_jax {__version__}"
-    lines = [prompt]
+    tags = "".join(f" <lora:{Path(path.split('://')[-1]).stem}:{scale:g}>" for path, scale in parse_loras(config.loras))
+    lines = [prompt + tags]  # as the web UIs record a LoRA: a tag in the prompt
     if config.negative_prompt:
         lines.append(f"Negative prompt: {config.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
@@ -157,11 +166,15 @@ def main(argv):
         print(f"compilation cache: {cache}")
     start = time.perf_counter()
     try:
-        pipe = pipeline_lib.Pipeline.load(config.checkpoint, refiner=config.refiner or None, dtype=config.dtype)
-    except (FileNotFoundError, storage.StorageError) as e:
+        pipe = pipeline_lib.Pipeline.load(
+            config.checkpoint, refiner=config.refiner or None, dtype=config.dtype,
+            loras=parse_loras(config.loras), lora_strict=config.lora_strict,
+        )  # fmt: skip
+    except (FileNotFoundError, storage.StorageError, ConversionError) as e:
         raise app.UsageError(str(e)) from None
+    loras = "".join(f" + LoRA {path} x {scale:g}" for path, scale in parse_loras(config.loras))
     print(
-        f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''} "
+        f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''}{loras} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     round_sizes(config, pipe.size_multiple)

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -37,6 +38,7 @@ from sdxl_jax.compilation import (  # noqa: F401  (enable_compilation_cache, def
     platform_of,
 )
 from sdxl_jax.conditioning import TextEncoders
+from sdxl_jax.convert.lora import merge_loras
 from sdxl_jax.convert.pipeline_weights import (
     ABSTRACT_PARAMS,
     DTYPES,
@@ -165,11 +167,21 @@ class Pipeline:
         return cls(models, mesh, schedules.scaled_linear_table(zero_terminal_snr=zero_terminal_snr), source)
 
     @classmethod
-    def load(cls, path: str | Path, refiner: str | Path | None = None, dtype: str = "bf16", **kwargs) -> "Pipeline":
+    def load(
+        cls,
+        path: str | Path,
+        refiner: str | Path | None = None,
+        dtype: str = "bf16",
+        loras: Sequence[tuple[str, float]] = (),
+        lora_strict: bool = True,
+        **kwargs,
+    ) -> "Pipeline":
         """Load from anything `convert.load_pipeline_weights` accepts (this project's checkpoint, a diffusers
         folder, an original single file), and optionally a refiner the same way. `prediction` and
         `zero_terminal_snr` default to what the checkpoint's metadata records (train.py's exports do),
-        else SDXL's (epsilon, no)."""
+        else SDXL's (epsilon, no). loras: `(path, scale)` LoRA files (kohya, diffusers, ComfyUI) merged
+        into the base's UNet and text encoders once, here (`convert.lora`); lora_strict=False skips
+        modules this model lacks with a warning."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         start = time.perf_counter()
@@ -177,7 +189,7 @@ class Pipeline:
         mesh = mesh if mesh is not None else data_mesh()
         shardings = shardings_on(mesh, kwargs.get("param_sharding", "replicated"))
         placement = Placement(shardings, dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), DTYPES[dtype]))
-        base = load_pipeline_weights(path, model="base", placement=placement)
+        base = merge_loras(load_pipeline_weights(path, model="base", placement=placement), loras, lora_strict)
         ref = load_pipeline_weights(refiner, model="refiner", placement=placement) if refiner is not None else None
         kwargs = objective_from_metadata(base.metadata) | kwargs
         pipe = cls.from_weights(

@@ -123,6 +123,8 @@ def sample_config(options: SamplingOptions | None = None, **settings) -> ml_coll
     c.checkpoint = ""  # required: set with --config.checkpoint=PATH
     c.refiner = ""  # a refiner checkpoint; used with denoising_end or refiner_strength
     c.dtype = "bf16"  # UNet + text encoders (the VAE decodes in fp32)
+    c.loras = ""  # LoRA files merged into the base when loading: "PATH[:SCALE],..." (sample.py --lora, repeatable)
+    c.lora_strict = True  # False: a LoRA's modules this model lacks are skipped with a warning, not an error
     # height, width, steps, sampler, schedule, guidance_scale, guidance_rescale, aesthetic_score,
     # negative_aesthetic_score, prompt_mode; denoising_end > 0: the base stops there and the refiner
     # finishes (ensemble of experts); refiner_strength > 0: instead the refiner re-noises the base's image

@@ -5,6 +5,7 @@ project's format, or back.
     sdxl-convert stable-diffusion-xl-base-1.0/ ckpt/ --variant fp16    # a diffusers folder, its fp16 files
     sdxl-convert ckpt/ sdxl_tuned.safetensors --to single-file         # -> ComfyUI, the SD web UIs
     sdxl-convert ckpt/ sdxl_tuned/ --to diffusers --dtype fp16         # -> diffusers from_pretrained
+    sdxl-convert sd_xl_base_1.0.safetensors styled.safetensors --to single-file --lora style.safetensors:0.8
 
 SRC: a single-file checkpoint (`.safetensors`, or a weights-only `.ckpt`/`.pt` pickle), a diffusers
 folder, or this project's checkpoint folder. DST must not exist; it appears only once complete.
@@ -26,6 +27,7 @@ import jax
 from sdxl_jax import storage
 from sdxl_jax.convert import export
 from sdxl_jax.convert import pipeline_weights as pw
+from sdxl_jax.convert.lora import merge_loras, parse_lora
 
 TARGETS = ("jax", "diffusers", "single-file")
 _MAX_MESSAGE = 1000  # characters of an error message shown without --debug
@@ -77,10 +79,12 @@ class ProgressBar:
 
 
 def convert(src, dst, to: str = "jax", dtype: str | None = None, model: str | None = None,
-            variant: str | None = None, log: TextIO | None = None) -> Summary:  # fmt: skip
+            variant: str | None = None, log: TextIO | None = None, loras: Sequence[tuple[str, float]] = (),
+            lora_strict: bool = True) -> Summary:  # fmt: skip
     """Convert `src` (anything `load_pipeline_weights` reads) to `dst` as `to` (jax|diffusers|single-file).
     dtype: fp32|bf16|fp16 cast (default: as stored); model: base|refiner, checked; variant: a diffusers
-    folder's weight variant (e.g. fp16). Progress and phases are written to `log` (default: stderr)."""
+    folder's weight variant (e.g. fp16); loras: `(path, scale)` LoRA files baked into the weights
+    (`lora.merge_loras`). Progress and phases are written to `log` (default: stderr)."""
     log = sys.stderr if log is None else log
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
@@ -98,6 +102,9 @@ def convert(src, dst, to: str = "jax", dtype: str | None = None, model: str | No
     # The project format stores its dtype in the configs, so it is cast on loading; an export casts
     # tensor by tensor as it writes (no second full copy).
     weights = pw.load_pipeline_weights(src, model, dtype if to == "jax" else None, variant)
+    for path, scale in loras:
+        log.write(f"merging LoRA {path} at scale {scale:g}\n")
+    weights = merge_loras(weights, loras, lora_strict)
     for name, (cfg, params) in weights.components.items():
         leaves = jax.tree_util.tree_leaves(params)
         count = sum(x.size for x in leaves)
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(pw.DTYPES), help="cast the weights (default: keep the stored dtype)")
     parser.add_argument("--model", choices=sorted(pw.MODEL_COMPONENTS), help="fail unless SRC is this SDXL model")
     parser.add_argument("--variant", help="a diffusers folder's weights variant, e.g. fp16 (*.fp16.safetensors)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a LoRA file baked into the weights (repeatable; scale default 1)")  # fmt: skip
+    parser.add_argument("--lora_strict", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-lora_strict: skip a LoRA's modules this model lacks, with a warning")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return parser
 
@@ -151,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:  # Orbax logs its background threads' failures with tracebacks; the error is ours to report
         logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
-        summary = convert(args.src, args.dst, args.to, args.dtype, args.model, args.variant)
+        loras = [parse_lora(spec) for spec in args.lora]
+        summary = convert(
+            args.src, args.dst, args.to, args.dtype, args.model, args.variant, loras=loras, lora_strict=args.lora_strict
+        )
     except KeyboardInterrupt:
         print("\nsdxl-convert: interrupted; nothing was written", file=sys.stderr)
         return 130

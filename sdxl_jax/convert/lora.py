@@ -1,0 +1,232 @@
+"""LoRA files as users have them (kohya sd-scripts, diffusers / PEFT, ComfyUI), merged into loaded weights.
+
+    weights = load_pipeline_weights("sd_xl_base_1.0.safetensors", placement=...)
+    weights = merge_loras(weights, [("style.safetensors", 0.8), ("detail.safetensors", 0.5)])
+
+A LoRA module names one base weight W (a Linear or a Conv2d, PyTorch layout [out, in(, kh, kw)]) and
+holds down D [r, in(, kh, kw)], up U [out, r(, 1, 1)] and alpha (kohya: a `.alpha` tensor; diffusers:
+`lora_adapter_metadata` in the file's header, per component; neither: alpha = r). Merging adds
+
+    scale * (alpha / r) * (U.flatten(1) @ D.flatten(1)).reshape(W.shape)
+
+to W in PyTorch layout, laid out into Flax by the same rule the loaders use (`mapping.key_table`), in
+fp32, then cast back to W's dtype: once, at load, so sampling costs nothing extra. Several LoRAs add.
+
+Module names are accepted in every spelling these tools write (one table per loaded model,
+`module_table`): kohya `lora_unet_<sgm path>` (SDXL's; `input_blocks_4_1_transformer_blocks_0_attn1_to_q`)
+or `lora_unet_<diffusers path>`, `lora_te1_` (CLIP-L) and `lora_te2_` (bigG) `text_model_...`;
+diffusers `unet.<path>`, `text_encoder.<path>`, `text_encoder_2.<path>`, with the old attention-processor
+forms (`attn1.processor.to_q_lora.down.weight`, `to_out_lora` for `to_out.0`). Tensor suffixes: see
+`_ROLES`.
+"""
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdxl_jax import storage
+from sdxl_jax.convert.components import COMPONENTS
+from sdxl_jax.convert.files import LazySafetensors
+from sdxl_jax.convert.mapping import ConversionError, key_table
+from sdxl_jax.convert.single_file_keys import single_file_name, unet_names
+
+log = logging.getLogger("sdxl_jax")
+
+# tensor-name suffix -> role, longest first where one ends another
+_ROLES = {
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+    ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
+    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up",
+    "_lora.down.weight": "down", "_lora.up.weight": "up",
+}  # fmt: skip
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig per component, JSON, keys "unet.r", ...
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` (as `--lora` takes it) -> (path, scale); the scale defaults to 1. A URL's own colon
+    (`gs://...`) is not a scale: only a number after the last colon is."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def parse_loras(specs: str) -> list[tuple[str, float]]:
+    """A comma-separated list of `PATH[:SCALE]` (the sampling config's `loras`)."""
+    return [parse_lora(spec.strip()) for spec in specs.split(",") if spec.strip()]
+
+
+class LoraModule:
+    """One LoRA module of a file: where it goes and its tensors (PyTorch layout)."""
+
+    def __init__(self, component: str, path: tuple[str, ...], torch_key: str, base_shape: tuple[int, ...], to_flax):
+        self.component, self.path, self.torch_key, self.base_shape = component, path, torch_key, base_shape
+        self.to_flax = to_flax  # the base weight's PyTorch -> Flax layout rule
+        self.down: np.ndarray | None = None
+        self.up: np.ndarray | None = None
+        self.alpha: float | None = None
+
+    def delta(self, scale: float) -> np.ndarray:
+        """scale * alpha / r * U @ D, in the base weight's PyTorch shape, fp32."""
+        rank = self.down.shape[0]
+        alpha = rank if not self.alpha else self.alpha
+        up, down = self.up.astype(np.float32).reshape(self.up.shape[0], -1), self.down.astype(np.float32)
+        return (scale * alpha / rank * (up @ down.reshape(rank, -1))).reshape(self.base_shape)
+
+
+def module_table(weights) -> dict[str, tuple[str, tuple[str, ...], str, tuple[int, ...], object]]:
+    """Every accepted spelling of every module a LoRA can target in `weights` (a `PipelineWeights`) ->
+    (component, Flax path of its kernel, PyTorch key, PyTorch shape, PyTorch -> Flax layout rule)."""
+    from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS
+
+    table = {}
+    for component, (cfg, _) in weights.components.items():
+        if component not in KOHYA_PREFIXES:
+            continue
+        if component == "unet" and cfg.scan_layers:
+            raise ConversionError("LoRAs merge into an unscanned UNet (load with scan_layers=False)")
+        abstract = nn.meta.unbox(ABSTRACT_PARAMS[component](cfg))
+        flat = flax.traverse_util.flatten_dict(abstract)
+        sgm = unet_names(cfg) if component == "unet" else None
+        kohya, diffusers = KOHYA_PREFIXES[component], DIFFUSERS_PREFIXES[component]
+        if component == "text_encoder_2" and weights.model == "refiner":
+            kohya = "lora_te_"  # the refiner's one text encoder
+        for path, (key, (_, to_flax, to_torch)) in key_table(abstract, COMPONENTS[component].torch_key(cfg)).items():
+            if not key.endswith(".weight") or len(flat[path].shape) < 2:
+                continue  # biases and norms: LoRA adapts matrices and kernels
+            module = key[: -len(".weight")]
+            torch_shape = to_torch(np.broadcast_to(np.float32(0), flat[path].shape)).shape
+            entry = (component, path, key, torch_shape, to_flax)
+            names = [kohya + module.replace(".", "_"), diffusers + module]
+            if module.startswith("text_model."):  # transformers >= 5.6 leaves the prefix out
+                short = module[len("text_model.") :]
+                names += [kohya + short.replace(".", "_"), diffusers + short]
+            if sgm is not None:
+                names.append(kohya + single_file_name(sgm, module)[0].replace(".", "_"))
+            for name in names:
+                table[name] = entry
+    return table
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """(module name, role) of one LoRA tensor name, or None."""
+    for suffix, role in _ROLES.items():
+        if key.endswith(suffix):
+            module = key[: -len(suffix)]
+            module = module.replace(".processor.", ".")  # diffusers' attention-processor spelling
+            return re.sub(r"\.to_out$", ".to_out.0", module), role
+    return None
+
+
+def _alphas_from_metadata(metadata: Mapping[str, str]) -> dict[str, tuple[float, dict]]:
+    """diffusers prefix ("unet", ...) -> (lora_alpha, alpha_pattern) from `lora_adapter_metadata`."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ConversionError(f"{METADATA_KEY} in the header is not JSON ({e})") from None
+    out = {}
+    for prefix in DIFFUSERS_PREFIXES:
+        if f"{prefix}.lora_alpha" in config:
+            out[prefix] = (float(config[f"{prefix}.lora_alpha"]), config.get(f"{prefix}.alpha_pattern") or {})
+    return out
+
+
+def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
+    """The modules of a LoRA file (`.safetensors`), matched against `module_table(weights)`. Unknown
+    names, missing halves and shape mismatches are one `ConversionError` naming the first offender and
+    the count; strict=False skips unknown modules with a counted warning instead."""
+    name = storage.path(path).name
+    state = LazySafetensors(path)
+    modules: dict[str, LoraModule] = {}
+    unknown, unparsed = [], []
+    for key in state:
+        split = _split(key)
+        if split is None:
+            (unparsed if not key.endswith(".dora_scale") else unknown).append(key)
+            continue
+        module, role = split
+        entry = table.get(module)
+        if entry is None:
+            unknown.append(key)
+            continue
+        found = modules.setdefault(module, LoraModule(*entry))
+        value = state[key]
+        if role == "alpha":
+            found.alpha = float(np.asarray(value, np.float32).reshape(()))
+        else:
+            setattr(found, role, value)
+    if unparsed:
+        raise ConversionError(
+            f"{name}: {len(unparsed)} tensors are no LoRA tensor this loader knows, e.g. {unparsed[0]}"
+        )
+    if unknown:
+        what = f"{name}: {len(unknown)} tensors name no module of this SDXL model, e.g. {unknown[0]}"
+        if any(k.endswith(".dora_scale") for k in unknown):
+            raise ConversionError(f"{name}: DoRA LoRAs (dora_scale) are not supported")
+        if strict:
+            raise ConversionError(f"{what} (a LoRA for another model? --lora_strict=false skips them)")
+        log.warning("%s; skipped", what)
+    alphas = _alphas_from_metadata(state.metadata())
+    by_module = {id(m): n for n, m in modules.items()}
+    bad = []
+    for module in modules.values():
+        label = by_module[id(module)]
+        if module.down is None or module.up is None:
+            bad.append(f"{label} has only its {'up' if module.down is None else 'down'} half")
+            continue
+        rank, out, base = module.down.shape[0], module.up.shape[0], module.base_shape
+        if module.up.shape[1] != rank or out != base[0] or tuple(module.down.shape[1:]) != base[1:]:
+            shapes = f"down {tuple(module.down.shape)}, up {tuple(module.up.shape)}"
+            bad.append(f"{label}: {shapes} do not fit the weight's {base}")
+        if module.alpha is None and (prefix := label.split(".", 1)[0]) in alphas:
+            alpha, pattern = alphas[prefix]
+            inner = label.split(".", 1)[1]
+            module.alpha = float(next((v for k, v in pattern.items() if inner.endswith(k)), alpha))
+    if bad:
+        raise ConversionError(f"{name}: {len(bad)} modules do not match this SDXL model, e.g. {bad[0]}")
+    return list(modules.values())
+
+
+_ADD = jax.jit(lambda w, d: (w.astype(jnp.float32) + d).astype(w.dtype), donate_argnums=0)
+
+
+def merge_loras(weights, loras: Iterable[tuple[str, float]], strict: bool = True):
+    """`weights` (a `PipelineWeights`, leaves numpy or device arrays) with each `(path, scale)` LoRA merged
+    in, in order; a device leaf is updated where it lives (donated, so no second copy is held)."""
+    loras = list(loras)
+    if not loras:
+        return weights
+    table = module_table(weights)
+    params = {name: flax.traverse_util.flatten_dict(p) for name, (_, p) in weights.components.items()}
+    for path, scale in loras:
+        modules = read_lora(path, table, strict)
+        for module in modules:
+            delta = np.asarray(module.to_flax(module.delta(scale)), np.float32)
+            flat = params[module.component]
+            w = flat[module.path]
+            if isinstance(w, jax.Array):
+                flat[module.path] = _ADD(w, delta)
+            else:
+                flat[module.path] = (np.asarray(w, np.float32) + delta).astype(w.dtype)
+        log.info("merged LoRA %s at scale %g: %d modules", Path(str(path)).name, scale, len(modules))
+    components = {
+        name: (cfg, flax.traverse_util.unflatten_dict(params[name]) if params[name] else p)
+        for name, (cfg, p) in weights.components.items()
+    }
+    return type(weights)(weights.model, components, dict(weights.metadata))

@@ -1,0 +1,209 @@
+"""LoRA files made by PEFT and saved by diffusers (its own format and kohya's, SDXL's sgm names too) merge
+here into the same weights diffusers gets when it loads and fuses them; bad files fail in one line."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.numpy import load_file, save_file
+
+from sdxl_jax.convert import load_pipeline_weights
+from sdxl_jax.convert.lora import merge_loras, module_table
+from sdxl_jax.convert.mapping import ConversionError
+from sdxl_jax.convert.text_encoder import text_encoder_params_to_transformers
+from sdxl_jax.convert.unet import unet_params_to_diffusers
+from tests.helpers import tiny_pipeline
+
+UNET_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "conv_shortcut",
+]  # fmt: skip  (LoCon's too)
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+SCALE = 0.8
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny base pipeline as a diffusers folder, and a LoRA on all three models (rank 4, alpha 8,
+    random up and down) in diffusers' format (with its adapter metadata) and in kohya's."""
+    root = tmp_path_factory.mktemp("lora")
+    pipe = tiny_pipeline.base_pipeline()
+    pipe.save_pretrained(root / "base", safe_serialization=True)
+    torch.manual_seed(0)
+    configs = {
+        "unet": LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, init_lora_weights=False),
+        "text_encoder": LoraConfig(r=4, lora_alpha=8, target_modules=TEXT_TARGETS, init_lora_weights=False),
+        "text_encoder_2": LoraConfig(r=2, lora_alpha=1, target_modules=TEXT_TARGETS, init_lora_weights=False),
+    }
+    layers = {}
+    for name, config in configs.items():
+        getattr(pipe, name).add_adapter(config)
+        layers[name] = get_peft_model_state_dict(getattr(pipe, name))
+    StableDiffusionXLPipeline.save_lora_weights(
+        root / "diffusers", unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"], unet_lora_adapter_metadata=configs["unet"].to_dict(),
+        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict(),
+        text_encoder_2_lora_adapter_metadata=configs["text_encoder_2"].to_dict(),
+    )  # fmt: skip
+    peft_keys = {f"{p}.{k}": v for p in layers for k, v in layers[p].items()}
+    kohya = convert_state_dict_to_kohya(peft_keys)  # diffusers-named kohya keys, alpha = rank
+    save_file({k: v.numpy() for k, v in kohya.items()}, root / "kohya.safetensors")
+    return root
+
+
+def diffusers_fused(folder, lora) -> dict:
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=SCALE)
+    pipe.unload_lora_weights()  # the fused weights stay
+    return {name: {k: v.numpy() for k, v in getattr(pipe, name).state_dict().items()} for name in UNITS}
+
+
+UNITS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def ours_merged(folder, lora) -> dict:
+    weights = merge_loras(load_pipeline_weights(folder), [(lora, SCALE)])
+    return {
+        "unet": unet_params_to_diffusers(weights.params("unet"), weights.config("unet")),
+        "text_encoder": text_encoder_params_to_transformers(
+            weights.params("text_encoder"), weights.config("text_encoder")
+        ),
+        "text_encoder_2": text_encoder_params_to_transformers(
+            weights.params("text_encoder_2"), weights.config("text_encoder_2")
+        ),
+    }
+
+
+def assert_same_weights(ours, theirs, base):
+    changed = 0
+    for name in UNITS:
+        for key, want in theirs[name].items():
+            if key not in ours[name]:
+                continue  # position ids and the like
+            np.testing.assert_allclose(ours[name][key], want, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+            changed += not np.array_equal(want, base[name][key])
+    assert changed > 100  # the LoRA did change the weights
+
+
+@pytest.fixture(scope="module")
+def base(files):
+    pipe = StableDiffusionXLPipeline.from_pretrained(files / "base", torch_dtype=torch.float32)
+    return {name: {k: v.numpy() for k, v in getattr(pipe, name).state_dict().items()} for name in UNITS}
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_lora_merges_into_the_weights_diffusers_fuses(files, base, fmt):
+    lora = (
+        files / "diffusers" / "pytorch_lora_weights.safetensors" if fmt == "diffusers" else files / "kohya.safetensors"
+    )
+    assert_same_weights(ours_merged(files / "base", lora), diffusers_fused(files / "base", lora), base)
+
+
+def test_kohya_sgm_names_as_sd_scripts_writes_them(files, base, tmp_path):
+    """kohya's SDXL LoRAs name UNet modules by the original (sgm) layout; diffusers maps them itself."""
+    weights = load_pipeline_weights(files / "base")
+    table = module_table(weights)
+    diffusers_blocks = ("lora_unet_down_", "lora_unet_up_", "lora_unet_mid_")
+    to_sgm = {}
+    for name, entry in table.items():
+        if name.startswith("lora_unet_") and not name.startswith(diffusers_blocks):
+            to_sgm.setdefault(entry[2], name)  # the sgm spelling of each module
+    diffusers_named = {name: entry[2] for name, entry in table.items() if name.startswith("lora_unet_")}
+    renamed = {}
+    for key, value in load_file(files / "kohya.safetensors").items():
+        module, _, suffix = key.partition(".")
+        if module in diffusers_named and module.startswith(diffusers_blocks):
+            module = to_sgm[diffusers_named[module]]
+        renamed[f"{module}.{suffix}"] = value
+    assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
+    assert any(k.startswith("lora_unet_output_blocks_") for k in renamed)
+    save_file(renamed, tmp_path / "sgm.safetensors")
+    lora = tmp_path / "sgm.safetensors"
+    assert_same_weights(ours_merged(files / "base", lora), diffusers_fused(files / "base", lora), base)
+
+
+def test_bad_lora_files_fail_in_one_line(files, tmp_path):
+    weights = load_pipeline_weights(files / "base")
+    good = load_file(files / "kohya.safetensors")
+    save_file(
+        good | {"lora_unet_no_such_module.lora_down.weight": np.zeros((4, 8), np.float32)}, tmp_path / "x.safetensors"
+    )
+    with pytest.raises(ConversionError, match=r"1 tensors name no module of this SDXL model, e.g. lora_unet_no_such"):
+        merge_loras(weights, [(tmp_path / "x.safetensors", 1.0)])
+    merge_loras(weights, [(tmp_path / "x.safetensors", 1.0)], strict=False)  # skipped, with a warning
+    key = next(k for k in good if k.endswith("lora_down.weight"))
+    save_file(good | {key: np.zeros((4, 3), np.float32)}, tmp_path / "shape.safetensors")
+    with pytest.raises(ConversionError, match="do not fit the weight"):
+        merge_loras(weights, [(tmp_path / "shape.safetensors", 1.0)])
+    (tmp_path / "cut.safetensors").write_bytes((files / "kohya.safetensors").read_bytes()[:100])
+    with pytest.raises(ConversionError, match="not a readable safetensors file"):
+        merge_loras(weights, [(tmp_path / "cut.safetensors", 1.0)])
+
+
+def test_images_with_a_lora_match_diffusers_with_it_fused(files):
+    """`Pipeline.load(..., loras=[(file, 0.8)])` generates what diffusers does with the LoRA fused at 0.8."""
+    from sdxl_jax.pipeline import Pipeline
+    from tests.test_pipeline import PROMPTS, H, W, assert_images_close, diffusers_uint8, initial_noise, nchw
+
+    lora = files / "kohya.safetensors"
+    theirs = StableDiffusionXLPipeline.from_pretrained(files / "base", torch_dtype=torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPTS, height=H, width=W, num_inference_steps=4, guidance_scale=5.0)
+    noise = initial_noise(len(PROMPTS))
+    with torch.no_grad():
+        plain = diffusers_uint8(theirs(**kw, latents=nchw(noise), output_type="np").images)
+        theirs.load_lora_weights(str(lora))
+        theirs.fuse_lora(lora_scale=SCALE)
+        want = diffusers_uint8(theirs(**kw, latents=nchw(noise), output_type="np").images)
+    ours = Pipeline.load(files / "base", dtype="fp32", loras=[(str(lora), SCALE)])
+    images = ours.generate(PROMPTS, height=H, width=W, steps=4, guidance_scale=5.0, latents=noise)
+    assert np.abs(want.astype(int) - plain.astype(int)).mean() > 1  # the LoRA changes the images
+    assert_images_close(images, want)
+
+
+def test_sample_py_and_sdxl_convert_take_loras(files, tmp_path):
+    """`sample.py --lora PATH:SCALE` records `<lora:NAME:SCALE>` in the PNG; `sdxl-convert --lora` bakes
+    the same weights `merge_loras` makes into an export, and a bad LoRA is an error, with nothing written."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from sdxl_jax.convert.cli import main as convert_main
+    from tests.helpers.processes import child_env
+    from tests.helpers.train import REPO
+
+    lora = files / "kohya.safetensors"
+    cmd = [sys.executable, "sample.py", "--config", "configs/sdxl_base.py", f"--config.checkpoint={files / 'base'}",
+           "--prompt", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--lora", f"{lora}:0.5",
+           "--outdir", str(tmp_path / "out"), "--config.compilation_cache=none"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "out" / "00000000.png").text["parameters"].startswith("a cat <lora:kohya:0.5>\n")
+    assert convert_main([str(files / "base"), str(tmp_path / "baked"), "--lora", f"{lora}:0.5"]) == 0
+    baked, merged = (
+        load_pipeline_weights(tmp_path / "baked"),
+        merge_loras(load_pipeline_weights(files / "base"), [(lora, 0.5)]),
+    )
+    for name in UNITS:
+        for a, b in zip(jax.tree.leaves(baked.params(name)), jax.tree.leaves(merged.params(name)), strict=True):
+            np.testing.assert_array_equal(a, b)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_nothing.lora_up.weight": np.zeros((4, 4), np.float32)}, bad)
+    assert convert_main([str(files / "base"), str(tmp_path / "never"), "--lora", str(bad)]) == 1
+    assert not (tmp_path / "never").exists()
