@@ -1,6 +1,8 @@
 """LoRA files made by PEFT and saved by diffusers (its own format and kohya's, SDXL's sgm names too) merge
 here into the same weights diffusers gets when it loads and fuses them; bad files fail in one line."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -207,3 +209,42 @@ def test_sample_py_and_sdxl_convert_take_loras(files, tmp_path):
     save_file({"lora_unet_nothing.lora_up.weight": np.zeros((4, 4), np.float32)}, bad)
     assert convert_main([str(files / "base"), str(tmp_path / "never"), "--lora", str(bad)]) == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_full_size_kohya_names_map_one_to_one_onto_sdxl_base():
+    """From the real base's key manifest (no weights): kohya's default (transformer) targets, 722 UNet
+    modules in sgm names, 72 CLIP-L and 192 bigG modules, map onto distinct parameters, and every name
+    the table gives for those targets is in the manifest."""
+    import gzip
+    import re
+    from pathlib import Path
+
+    from sdxl_jax.convert.pipeline_weights import PipelineWeights
+    from sdxl_jax.convert.single_file import LAYOUTS
+
+    manifest = Path(__file__).parent / "fixtures" / "sdxl_base_single_file_keys.json.gz"
+    tensors = json.loads(gzip.open(manifest).read())["tensors"]
+    layout = LAYOUTS["base"]()
+    table = module_table(PipelineWeights("base", {c: (getattr(layout, c), {}) for c in layout.components}))
+    transformer = re.compile(r"model\.diffusion_model\.(.*\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                             r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))))\.weight")  # fmt: skip
+    unet = {"lora_unet_" + m.group(1).replace(".", "_") for key in tensors if (m := transformer.fullmatch(key))}
+    clip_l = re.compile(r"conditioner\.embedders\.0\.transformer\.(text_model\.encoder\.layers\.\d+\."
+                        r"(self_attn\.[qkvo]\w*_proj|mlp\.fc[12]))\.weight")  # fmt: skip
+    te1 = {"lora_te1_" + m.group(1).replace(".", "_") for key in tensors if (m := clip_l.fullmatch(key))}
+    layers = {
+        int(m.group(1))
+        for key in tensors
+        if (m := re.match(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.", key))
+    }
+    parts = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+    te2 = {f"lora_te2_text_model_encoder_layers_{i}_{p}" for i in layers for p in parts}
+    assert (len(unet), len(te1), len(te2)) == (722, 72, 192)
+    for names in (unet, te1, te2):
+        assert names <= table.keys()
+        assert len({table[n][:2] for n in names}) == len(names)  # distinct parameters
+    target = re.compile(r"(attn[12]_to_(q|k|v|out_0)|ff_net_(0_proj|2)|proj_(in|out))$")
+    ours = {n for n in table if n.startswith("lora_unet_") and target.search(n)}
+    sgm_named = {n for n in ours if not n.startswith(("lora_unet_down_", "lora_unet_up_", "lora_unet_mid_"))}
+    assert sgm_named == unet  # and nothing the manifest lacks
+    assert {table[n][2] for n in unet} == {table[n][2] for n in ours}  # the diffusers spellings: the same modules
