@@ -248,3 +248,37 @@ def test_full_size_kohya_names_map_one_to_one_onto_sdxl_base():
     sgm_named = {n for n in ours if not n.startswith(("lora_unet_down_", "lora_unet_up_", "lora_unet_mid_"))}
     assert sgm_named == unet  # and nothing the manifest lacks
     assert {table[n][2] for n in unet} == {table[n][2] for n in ours}  # the diffusers spellings: the same modules
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_trained_adapters_saved_as_a_file_merge_here_and_in_diffusers_alike(files, base, fmt, tmp_path):
+    """Adapters in this project's layout (`train.lora`, LoCon targets: 3x3 convs at their own rank),
+    written by `save_lora`, give the weights `train.lora.merged` computes, here and in diffusers."""
+    import flax
+
+    from sdxl_jax.convert.lora import modules, save_lora
+    from sdxl_jax.train.lora import LoraSpec, init_adapters, merged
+
+    weights = load_pipeline_weights(files / "base")
+    spec = LoraSpec(rank=4, alpha=2.0, targets="conv", conv_rank=2, conv_alpha=3.0)
+    flat = {c: flax.traverse_util.flatten_dict(p) for c, (_, p) in weights.components.items()}
+    kernels = {
+        f"{m.component}/{'/'.join(m.path)}": flat[m.component][m.path]
+        for m in modules(weights)
+        if spec.targets_module(m.component, m.torch_key[: -len(".weight")])
+    }
+    adapters = init_adapters(jax.random.key(0), kernels, spec)
+    rng = np.random.default_rng(1)
+    adapters = {
+        k: {"down": v["down"], "up": rng.normal(0, 0.2, v["up"].shape).astype(np.float32)} for k, v in adapters.items()
+    }
+    assert {a["down"].shape[-1] for a in adapters.values()} == {2, 4}  # conv_rank on 3x3 kernels
+    want = merged(kernels, adapters, spec, scale=SCALE)
+    path = tmp_path / "lora.safetensors"
+    save_lora(adapters, spec, weights, path, fmt)
+    ours = merge_loras(weights, [(path, SCALE)])
+    for name, value in want.items():
+        component, *where = name.split("/")
+        got = flax.traverse_util.flatten_dict(ours.params(component))[tuple(where)]
+        np.testing.assert_allclose(got, np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_weights(ours_merged(files / "base", path), diffusers_fused(files / "base", path), base)

@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -87,12 +88,27 @@ class LoraModule:
         return (scale * alpha / rank * (up @ down.reshape(rank, -1))).reshape(self.base_shape)
 
 
-def module_table(weights) -> dict[str, tuple[str, tuple[str, ...], str, tuple[int, ...], object]]:
-    """Every accepted spelling of every module a LoRA can target in `weights` (a `PipelineWeights`) ->
-    (component, Flax path of its kernel, PyTorch key, PyTorch shape, PyTorch -> Flax layout rule)."""
+class Module(NamedTuple):
+    """A weight a LoRA can target: where it is, its layout and the names files give it."""
+
+    component: str
+    path: tuple[str, ...]  # of its Flax kernel
+    torch_key: str
+    torch_shape: tuple[int, ...]
+    to_flax: object  # PyTorch -> Flax layout rule
+    to_torch: object
+    kohya: str  # what kohya sd-scripts writes (sgm names for the UNet)
+    diffusers: str  # what diffusers writes (`unet.` / `text_encoder.` / `text_encoder_2.` + module; text
+    # modules without `text_model.`, as diffusers writes them with transformers >= 5.6)
+    aliases: tuple[str, ...]  # other spellings readers meet
+
+
+def modules(weights) -> list[Module]:
+    """Every module a LoRA can target in `weights` (a `PipelineWeights`; only configs are used): the
+    matrices and kernels of the UNet and the text encoders."""
     from sdxl_jax.convert.pipeline_weights import ABSTRACT_PARAMS
 
-    table = {}
+    out = []
     for component, (cfg, _) in weights.components.items():
         if component not in KOHYA_PREFIXES:
             continue
@@ -109,16 +125,18 @@ def module_table(weights) -> dict[str, tuple[str, tuple[str, ...], str, tuple[in
                 continue  # biases and norms: LoRA adapts matrices and kernels
             module = key[: -len(".weight")]
             torch_shape = to_torch(np.broadcast_to(np.float32(0), flat[path].shape)).shape
-            entry = (component, path, key, torch_shape, to_flax)
-            names = [kohya + module.replace(".", "_"), diffusers + module]
-            if module.startswith("text_model."):  # transformers >= 5.6 leaves the prefix out
-                short = module[len("text_model.") :]
-                names += [kohya + short.replace(".", "_"), diffusers + short]
-            if sgm is not None:
-                names.append(kohya + single_file_name(sgm, module)[0].replace(".", "_"))
-            for name in names:
-                table[name] = entry
-    return table
+            aliases = [kohya + module.replace(".", "_"), diffusers + module]
+            short = module.removeprefix("text_model.")  # transformers >= 5.6 leaves the prefix out (diffusers too)
+            aliases += [kohya + short.replace(".", "_")]
+            named = single_file_name(sgm, module)[0] if sgm is not None else module
+            out.append(Module(component, path, key, torch_shape, to_flax, to_torch,
+                              kohya + named.replace(".", "_"), diffusers + short, tuple(aliases)))  # fmt: skip
+    return out
+
+
+def module_table(weights) -> dict[str, Module]:
+    """Every accepted spelling of every module a LoRA can target in `weights` -> the module."""
+    return {name: m for m in modules(weights) for name in (m.kohya, m.diffusers, *m.aliases)}
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -153,7 +171,7 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
     the count; strict=False skips unknown modules with a counted warning instead."""
     name = storage.path(path).name
     state = LazySafetensors(path)
-    modules: dict[str, LoraModule] = {}
+    found_modules: dict[str, LoraModule] = {}
     unknown, unparsed = [], []
     for key in state:
         split = _split(key)
@@ -165,7 +183,7 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
         if entry is None:
             unknown.append(key)
             continue
-        found = modules.setdefault(module, LoraModule(*entry))
+        found = found_modules.setdefault(module, LoraModule(*entry[:5]))
         value = state[key]
         if role == "alpha":
             found.alpha = float(np.asarray(value, np.float32).reshape(()))
@@ -183,9 +201,9 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
             raise ConversionError(f"{what} (a LoRA for another model? --lora_strict=false skips them)")
         log.warning("%s; skipped", what)
     alphas = _alphas_from_metadata(state.metadata())
-    by_module = {id(m): n for n, m in modules.items()}
+    by_module = {id(m): n for n, m in found_modules.items()}
     bad = []
-    for module in modules.values():
+    for module in found_modules.values():
         label = by_module[id(module)]
         if module.down is None or module.up is None:
             bad.append(f"{label} has only its {'up' if module.down is None else 'down'} half")
@@ -200,7 +218,7 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
             module.alpha = float(next((v for k, v in pattern.items() if inner.endswith(k)), alpha))
     if bad:
         raise ConversionError(f"{name}: {len(bad)} modules do not match this SDXL model, e.g. {bad[0]}")
-    return list(modules.values())
+    return list(found_modules.values())
 
 
 _ADD = jax.jit(lambda w, d: (w.astype(jnp.float32) + d).astype(w.dtype), donate_argnums=0)
@@ -230,3 +248,55 @@ def merge_loras(weights, loras: Iterable[tuple[str, float]], strict: bool = True
         for name, (cfg, p) in weights.components.items()
     }
     return type(weights)(weights.model, components, dict(weights.metadata))
+
+
+FORMATS = ("kohya", "diffusers")
+KOHYA_BASE_VERSIONS = {"base": "sdxl_base_v1-0", "refiner": "sdxl_refiner_v1-0"}
+
+
+def save_lora(adapters: Mapping, spec, weights, path, fmt: str = "kohya", metadata: Mapping[str, str] | None = None):
+    """Write trained adapters (`train.lora`: `{"component/flax/path": {"down", "up"}}`, Flax layout) as a
+    LoRA file every SDXL tool loads. fmt "kohya": `lora_unet_<sgm name>` / `lora_te1_` / `lora_te2_` with
+    `.lora_down.weight`, `.lora_up.weight`, `.alpha` and kohya's `ss_*` / `modelspec.*` header entries;
+    "diffusers": `pytorch_lora_weights.safetensors` keys (`unet.<module>.lora_A.weight`, `lora_B`) with
+    the adapters' ranks and alphas in `lora_adapter_metadata`. weights: the `PipelineWeights` (configs
+    only are read) the adapters were trained on; metadata: extra header entries (strings)."""
+    from sdxl_jax.convert.export import write_safetensors
+
+    if fmt not in FORMATS:
+        raise ValueError(f"LoRA format must be one of {FORMATS}, got {fmt!r}")
+    by_name = {f"{m.component}/{'/'.join(m.path)}": m for m in modules(weights)}
+    if unknown := set(adapters) - by_name.keys():
+        raise ConversionError(f"{len(unknown)} adapters name no module of this model, e.g. {sorted(unknown)[0]}")
+    tensors, config = {}, {}
+    for name in sorted(adapters):
+        m, down, up = by_name[name], np.asarray(adapters[name]["down"]), np.asarray(adapters[name]["up"])
+        rank, alpha = spec.rank_alpha((*down.shape[:-1], up.shape[-1]))
+        down_torch = np.ascontiguousarray(m.to_torch(down))  # the kernel's own layout rule: [r, in(, kh, kw)]
+        up_torch = np.ascontiguousarray(up.T.reshape(up.shape[1], rank, *([1, 1] if len(m.torch_shape) == 4 else [])))
+        if fmt == "kohya":
+            tensors |= {f"{m.kohya}.lora_down.weight": down_torch, f"{m.kohya}.lora_up.weight": up_torch,
+                        f"{m.kohya}.alpha": np.asarray(alpha, np.float32)}  # fmt: skip
+        else:
+            tensors |= {f"{m.diffusers}.lora_A.weight": down_torch, f"{m.diffusers}.lora_B.weight": up_torch}
+            prefix, module = m.diffusers.split(".", 1)
+            entry = config.setdefault(prefix, {"r": spec.rank, "lora_alpha": spec.alpha, "target_modules": [],
+                                               "rank_pattern": {}, "alpha_pattern": {}})  # fmt: skip
+            entry["target_modules"].append(module)
+            if (rank, alpha) != (spec.rank, spec.alpha):
+                entry["rank_pattern"][module], entry["alpha_pattern"][module] = rank, alpha
+    header = dict(metadata or {})
+    if fmt == "kohya":
+        args = {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)} if spec.targets == "conv" else {}
+        header |= {
+            "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+            "ss_network_alpha": str(spec.alpha), "ss_network_args": json.dumps(args),
+            "ss_base_model_version": KOHYA_BASE_VERSIONS[weights.model], "ss_v2": "False",
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": f"stable-diffusion-xl-v1-{weights.model}/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        }  # fmt: skip
+    else:
+        packed = {f"{p}.{k}": v for p, entry in config.items() for k, v in entry.items()}
+        header[METADATA_KEY] = json.dumps(packed)
+    write_safetensors(path, tensors, header)
