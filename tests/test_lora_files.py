@@ -282,3 +282,28 @@ def test_trained_adapters_saved_as_a_file_merge_here_and_in_diffusers_alike(file
         got = flax.traverse_util.flatten_dict(ours.params(component))[tuple(where)]
         np.testing.assert_allclose(got, np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name)
     assert_same_weights(ours_merged(files / "base", path), diffusers_fused(files / "base", path), base)
+
+
+def test_adapters_start_at_the_base_model_with_kohyas_initialisation():
+    from sdxl_jax.train.lora import LoraSpec, init_adapters, merged
+
+    spec = LoraSpec(rank=8, alpha=4.0, targets="conv", conv_rank=2, conv_alpha=1.0)
+    kernels = {
+        "dense": jax.numpy.ones((64, 16)),
+        "conv": jax.numpy.ones((3, 3, 32, 16)),
+        "pointwise": jax.numpy.ones((1, 1, 32, 16)),
+    }
+    adapters = init_adapters(jax.random.key(0), kernels, spec)
+    assert {k: a["down"].shape for k, a in adapters.items()} == {
+        "dense": (64, 8),
+        "conv": (3, 3, 32, 2),
+        "pointwise": (1, 1, 32, 8),
+    }
+    for name, a in adapters.items():
+        bound = 1 / np.sqrt(np.prod(kernels[name].shape[:-1]))  # kaiming-uniform(a=sqrt 5): U(+-1/sqrt(fan_in))
+        assert np.abs(a["down"]).max() <= bound and np.abs(a["down"]).max() > 0.9 * bound
+        assert not np.asarray(a["up"]).any()
+    for name, w in merged(kernels, adapters, spec).items():
+        np.testing.assert_array_equal(w, kernels[name])  # zero up: the base model, exactly
+    with pytest.raises(ValueError, match="lora targets 'all' is not one of"):
+        LoraSpec(targets="all")
