@@ -157,6 +157,7 @@ def test_bad_lora_files_fail_in_one_line(files, tmp_path):
         merge_loras(weights, [(tmp_path / "cut.safetensors", 1.0)])
 
 
+@pytest.mark.slow  # the weights are compared in the default run; this adds the sampler and the VAE
 def test_images_with_a_lora_match_diffusers_with_it_fused(files):
     """`Pipeline.load(..., loras=[(file, 0.8)])` generates what diffusers does with the LoRA fused at 0.8."""
     from sdxl_jax.pipeline import Pipeline
@@ -307,3 +308,21 @@ def test_adapters_start_at_the_base_model_with_kohyas_initialisation():
         np.testing.assert_array_equal(w, kernels[name])  # zero up: the base model, exactly
     with pytest.raises(ValueError, match="lora targets 'all' is not one of"):
         LoraSpec(targets="all")
+
+
+def test_a_lora_merges_into_a_scanned_unet_as_into_an_unscanned_one(files):
+    """Exports of runs trained with scan_layers=True keep the stacked blocks; LoRAs still merge."""
+    from sdxl_jax.convert.pipeline_weights import PipelineWeights
+    from sdxl_jax.convert.unet import stack_scanned_blocks
+
+    weights = load_pipeline_weights(files / "base")
+    cfg, params = weights.components["unet"]
+    scanned = PipelineWeights(
+        weights.model, weights.components | {"unet": (cfg.replace(scan_layers=True), stack_scanned_blocks(params))}
+    )
+    lora = files / "kohya.safetensors"
+    want = stack_scanned_blocks(merge_loras(weights, [(lora, SCALE)]).params("unet"))
+    got = merge_loras(scanned, [(lora, SCALE)])
+    assert got.metadata["loras"] == f"kohya.safetensors:{SCALE:g}"
+    for a, b in zip(jax.tree.leaves(got.params("unet")), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

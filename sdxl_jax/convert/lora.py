@@ -35,9 +35,10 @@ import numpy as np
 
 from sdxl_jax import storage
 from sdxl_jax.convert.components import COMPONENTS
-from sdxl_jax.convert.files import LazySafetensors
+from sdxl_jax.convert.files import LazySafetensors, atomic_output
 from sdxl_jax.convert.mapping import ConversionError, key_table
 from sdxl_jax.convert.single_file_keys import single_file_name, unet_names
+from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
 
 log = logging.getLogger("sdxl_jax")
 
@@ -112,8 +113,8 @@ def modules(weights) -> list[Module]:
     for component, (cfg, _) in weights.components.items():
         if component not in KOHYA_PREFIXES:
             continue
-        if component == "unet" and cfg.scan_layers:
-            raise ConversionError("LoRAs merge into an unscanned UNet (load with scan_layers=False)")
+        if component == "unet":
+            cfg = cfg.replace(scan_layers=False)  # modules are named per block; `merge_loras` unstacks
         abstract = nn.meta.unbox(ABSTRACT_PARAMS[component](cfg))
         flat = flax.traverse_util.flatten_dict(abstract)
         sgm = unet_names(cfg) if component == "unet" else None
@@ -159,6 +160,8 @@ def _alphas_from_metadata(metadata: Mapping[str, str]) -> dict[str, tuple[float,
     except ValueError as e:
         raise ConversionError(f"{METADATA_KEY} in the header is not JSON ({e})") from None
     out = {}
+    if any(k.endswith(".use_rslora") and v for k, v in config.items()):
+        raise ConversionError("rank-stabilised LoRAs (use_rslora: alpha / sqrt(r)) are not supported")
     for prefix in DIFFUSERS_PREFIXES:
         if f"{prefix}.lora_alpha" in config:
             out[prefix] = (float(config[f"{prefix}.lora_alpha"]), config.get(f"{prefix}.alpha_pattern") or {})
@@ -209,13 +212,15 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
             bad.append(f"{label} has only its {'up' if module.down is None else 'down'} half")
             continue
         rank, out, base = module.down.shape[0], module.up.shape[0], module.base_shape
-        if module.up.shape[1] != rank or out != base[0] or tuple(module.down.shape[1:]) != base[1:]:
+        pointwise_up = all(n == 1 for n in module.up.shape[2:])
+        if module.up.shape[1] != rank or out != base[0] or tuple(module.down.shape[1:]) != base[1:] or not pointwise_up:
             shapes = f"down {tuple(module.down.shape)}, up {tuple(module.up.shape)}"
             bad.append(f"{label}: {shapes} do not fit the weight's {base}")
         if module.alpha is None and (prefix := label.split(".", 1)[0]) in alphas:
             alpha, pattern = alphas[prefix]
             inner = label.split(".", 1)[1]
-            module.alpha = float(next((v for k, v in pattern.items() if inner.endswith(k)), alpha))
+            matches = (v for k, v in pattern.items() if inner == k or inner.endswith("." + k))
+            module.alpha = float(next(matches, alpha))
     if bad:
         raise ConversionError(f"{name}: {len(bad)} modules do not match this SDXL model, e.g. {bad[0]}")
     return list(found_modules.values())
@@ -231,7 +236,11 @@ def merge_loras(weights, loras: Iterable[tuple[str, float]], strict: bool = True
     if not loras:
         return weights
     table = module_table(weights)
-    params = {name: flax.traverse_util.flatten_dict(p) for name, (_, p) in weights.components.items()}
+    scanned = {name for name, (cfg, _) in weights.components.items() if getattr(cfg, "scan_layers", False)}
+    params = {
+        name: flax.traverse_util.flatten_dict(unstack_scanned_blocks(p) if name in scanned else p)
+        for name, (_, p) in weights.components.items()
+    }
     for path, scale in loras:
         modules = read_lora(path, table, strict)
         for module in modules:
@@ -243,11 +252,13 @@ def merge_loras(weights, loras: Iterable[tuple[str, float]], strict: bool = True
             else:
                 flat[module.path] = (np.asarray(w, np.float32) + delta).astype(w.dtype)
         log.info("merged LoRA %s at scale %g: %d modules", Path(str(path)).name, scale, len(modules))
-    components = {
-        name: (cfg, flax.traverse_util.unflatten_dict(params[name]) if params[name] else p)
-        for name, (cfg, p) in weights.components.items()
-    }
-    return type(weights)(weights.model, components, dict(weights.metadata))
+    components = {}
+    for name, (cfg, p) in weights.components.items():
+        tree = flax.traverse_util.unflatten_dict(params[name]) if params[name] else p
+        components[name] = (cfg, stack_scanned_blocks(tree) if name in scanned else tree)
+    merged_in = ",".join(f"{storage.path(path).name}:{scale:g}" for path, scale in loras)
+    metadata = dict(weights.metadata) | {"loras": ",".join(filter(None, [weights.metadata.get("loras"), merged_in]))}
+    return type(weights)(weights.model, components, metadata)
 
 
 FORMATS = ("kohya", "diffusers")
@@ -273,7 +284,7 @@ def save_lora(adapters: Mapping, spec, weights, path, fmt: str = "kohya", metada
         m, down, up = by_name[name], np.asarray(adapters[name]["down"]), np.asarray(adapters[name]["up"])
         rank, alpha = spec.rank_alpha((*down.shape[:-1], up.shape[-1]))
         down_torch = np.ascontiguousarray(m.to_torch(down))  # the kernel's own layout rule: [r, in(, kh, kw)]
-        up_torch = np.ascontiguousarray(up.T.reshape(up.shape[1], rank, *([1, 1] if len(m.torch_shape) == 4 else [])))
+        up_torch = np.ascontiguousarray(up.T.reshape(*up.T.shape, *([1, 1] if len(m.torch_shape) == 4 else [])))
         if fmt == "kohya":
             tensors |= {f"{m.kohya}.lora_down.weight": down_torch, f"{m.kohya}.lora_up.weight": up_torch,
                         f"{m.kohya}.alpha": np.asarray(alpha, np.float32)}  # fmt: skip
@@ -287,7 +298,8 @@ def save_lora(adapters: Mapping, spec, weights, path, fmt: str = "kohya", metada
                 entry["rank_pattern"][module], entry["alpha_pattern"][module] = rank, alpha
     header = dict(metadata or {})
     if fmt == "kohya":
-        args = {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)} if spec.targets == "conv" else {}
+        conv_rank, conv_alpha = spec.rank_alpha((3, 3, 1, 1))
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)} if spec.targets == "conv" else {}
         header |= {
             "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
             "ss_network_alpha": str(spec.alpha), "ss_network_args": json.dumps(args),
@@ -299,4 +311,5 @@ def save_lora(adapters: Mapping, spec, weights, path, fmt: str = "kohya", metada
     else:
         packed = {f"{p}.{k}": v for p, entry in config.items() for k, v in entry.items()}
         header[METADATA_KEY] = json.dumps(packed)
-    write_safetensors(path, tensors, header)
+    with atomic_output(path, folder=False) as tmp:  # refuses an existing file; nothing half-written stays
+        write_safetensors(tmp, tensors, header)

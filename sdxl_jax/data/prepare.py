@@ -229,8 +229,11 @@ class Output:
     so a re-run resumes from what the bucket holds and readers never see a shard without its data."""
 
     def __init__(self, location: str):
-        self.remote = storage.path(location) if storage.is_remote(location) else None
+        checked = storage.path(location)  # refuses `gs:/x` and unknown schemes
+        self.remote = checked if storage.is_remote(checked) else None
         if self.remote is not None:
+            if not str(checked).startswith("gs://"):
+                raise storage.StorageError(f"{checked}: prepared shards are read from local disks and gs:// only")
             storage.check_writable(self.remote, "prepare's OUT")
             self.local = Path(tempfile.mkdtemp(prefix="sdxl_prepare_"))
         else:
@@ -276,7 +279,7 @@ def prepare(args: argparse.Namespace) -> Report:
         _check_settings(out, args)
         output.publish("prepare.json")
         index, report = scan(out, source, args)
-        output.publish("scan.npz", "scan.json")
+        output.publish("scan.json", "scan.npz")  # scan.npz marks the scan done: last
         encoder = None
         if args.cache_latents:
             from sdxl_jax.data.latent_cache import LatentEncoder
@@ -343,7 +346,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    prepare(parse_args(argv))
+    try:
+        prepare(parse_args(argv))
+    except (storage.StorageError, FileNotFoundError) as e:  # a bad SRC or OUT: one line, exit 1
+        raise SystemExit(f"prepare: error: {e}") from None
 
 
 if __name__ == "__main__":

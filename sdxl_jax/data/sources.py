@@ -140,8 +140,10 @@ class TarSource:
             file = storage.path(path).open("rb")
             try:  # uncompressed only: offsets must be file offsets
                 tar = tarfile.open(fileobj=file, mode="r:")
-            except tarfile.ReadError as e:
+            except BaseException as e:
                 file.close()
+                if not isinstance(e, tarfile.ReadError):
+                    raise
                 raise ValueError(
                     f"{path}: not an uncompressed tar ({e}); compressed shards have no random access"
                 ) from None

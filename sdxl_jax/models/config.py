@@ -112,9 +112,15 @@ def _traced(trace: Callable, cfg, args: tuple):
     tree = trace(cfg, *args)
     encoded = _tree_to_json(tree)
     if encoded is not None:
-        with tempfile.NamedTemporaryFile("w", dir=_DISK_CACHE, suffix=".tmp", delete=False) as f:
-            f.write(json.dumps(encoded))
-        os.replace(f.name, file)  # atomic: concurrent processes never read half a file
+        tmp = None
+        try:  # best effort: a full or read-only cache folder costs the next load a trace, nothing else
+            with tempfile.NamedTemporaryFile("w", dir=_DISK_CACHE, suffix=".tmp", delete=False) as f:
+                tmp = f.name
+                f.write(json.dumps(encoded))
+            os.replace(tmp, file)  # atomic: concurrent processes never read half a file
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     return tree
 
 

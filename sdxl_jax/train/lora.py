@@ -56,6 +56,8 @@ class LoraSpec:
             raise ValueError(f"lora targets {self.targets!r} is not one of {sorted(UNET_TARGETS)}")
         if self.rank < 1 or self.conv_rank < 0:
             raise ValueError(f"lora rank must be >= 1 and conv_rank >= 0, got {self.rank}, {self.conv_rank}")
+        if not (self.alpha > 0 and self.conv_alpha > 0):  # files read alpha 0 as alpha = rank
+            raise ValueError(f"lora alpha and conv_alpha must be > 0, got {self.alpha}, {self.conv_alpha}")
 
     def rank_alpha(self, kernel_shape) -> tuple[int, float]:
         """(r, alpha) of the adapter on a kernel of this (Flax) shape."""
