@@ -17,7 +17,7 @@ import pytest
 
 from sdxl_jax import storage
 from tests.helpers.processes import child_env, free_port
-from tests.helpers.train import REPO, child_command, run_train, run_train_py
+from tests.helpers.train import REPO, child_command, losses, run_child, run_train, run_train_py
 
 
 def _serve(cmd: list[str], port: int, env: dict, setup=lambda: None):
@@ -246,6 +246,39 @@ def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
         np.testing.assert_array_equal(a, b)
 
 
+def test_lora_files_are_written_to_and_merged_from_a_bucket(gcs):
+    import flax
+    import flax.linen as nn
+
+    from configs.tiny import tiny_models
+    from sdxl_jax.convert import PipelineWeights
+    from sdxl_jax.convert.lora import merge_loras, modules, save_lora
+    from sdxl_jax.train.lora import LoraSpec, init_adapters
+    from sdxl_jax.train.state import abstract_params
+
+    models = tiny_models(refiner=False)
+    rng = np.random.default_rng(0)
+    abstract = nn.meta.unbox(abstract_params(models))
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    weights = PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components})
+    spec = LoraSpec(rank=2, alpha=1.0)
+    flat = {c: flax.traverse_util.flatten_dict(p) for c, p in params.items()}
+    kernels = {f"{m.component}/{'/'.join(m.path)}": flat[m.component][m.path] for m in modules(weights)
+               if spec.targets_module(m.component, m.torch_key[: -len(".weight")])}  # fmt: skip
+    adapters = init_adapters(jax.random.key(0), kernels, spec)
+    for adapter in adapters.values():
+        adapter["up"] = rng.standard_normal(adapter["up"].shape).astype(np.float32)
+    save_lora(adapters, spec, weights, "gs://bucket/loras/style.safetensors")
+    with pytest.raises(FileExistsError):
+        save_lora(adapters, spec, weights, "gs://bucket/loras/style.safetensors")
+    merged = merge_loras(weights, [("gs://bucket/loras/style.safetensors", 0.7)])  # ranged reads
+    changed = 0
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        for a, b in zip(jax.tree.leaves(merged.params(name)), jax.tree.leaves(params[name]), strict=True):
+            changed += not np.array_equal(a, b)
+    assert changed == len(kernels)
+
+
 def test_s3_probes_logs_and_weights_work_and_checkpoints_are_refused_in_one_line(s3, tmp_path):
     from safetensors.numpy import save_file
 
@@ -354,3 +387,36 @@ def test_a_run_killed_on_a_bucket_resumes_from_its_last_complete_checkpoint(gcs,
     names = sorted(p.name for p in checkpoints.iterdir())
     assert names == [str(step) for step in range(1, 7)], names  # no unfinished step left behind
     assert all((checkpoints / name / "commit_success.txt").exists() for name in names)
+
+
+@pytest.mark.slow
+def test_two_hosts_train_into_one_bucket_and_the_checkpoint_restores(gcs, tmp_path):
+    """2 processes x 4 fake devices (`jax.distributed` on loopback) with their workdir in the bucket: the
+    same losses as one process locally, every process's data-iterator shard in the checkpoint, and the
+    checkpoint restores in a single process straight from the bucket."""
+    from tests.test_train_multiprocess import COMMON, RESTORE
+
+    single = run_child(tmp_path / "single", COMMON, devices=8)
+    run, port = "gs://bucket/multi", free_port()
+    children = []
+    for process_id in range(2):
+        overrides = COMMON | {"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
+                              "distributed.num_processes": 2, "distributed.process_id": process_id}  # fmt: skip
+        cmd = child_command(tmp_path / "unused", tmp_path / "multi.npz", overrides)
+        cmd[-2] = run
+        children.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(devices=4), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [c.communicate(timeout=900)[0] for c in children]
+    for c, text in zip(children, outputs):
+        assert c.returncode == 0 and "CHILD DONE" in text, text[-5000:]
+    got = losses(run)
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(got[step], single["losses"][step], rtol=1e-5)
+    shards = sorted(p.name for p in (storage.path(run) / "checkpoints" / "3" / "data").glob("process_*"))
+    assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
+    result = subprocess.run([sys.executable, "-c", RESTORE, run, str(tmp_path / "restored.npz")], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0 and "RESTORED 1 1 3" in result.stdout, result.stdout[-2000:] + result.stderr[-5000:]
+    restored, multi = dict(np.load(tmp_path / "restored.npz")), dict(np.load(tmp_path / "multi.npz"))
+    for name, value in multi.items():
+        np.testing.assert_array_equal(restored[name], value, err_msg=name)
