@@ -179,15 +179,14 @@ def test_images_with_a_lora_match_diffusers_with_it_fused(files):
     assert_images_close(images, want)
 
 
-def test_sample_py_and_sdxl_convert_take_loras(files, tmp_path):
-    """`sample.py --lora PATH:SCALE` records `<lora:NAME:SCALE>` in the PNG; `sdxl-convert --lora` bakes
-    the same weights `merge_loras` makes into an export, and a bad LoRA is an error, with nothing written."""
+@pytest.mark.slow  # a sample.py process (~30 s); the loader it calls is tested by default above
+def test_sample_py_takes_loras_and_records_them_in_the_png(files, tmp_path):
+    """`sample.py --lora PATH:SCALE` loads with the LoRA and records `<lora:NAME:SCALE>` in the PNG."""
     import subprocess
     import sys
 
     from PIL import Image
 
-    from sdxl_jax.convert.cli import main as convert_main
     from tests.helpers.processes import child_env
     from tests.helpers.train import REPO
 
@@ -197,15 +196,22 @@ def test_sample_py_and_sdxl_convert_take_loras(files, tmp_path):
            "--outdir", str(tmp_path / "out"), "--config.compilation_cache=none"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"+ LoRA {lora} x 0.5" in result.stdout
     assert Image.open(tmp_path / "out" / "00000000.png").text["parameters"].startswith("a cat <lora:kohya:0.5>\n")
+
+
+def test_sdxl_convert_bakes_loras_into_an_export(files, tmp_path):
+    """`sdxl-convert --lora` writes the weights `merge_loras` makes; a bad LoRA is an error, nothing written."""
+    from sdxl_jax.convert.cli import main as convert_main
+
+    lora = files / "kohya.safetensors"
     assert convert_main([str(files / "base"), str(tmp_path / "baked"), "--lora", f"{lora}:0.5"]) == 0
-    baked, merged = (
-        load_pipeline_weights(tmp_path / "baked"),
-        merge_loras(load_pipeline_weights(files / "base"), [(lora, 0.5)]),
-    )
+    baked = load_pipeline_weights(tmp_path / "baked")
+    merged = merge_loras(load_pipeline_weights(files / "base"), [(lora, 0.5)])
     for name in UNITS:
         for a, b in zip(jax.tree.leaves(baked.params(name)), jax.tree.leaves(merged.params(name)), strict=True):
             np.testing.assert_array_equal(a, b)
+    assert baked.metadata["loras"] == "kohya.safetensors:0.5"
     bad = tmp_path / "bad.safetensors"
     save_file({"lora_unet_nothing.lora_up.weight": np.zeros((4, 4), np.float32)}, bad)
     assert convert_main([str(files / "base"), str(tmp_path / "never"), "--lora", str(bad)]) == 1
