@@ -218,6 +218,7 @@ def test_sdxl_convert_bakes_loras_into_an_export(files, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
 def test_full_size_kohya_names_map_one_to_one_onto_sdxl_base():
     """From the real base's key manifest (no weights): kohya's default (transformer) targets, 722 UNet
     modules in sgm names, 72 CLIP-L and 192 bigG modules, map onto distinct parameters, and every name
@@ -257,6 +258,7 @@ def test_full_size_kohya_names_map_one_to_one_onto_sdxl_base():
     assert {table[n][2] for n in unet} == {table[n][2] for n in ours}  # the diffusers spellings: the same modules
 
 
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_trained_adapters_saved_as_a_file_merge_here_and_in_diffusers_alike(files, base, fmt, tmp_path):
     """Adapters in this project's layout (`train.lora`, LoCon targets: 3x3 convs at their own rank),

@@ -225,6 +225,7 @@ def test_train_py_streams_its_data_from_a_bucket(bucket_data, source):
     assert [p.name for p in (storage.path(run) / "checkpoints").iterdir()] == ["2"]
 
 
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
 def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
     """The trainer's `init_from` (the loader `sample.py` uses too), placed as it reads, from gs://."""
     import flax.linen as nn
@@ -246,6 +247,7 @@ def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
 def test_lora_files_are_written_to_and_merged_from_a_bucket(gcs):
     import flax
     import flax.linen as nn
