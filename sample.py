@@ -135,7 +135,7 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
     if config.refiner and config.denoising_end > 0:
         fields |= {"Refiner": storage.path(config.refiner).name, "Refiner switch at": config.denoising_end}
     fields["Version"] = f"sdxl_jax {__version__}"
-    tags = "".join(f" <lora:{Path(path.split('://')[-1]).stem}:{scale:g}>" for path, scale in parse_loras(config.loras))
+    tags = "".join(f" <lora:{storage.path(path).stem}:{scale:g}>" for path, scale in parse_loras(config.loras))
     lines = [prompt + tags]  # as the web UIs record a LoRA: a tag in the prompt
     if config.negative_prompt:
         lines.append(f"Negative prompt: {config.negative_prompt}")

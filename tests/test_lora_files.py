@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
 
 from sdxl_jax.convert import load_pipeline_weights
-from sdxl_jax.convert.lora import merge_loras, module_table
+from sdxl_jax.convert.lora import merge_loras, module_table, modules
 from sdxl_jax.convert.mapping import ConversionError
 from sdxl_jax.convert.text_encoder import text_encoder_params_to_transformers
 from sdxl_jax.convert.unet import unet_params_to_diffusers
@@ -119,19 +119,11 @@ def test_a_lora_merges_into_the_weights_diffusers_fuses(files, base, fmt):
 def test_kohya_sgm_names_as_sd_scripts_writes_them(files, base, tmp_path):
     """kohya's SDXL LoRAs name UNet modules by the original (sgm) layout; diffusers maps them itself."""
     weights = load_pipeline_weights(files / "base")
-    table = module_table(weights)
-    diffusers_blocks = ("lora_unet_down_", "lora_unet_up_", "lora_unet_mid_")
-    to_sgm = {}
-    for name, entry in table.items():
-        if name.startswith("lora_unet_") and not name.startswith(diffusers_blocks):
-            to_sgm.setdefault(entry[2], name)  # the sgm spelling of each module
-    diffusers_named = {name: entry[2] for name, entry in table.items() if name.startswith("lora_unet_")}
+    to_sgm = {m.aliases[0]: m.kohya for m in modules(weights) if m.component == "unet"}  # diffusers- -> sgm-named
     renamed = {}
     for key, value in load_file(files / "kohya.safetensors").items():
         module, _, suffix = key.partition(".")
-        if module in diffusers_named and module.startswith(diffusers_blocks):
-            module = to_sgm[diffusers_named[module]]
-        renamed[f"{module}.{suffix}"] = value
+        renamed[f"{to_sgm.get(module, module)}.{suffix}"] = value
     assert any(k.startswith("lora_unet_input_blocks_") for k in renamed)
     assert any(k.startswith("lora_unet_output_blocks_") for k in renamed)
     save_file(renamed, tmp_path / "sgm.safetensors")
@@ -265,17 +257,12 @@ def test_trained_adapters_saved_as_a_file_merge_here_and_in_diffusers_alike(file
     written by `save_lora`, give the weights `train.lora.merged` computes, here and in diffusers."""
     import flax
 
-    from sdxl_jax.convert.lora import modules, save_lora
+    from sdxl_jax.convert.lora import save_lora, target_kernels
     from sdxl_jax.train.lora import LoraSpec, init_adapters, merged
 
     weights = load_pipeline_weights(files / "base")
     spec = LoraSpec(rank=4, alpha=2.0, targets="conv", conv_rank=2, conv_alpha=3.0)
-    flat = {c: flax.traverse_util.flatten_dict(p) for c, (_, p) in weights.components.items()}
-    kernels = {
-        f"{m.component}/{'/'.join(m.path)}": flat[m.component][m.path]
-        for m in modules(weights)
-        if spec.targets_module(m.component, m.torch_key[: -len(".weight")])
-    }
+    kernels = target_kernels(weights, spec)
     adapters = init_adapters(jax.random.key(0), kernels, spec)
     rng = np.random.default_rng(1)
     adapters = {

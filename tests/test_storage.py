@@ -225,49 +225,46 @@ def test_train_py_streams_its_data_from_a_bucket(bucket_data, source):
     assert [p.name for p in (storage.path(run) / "checkpoints").iterdir()] == ["2"]
 
 
-@pytest.mark.slow  # test budget: run before resolving, not in the default run
-def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
-    """The trainer's `init_from` (the loader `sample.py` uses too), placed as it reads, from gs://."""
-    import flax.linen as nn
-
-    from configs.tiny import tiny_models
-    from sdxl_jax.convert import PipelineWeights, save_project
-    from sdxl_jax.train.state import abstract_params, load_params
-
-    models = tiny_models(refiner=False)
-    rng = np.random.default_rng(0)
-    abstract = nn.meta.unbox(abstract_params(models))
-    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
-    save_project(
-        PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components}), "gs://bucket/w"
-    )
-    whole = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
-    loaded = load_params(models, "gs://bucket/w", jax.tree.map(lambda _: whole, abstract))
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves({n: params[n] for n in models.components}), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow  # test budget: run before resolving, not in the default run
-def test_lora_files_are_written_to_and_merged_from_a_bucket(gcs):
-    import flax
+def _random_tiny_weights():
+    """(models, abstract params, PipelineWeights with random fp32 params) of the tiny base config."""
     import flax.linen as nn
 
     from configs.tiny import tiny_models
     from sdxl_jax.convert import PipelineWeights
-    from sdxl_jax.convert.lora import merge_loras, modules, save_lora
-    from sdxl_jax.train.lora import LoraSpec, init_adapters
     from sdxl_jax.train.state import abstract_params
 
     models = tiny_models(refiner=False)
     rng = np.random.default_rng(0)
     abstract = nn.meta.unbox(abstract_params(models))
     params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
-    weights = PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components})
+    return models, abstract, PipelineWeights("base", {n: (models.config(n), params[n]) for n in models.components})
+
+
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
+def test_init_from_reads_a_project_checkpoint_from_a_bucket(gcs):
+    """The trainer's `init_from` (the loader `sample.py` uses too), placed as it reads, from gs://."""
+    from sdxl_jax.convert import save_project
+    from sdxl_jax.train.state import load_params
+
+    models, abstract, weights = _random_tiny_weights()
+    save_project(weights, "gs://bucket/w")
+    whole = jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec())
+    loaded = load_params(models, "gs://bucket/w", jax.tree.map(lambda _: whole, abstract))
+    want = {n: weights.params(n) for n in models.components}
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # test budget: run before resolving, not in the default run
+def test_lora_files_are_written_to_and_merged_from_a_bucket(gcs):
+    from sdxl_jax.convert.lora import merge_loras, save_lora, target_kernels
+    from sdxl_jax.train.lora import LoraSpec, init_adapters
+
+    _, _, weights = _random_tiny_weights()
     spec = LoraSpec(rank=2, alpha=1.0)
-    flat = {c: flax.traverse_util.flatten_dict(p) for c, p in params.items()}
-    kernels = {f"{m.component}/{'/'.join(m.path)}": flat[m.component][m.path] for m in modules(weights)
-               if spec.targets_module(m.component, m.torch_key[: -len(".weight")])}  # fmt: skip
+    kernels = target_kernels(weights, spec)
     adapters = init_adapters(jax.random.key(0), kernels, spec)
+    rng = np.random.default_rng(1)
     for adapter in adapters.values():
         adapter["up"] = rng.standard_normal(adapter["up"].shape).astype(np.float32)
     save_lora(adapters, spec, weights, "gs://bucket/loras/style.safetensors")
@@ -276,7 +273,7 @@ def test_lora_files_are_written_to_and_merged_from_a_bucket(gcs):
     merged = merge_loras(weights, [("gs://bucket/loras/style.safetensors", 0.7)])  # ranged reads
     changed = 0
     for name in ("unet", "text_encoder", "text_encoder_2"):
-        for a, b in zip(jax.tree.leaves(merged.params(name)), jax.tree.leaves(params[name]), strict=True):
+        for a, b in zip(jax.tree.leaves(merged.params(name)), jax.tree.leaves(weights.params(name)), strict=True):
             changed += not np.array_equal(a, b)
     assert changed == len(kernels)
 

@@ -24,7 +24,6 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 import flax
@@ -72,11 +71,10 @@ def parse_loras(specs: str) -> list[tuple[str, float]]:
 
 
 class LoraModule:
-    """One LoRA module of a file: where it goes and its tensors (PyTorch layout)."""
+    """One LoRA module of a file: the weight it targets (a `Module`) and its tensors (PyTorch layout)."""
 
-    def __init__(self, component: str, path: tuple[str, ...], torch_key: str, base_shape: tuple[int, ...], to_flax):
-        self.component, self.path, self.torch_key, self.base_shape = component, path, torch_key, base_shape
-        self.to_flax = to_flax  # the base weight's PyTorch -> Flax layout rule
+    def __init__(self, target: "Module"):
+        self.target = target
         self.down: np.ndarray | None = None
         self.up: np.ndarray | None = None
         self.alpha: float | None = None
@@ -86,7 +84,7 @@ class LoraModule:
         rank = self.down.shape[0]
         alpha = rank if not self.alpha else self.alpha
         up, down = self.up.astype(np.float32).reshape(self.up.shape[0], -1), self.down.astype(np.float32)
-        return (scale * alpha / rank * (up @ down.reshape(rank, -1))).reshape(self.base_shape)
+        return (scale * alpha / rank * (up @ down.reshape(rank, -1))).reshape(self.target.torch_shape)
 
 
 class Module(NamedTuple):
@@ -101,7 +99,7 @@ class Module(NamedTuple):
     kohya: str  # what kohya sd-scripts writes (sgm names for the UNet)
     diffusers: str  # what diffusers writes (`unet.` / `text_encoder.` / `text_encoder_2.` + module; text
     # modules without `text_model.`, as diffusers writes them with transformers >= 5.6)
-    aliases: tuple[str, ...]  # other spellings readers meet
+    aliases: tuple[str, ...]  # other spellings readers meet; the first: kohya with the diffusers module name
 
 
 def modules(weights) -> list[Module]:
@@ -133,6 +131,22 @@ def modules(weights) -> list[Module]:
             out.append(Module(component, path, key, torch_shape, to_flax, to_torch,
                               kohya + named.replace(".", "_"), diffusers + short, tuple(aliases)))  # fmt: skip
     return out
+
+
+def adapter_name(module: Module) -> str:
+    """How trained adapters are keyed (`train.lora`): "component/flax/path/of/kernel"."""
+    return f"{module.component}/{'/'.join(module.path)}"
+
+
+def target_kernels(weights, spec) -> dict:
+    """`{adapter_name: kernel}` of the kernels in `weights` (a `PipelineWeights`) that `spec` (a
+    `train.lora.LoraSpec`) puts an adapter on: what `train.lora.init_adapters` takes."""
+    flat = {c: flax.traverse_util.flatten_dict(p) for c, (_, p) in weights.components.items()}
+    return {
+        adapter_name(m): flat[m.component][m.path]
+        for m in modules(weights)
+        if spec.targets_module(m.component, m.torch_key.removesuffix(".weight"))
+    }
 
 
 def module_table(weights) -> dict[str, Module]:
@@ -186,7 +200,7 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
         if entry is None:
             unknown.append(key)
             continue
-        found = found_modules.setdefault(module, LoraModule(*entry[:5]))
+        found = found_modules.setdefault(module, LoraModule(entry))
         value = state[key]
         if role == "alpha":
             found.alpha = float(np.asarray(value, np.float32).reshape(()))
@@ -211,7 +225,7 @@ def read_lora(path, table: Mapping, strict: bool = True) -> list[LoraModule]:
         if module.down is None or module.up is None:
             bad.append(f"{label} has only its {'up' if module.down is None else 'down'} half")
             continue
-        rank, out, base = module.down.shape[0], module.up.shape[0], module.base_shape
+        rank, out, base = module.down.shape[0], module.up.shape[0], module.target.torch_shape
         pointwise_up = all(n == 1 for n in module.up.shape[2:])
         if module.up.shape[1] != rank or out != base[0] or tuple(module.down.shape[1:]) != base[1:] or not pointwise_up:
             shapes = f"down {tuple(module.down.shape)}, up {tuple(module.up.shape)}"
@@ -244,14 +258,15 @@ def merge_loras(weights, loras: Iterable[tuple[str, float]], strict: bool = True
     for path, scale in loras:
         modules = read_lora(path, table, strict)
         for module in modules:
-            delta = np.asarray(module.to_flax(module.delta(scale)), np.float32)
-            flat = params[module.component]
-            w = flat[module.path]
+            target = module.target
+            delta = np.asarray(target.to_flax(module.delta(scale)), np.float32)
+            flat = params[target.component]
+            w = flat[target.path]
             if isinstance(w, jax.Array):
-                flat[module.path] = _ADD(w, delta)
+                flat[target.path] = _ADD(w, delta)
             else:
-                flat[module.path] = (np.asarray(w, np.float32) + delta).astype(w.dtype)
-        log.info("merged LoRA %s at scale %g: %d modules", Path(str(path)).name, scale, len(modules))
+                flat[target.path] = (np.asarray(w, np.float32) + delta).astype(w.dtype)
+        log.info("merged LoRA %s at scale %g: %d modules", storage.path(path).name, scale, len(modules))
     components = {}
     for name, (cfg, p) in weights.components.items():
         tree = flax.traverse_util.unflatten_dict(params[name]) if params[name] else p
@@ -276,7 +291,7 @@ def save_lora(adapters: Mapping, spec, weights, path, fmt: str = "kohya", metada
 
     if fmt not in FORMATS:
         raise ValueError(f"LoRA format must be one of {FORMATS}, got {fmt!r}")
-    by_name = {f"{m.component}/{'/'.join(m.path)}": m for m in modules(weights)}
+    by_name = {adapter_name(m): m for m in modules(weights)}
     if unknown := set(adapters) - by_name.keys():
         raise ConversionError(f"{len(unknown)} adapters name no module of this model, e.g. {sorted(unknown)[0]}")
     tensors, config = {}, {}
