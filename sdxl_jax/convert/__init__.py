@@ -5,9 +5,11 @@
 """
 
 from sdxl_jax.convert.components import COMPONENTS, load_text_encoder, load_unet, load_vae
+from sdxl_jax.convert.dinov2 import load_dinov2
 from sdxl_jax.convert.export import export_diffusers, export_single_file
 from sdxl_jax.convert.files import read_safetensors, read_state_dict
 from sdxl_jax.convert.mapping import ConversionError
+from sdxl_jax.convert.perceptual import load_lpips, load_patch_discriminator, patch_discriminator_to_torch
 from sdxl_jax.convert.pipeline_weights import (
     PipelineWeights,
     load_diffusers,
@@ -43,12 +45,16 @@ __all__ = [
     "diffusers_to_single_file",
     "iter_single_file_to_diffusers",
     "load_diffusers",
+    "load_dinov2",
+    "load_lpips",
+    "load_patch_discriminator",
     "load_pipeline_weights",
     "load_project",
     "load_single_file",
     "load_text_encoder",
     "load_unet",
     "load_vae",
+    "patch_discriminator_to_torch",
     "read_safetensors",
     "read_state_dict",
     "save_project",
