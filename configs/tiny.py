@@ -5,8 +5,10 @@
     python train.py --config configs/tiny.py:latents --workdir /tmp/tiny_latents   # cached latents + text
     python train.py --config configs/tiny.py:folder --workdir /tmp/tiny_folder \
         --config.data.path=/data/images                                            # the grain loader, 32² crops
+    python train.py --config configs/tiny.py:lora --workdir /tmp/tiny_lora         # LoRA adapters (rank 4)
 
-Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way) or `folder`.
+Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way), `folder` or `lora`
+(adapters on the UNet's transformers and every text encoder, exported as a kohya LoRA file).
 """
 
 import ml_collections
@@ -35,8 +37,8 @@ def tiny_models(refiner: bool) -> Models:
 
 def get_config(arg=None):
     switches = set(filter(None, (arg or "").split(",")))
-    if unknown := switches - {"refiner", "latents", "folder"}:
-        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder")
+    if unknown := switches - {"refiner", "latents", "folder", "lora"}:
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder, lora")
     refiner = "refiner" in switches
     models = tiny_models(refiner)
     data = ml_collections.ConfigDict({
@@ -65,4 +67,8 @@ def get_config(arg=None):
         guidance_scale=3.0,
     )
     c.peak_flops_per_device = 1e12  # nominal, for a CPU
+    if "lora" in switches:
+        text = "text_encoder_2" if refiner else "text_encoder,text_encoder_2"
+        c.lora.update(rank=4, alpha=2.0, text_encoders=text)
+        c.export_on_finish = "lora"
     return c

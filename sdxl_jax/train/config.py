@@ -17,11 +17,13 @@ from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.parameterisation import PARAMETERISATIONS
 from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import FSDP_RULES, check_rules
+from sdxl_jax.train.lora import spec_from_config, text_encoders
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from sdxl_jax.train.state import Models
 
 PREDICTIONS = tuple(PARAMETERISATIONS)
-EXPORT_FORMATS = ("none", "project", "diffusers", "single_file")
+EXPORT_FORMATS = ("none", "project", "diffusers", "single_file", "lora")
+LORA_FORMATS = ("kohya", "diffusers")
 
 
 def model_entries(models: Models) -> ml_collections.ConfigDict:
@@ -51,6 +53,21 @@ def optimizer_defaults() -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
+def lora_defaults() -> ml_collections.ConfigDict:
+    """`config.lora`: off (rank 0). With rank > 0 the trainable components are frozen and adapters train
+    (`train/lora.py`); their learning rates are `optimizer.learning_rate` (UNet) and
+    `optimizer.text_encoder_learning_rate`."""
+    return ml_collections.ConfigDict({
+        "rank": 0, "alpha": 16.0,
+        "targets": "transformer",  # "attention" | "transformer" (kohya's default) | "conv" (LoCon)
+        "conv_rank": 0, "conv_alpha": 1.0,  # the 3x3 convs' under "conv" (conv_rank 0: rank, alpha)
+        "text_encoders": "",  # comma-separated text_encoder, text_encoder_2: they get adapters too
+        "dropout": 0.0,  # rank dropout (train/lora.py with_adapters)
+        "format": "kohya",  # export_on_finish=lora: export/lora.safetensors (kohya) or
+        # export/pytorch_lora_weights.safetensors (diffusers / PEFT)
+    })  # fmt: skip
+
+
 def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A complete training config with neutral values (uniform weighting, constant LR, no offset noise)."""
     c = ml_collections.ConfigDict()
@@ -74,6 +91,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.model = model_entries(models)
     c.init_from = ""  # a PipelineWeights path (diffusers folder, single file, project folder); "" = random init
     c.train_text_encoders = False
+    c.lora = lora_defaults()
     c.diffusion = diffusion_defaults()
     c.optimizer = optimizer_defaults()
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup": True})
@@ -88,6 +106,29 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
     c.malloc_huge_pages = False  # restart train.py with malloc on huge pages (train/huge_pages.py; CPU runs)
     return c
+
+
+def lora_errors(c: ml_collections.ConfigDict) -> list[str]:
+    lo, errors = c.lora, []
+    if c.export_on_finish == "lora" and not lo.rank:
+        errors.append("export_on_finish=lora needs lora.rank > 0")
+    if lo.format not in LORA_FORMATS:
+        errors.append(f"lora.format {lo.format!r} not in {LORA_FORMATS}")
+    if not lo.rank:
+        return errors
+    try:
+        spec_from_config(lo)
+        text_encoders(lo)
+    except ValueError as e:
+        errors.append(str(e))
+    if c.train_text_encoders:
+        errors.append("with lora.rank > 0, text encoders get adapters through lora.text_encoders; "
+                      "train_text_encoders (training them whole) must be False")  # fmt: skip
+    if c.optimizer.name != "adamw":
+        errors.append(f"LoRA adapters train with adamw, got optimizer.name {c.optimizer.name!r}")
+    if not 0 <= lo.dropout < 1:
+        errors.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    return errors
 
 
 def check(c: ml_collections.ConfigDict) -> None:
@@ -109,6 +150,7 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"optimizer.accumulation_steps must be >= 1, got {c.optimizer.accumulation_steps}")
     if c.export_on_finish not in EXPORT_FORMATS:
         errors.append(f"export_on_finish {c.export_on_finish!r} not in {EXPORT_FORMATS}")
+    errors += lora_errors(c)
     if c.validation.every:
         try:
             SamplingOptions.from_config(c.validation)

@@ -50,7 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
         f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es), seed {config.seed}"
     )
     step_fn = CompiledSteps(spec, lambda: tracing_context(config, mesh))
-    validate = make_validation(spec.models, config, mesh) if config.validation.every else None
+    validate = make_validation(spec.models, config, mesh, spec.lora) if config.validation.every else None
 
     saved = restored_step
     with checkpoint.PreemptionWatch() as preemption:
@@ -67,7 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
                     f"gradients (max_consecutive_skips={config.max_consecutive_skips}); stopping"
                 )
             if validate is not None and step % config.validation.every == 0:
-                writer.images(step, "validation", validate(frozen | state.ema_params))
+                writer.images(step, "validation", validate(frozen, state.ema_params))
             if step % config.checkpoint_every == 0:
                 checkpoint.save(manager, step, state, data)
                 saved = step
@@ -81,6 +81,6 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
     manager.close()
     data.close()
     if int(state.step) == config.num_steps:
-        export_run(spec.models, state, frozen, config, workdir)
+        export_run(spec, state, frozen, workdir)
     writer.close()
     return state

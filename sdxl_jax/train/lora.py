@@ -18,13 +18,22 @@ Targets (`LoraSpec.targets`), by the diffusers module names of the UNet and the 
                  every Linear of each text-encoder layer (attention and MLP)
     conv         transformer + the resnets' conv1, conv2, time_emb_proj, conv_shortcut and the down /
                  upsamplers' convs (LoCon), 3x3 kernels with `conv_rank` / `conv_alpha`
+
+In a training run (`config.lora.rank > 0`) the adapters are a tree that mirrors the params: under each
+component, the targeted kernel's `kernel` leaf becomes `{"down", "up"}` (`init_lora`). A UNet with
+`scan_layers` has its transformer blocks' kernels stacked `[layers, in, out]`, and their adapters too
+(down `[layers, in, r]`, up `[layers, r, out]`); `unstacked` splits them per block for the files.
 """
 
 import dataclasses
 import math
+import re
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 UNET_TARGETS = {
     "attention": (".to_q", ".to_k", ".to_v", ".to_out.0"),
@@ -72,19 +81,25 @@ class LoraSpec:
         return torch_module.endswith(suffixes)
 
 
-def init_adapters(key: jax.Array, kernels: dict[str, jax.ShapeDtypeStruct], spec: LoraSpec, dtype=jnp.float32):
-    """`{name: {"down", "up"}}` for the named kernels (shapes only are read): down kaiming-uniform, up 0."""
+def init_adapters(
+    key: jax.Array, kernels: dict[str, jax.ShapeDtypeStruct], spec: LoraSpec, dtype=jnp.float32, stacked=frozenset()
+):
+    """`{name: {"down", "up"}}` for the named kernels (shapes only are read): down kaiming-uniform, up 0.
+    Names in `stacked` are scanned layers' kernels `[layers, ...]`: one adapter per layer."""
     out = {}
     for k, (name, kernel) in zip(jax.random.split(key, max(len(kernels), 1)), sorted(kernels.items())):
-        rank, _ = spec.rank_alpha(kernel.shape)
-        bound = 1 / math.sqrt(math.prod(kernel.shape[:-1]))
-        down = jax.random.uniform(k, (*kernel.shape[:-1], rank), dtype, -bound, bound)
-        out[name] = {"down": down, "up": jnp.zeros((rank, kernel.shape[-1]), dtype)}
+        lead, shape = (kernel.shape[:1], kernel.shape[1:]) if name in stacked else ((), kernel.shape)
+        rank, _ = spec.rank_alpha(shape)
+        bound = 1 / math.sqrt(math.prod(shape[:-1]))
+        down = jax.random.uniform(k, (*lead, *shape[:-1], rank), dtype, -bound, bound)
+        out[name] = {"down": down, "up": jnp.zeros((*lead, rank, shape[-1]), dtype)}
     return out
 
 
 def delta(adapter: dict, spec: LoraSpec, scale: float = 1.0) -> jax.Array:
-    """scale * alpha / r * down @ up, in the kernel's (Flax) shape, fp32."""
+    """scale * alpha / r * down @ up, in the kernel's (Flax) shape, fp32 (stacked adapters: per layer)."""
+    if adapter["up"].ndim == 3:  # [layers, r, out]: a scanned layer's
+        return jax.vmap(lambda d, u: delta({"down": d, "up": u}, spec, scale))(adapter["down"], adapter["up"])
     rank, alpha = spec.rank_alpha((*adapter["down"].shape[:-1], adapter["up"].shape[-1]))
     down, up = adapter["down"].astype(jnp.float32), adapter["up"].astype(jnp.float32)
     return (scale * alpha / rank) * jnp.einsum("...r,ro->...o", down, up)
@@ -96,3 +111,90 @@ def merged(kernels: dict[str, jax.Array], adapters: dict, spec: LoraSpec, scale:
         name: (w.astype(jnp.float32) + delta(adapters[name], spec, scale)).astype(w.dtype) if name in adapters else w
         for name, w in kernels.items()
     }
+
+
+# ---- adapters in a training run ----------------------------------------------------------------------
+
+
+def spec_from_config(lora: ml_collections.ConfigDict) -> LoraSpec | None:
+    """`config.lora` -> its `LoraSpec`; None for rank 0 (no LoRA: the trainable components train whole)."""
+    if lora.rank == 0:
+        return None
+    return LoraSpec(lora.rank, lora.alpha, lora.targets, lora.conv_rank, lora.conv_alpha)
+
+
+def text_encoders(lora: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The text encoders `config.lora.text_encoders` names (comma-separated; "" none)."""
+    names = tuple(n.strip() for n in lora.text_encoders.split(",") if n.strip())
+    if unknown := set(names) - {"text_encoder", "text_encoder_2"}:
+        raise ValueError(f"lora.text_encoders: {sorted(unknown)} are not text_encoder / text_encoder_2")
+    return names
+
+
+def _is_adapter(_, x) -> bool:
+    return isinstance(x, dict) and set(x) == {"down", "up"}
+
+
+def flat_adapters(adapters: dict) -> dict[str, dict]:
+    """The adapter tree -> `{"component/flax/path/kernel": {"down", "up"}}` (`convert.lora.adapter_name`)."""
+    flat = flax.traverse_util.flatten_dict(adapters, is_leaf=_is_adapter)
+    return {"/".join(path): adapter for path, adapter in flat.items()}
+
+
+def target_kernels(models, spec: LoraSpec, components: tuple[str, ...], params: dict) -> tuple[dict, frozenset]:
+    """(`{"component/flax/path/kernel": kernel}` of the kernels in `params` (the models' own tree: a
+    scanned UNet's stacked) that `spec` puts an adapter on, the names of the stacked ones)."""
+    from sdxl_jax.convert.lora import modules
+    from sdxl_jax.convert.pipeline_weights import PipelineWeights
+
+    weights = PipelineWeights(models.kind, {n: (models.config(n), None) for n in models.components})
+    scanned = models.unet.scan_layers
+    flat = {c: flax.traverse_util.flatten_dict(nn.meta.unbox(params[c])) for c in components}
+    kernels, stacked = {}, set()
+    for m in modules(weights):
+        if m.component not in components or not spec.targets_module(m.component, m.torch_key.removesuffix(".weight")):
+            continue
+        path = m.path
+        if m.component == "unet" and scanned:
+            path = tuple(re.sub(r"^transformer_blocks_\d+$", "transformer_blocks", p) for p in m.path)
+        name = "/".join((m.component, *path))
+        kernels[name] = flat[m.component][path]
+        if path != m.path:
+            stacked.add(name)
+    return kernels, frozenset(stacked)
+
+
+def init_lora(models, spec: LoraSpec, components: tuple[str, ...], params: dict, key: jax.Array) -> dict:
+    """The adapter tree of a run (fp32, up 0: the run starts at `params`' model); params: the components'
+    params (arrays or abstract: only shapes are read)."""
+    kernels, stacked = target_kernels(models, spec, components, params)
+    flat = init_adapters(key, kernels, spec, stacked=stacked)
+    return flax.traverse_util.unflatten_dict({tuple(name.split("/")): a for name, a in flat.items()})
+
+
+def with_adapters(params: dict, adapters: dict, spec: LoraSpec, dropout: float = 0.0, key=None) -> dict:
+    """`params` (`{component: params}`) with every adapter merged into its kernel: what the models run with.
+
+    dropout > 0 (training; needs `key`): rank dropout, each adapter's rank components kept with
+    probability 1 - dropout and scaled by 1 / (1 - dropout), one draw per adapter per step (kohya's
+    `rank_dropout` draws per example; a merged kernel is shared by the batch)."""
+    out = dict(params)
+    for i, (component, tree) in enumerate(sorted(adapters.items())):
+        flat = flax.traverse_util.flatten_dict(params[component])
+        for j, (path, adapter) in enumerate(sorted(flax.traverse_util.flatten_dict(tree, is_leaf=_is_adapter).items())):
+            if dropout:
+                k = jax.random.fold_in(jax.random.fold_in(key, i), j)
+                keep = jax.random.bernoulli(k, 1.0 - dropout, adapter["up"].shape[:-1])
+                adapter = {"down": adapter["down"], "up": adapter["up"] * keep[..., None] / (1.0 - dropout)}
+            w = flat[path]
+            flat[path] = (w.astype(jnp.float32) + delta(adapter, spec)).astype(w.dtype)
+        out[component] = flax.traverse_util.unflatten_dict(flat)
+    return out
+
+
+def unstacked(adapters: dict) -> dict:
+    """The adapter tree with a scanned UNet's stacked adapters split per block (`transformer_blocks_<i>`),
+    named as the files name modules."""
+    from sdxl_jax.convert.unet import unstack_scanned_blocks
+
+    return {c: unstack_scanned_blocks(tree) if c == "unet" else tree for c, tree in adapters.items()}

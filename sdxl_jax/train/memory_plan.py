@@ -47,10 +47,9 @@ from sdxl_jax.train.hlo_traffic import memory_traffic
 from sdxl_jax.train.state import (
     Models,
     abstract_params,
+    abstract_trained_and_frozen,
     models_from_config,
     new_state,
-    split_params,
-    trainable_components,
     xla_attention,
 )
 from sdxl_jax.train.step import StepSpec, make_train_step, model_flops
@@ -123,8 +122,7 @@ def abstract_step(
     config.mesh.update(mesh_sizes)
     mesh = make_mesh(config.mesh, devices)
     spec = StepSpec.build(config, mesh)
-    unboxed = nn.meta.unbox(abstract_params(spec.models))
-    train, frozen = split_params(unboxed, trainable_components(config, spec.models))
+    train, frozen = nn.meta.unbox(abstract_trained_and_frozen(config, spec.models))
     state = _with_shardings(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
     frozen = _with_shardings(frozen, spec.frozen_shardings)
     global_batch = batch_per_device * batch_shards(mesh, config.sharding_rules)

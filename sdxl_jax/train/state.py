@@ -6,7 +6,9 @@
 
 The state holds the *trainable* params (the UNet; with `train_text_encoders` the text encoders too),
 their optimiser state and EMA, the step and the RNG; `frozen` holds the rest (VAE, frozen text
-encoders), which are never checkpointed: they come again from `init_from` (or the seed).
+encoders), which are never checkpointed: they come again from `init_from` (or the seed). With LoRA
+(`config.lora.rank > 0`, `train/lora.py`) the state's params are the adapters alone, `frozen` holds
+every component, and `model_params` merges the two into what the models run with.
 Master weights are the params' dtype (`param_dtype`, fp32 for training); the models compute in
 their `dtype` (bf16 in the full-size configs), so the UNet casts the fp32 master weights on use.
 """
@@ -29,6 +31,7 @@ from sdxl_jax.convert.unet import stack_scanned_blocks, unstack_scanned_blocks
 from sdxl_jax.models import CLIPTextConfig, CLIPTextModel, UNet, UNetConfig
 from sdxl_jax.models.pixel_space import FirstStageConfig, first_stage
 from sdxl_jax.sharding import param_shardings
+from sdxl_jax.train import lora
 
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5  # (orig h, w, crop top, left, target h, w) / (..., aesthetic score)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -95,6 +98,13 @@ def models_from_config(cfg: ml_collections.ConfigDict) -> Models:
 
 
 def trainable_components(config: ml_collections.ConfigDict, models: Models) -> tuple[str, ...]:
+    """The components a run trains (whole, or with LoRA through adapters): the UNet, and text encoders
+    per `train_text_encoders` (whole) or `lora.text_encoders` (adapters)."""
+    if config.lora.rank:
+        names = lora.text_encoders(config.lora)
+        if missing := [n for n in names if models.config(n) is None]:
+            raise ValueError(f"lora.text_encoders: this {models.kind} has no {', '.join(missing)}")
+        return ("unet",) + names
     if config.train_text_encoders:
         return ("unet",) + tuple(n for n in TEXT_ENCODERS if models.config(n) is not None)
     return ("unet",)
@@ -198,10 +208,41 @@ def split_params(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
     return {k: v for k, v in params.items() if k in trainable}, {k: v for k, v in params.items() if k not in trainable}
 
 
-def state_shardings(models: Models, tx, trainable, seed: int, mesh, rules):
-    """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone."""
-    train, frozen = split_params(abstract_params(models), trainable)
-    abstract_state = jax.eval_shape(lambda p: new_state(p, tx, seed), train)
+def lora_key(seed: int) -> jax.Array:
+    """The adapters' init key, apart from the components' (`init_params` folds in 0..3)."""
+    return jax.random.fold_in(jax.random.key(seed), 100)
+
+
+def trained_and_frozen(config, models: Models, params: dict, key: jax.Array) -> tuple[dict, dict]:
+    """(the state's params, frozen params) from every component's `params` (arrays or abstract): the
+    trainable components and the rest, or with LoRA new adapters (from `key`) and every component."""
+    spec = lora.spec_from_config(config.lora)
+    if spec is None:
+        return split_params(params, trainable_components(config, models))
+    return lora.init_lora(models, spec, trainable_components(config, models), params, key), params
+
+
+def model_params(frozen: dict, trained: dict, spec: "lora.LoraSpec | None", dropout: float = 0.0, key=None) -> dict:
+    """`{component: params}` the models run with: the frozen and trained components together, or with
+    LoRA (`spec`) the frozen ones with the adapters merged in (`lora.with_adapters`)."""
+    if spec is None:
+        return frozen | trained
+    return lora.with_adapters(frozen, trained, spec, dropout, key)
+
+
+def abstract_trained_and_frozen(config, models: Models) -> tuple[dict, dict]:
+    """`trained_and_frozen` from `eval_shape` alone: boxed `ShapeDtypeStruct`s (adapters unboxed)."""
+    params = abstract_params(models)
+    if lora.spec_from_config(config.lora) is None:
+        return split_params(params, trainable_components(config, models))
+    adapters = jax.eval_shape(lambda: trained_and_frozen(config, models, params, lora_key(config.seed))[0])
+    return adapters, params
+
+
+def state_shardings(config, models: Models, tx, mesh, rules):
+    """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone (adapters replicated)."""
+    train, frozen = abstract_trained_and_frozen(config, models)
+    abstract_state = jax.eval_shape(lambda p: new_state(p, tx, config.seed), train)
     return param_shardings(abstract_state, mesh, rules), param_shardings(frozen, mesh, rules)
 
 
@@ -226,6 +267,11 @@ def create_sharded_state(spec) -> tuple[TrainState, dict]:
     else:
         init = lambda key: nn.meta.unbox(init_params(models, key))
         params = jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(config.seed))
-    train, frozen = split_params(params, trainable_components(config, models))
+    if spec.lora is None:
+        train, frozen = split_params(params, trainable_components(config, models))
+    else:  # the adapters, created on their devices; only the kernels' shapes are read
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        init = lambda key: trained_and_frozen(config, models, shapes, key)[0]
+        train, frozen = jax.jit(init, out_shardings=spec.state_shardings.params)(lora_key(config.seed)), params
     make = jax.jit(lambda p: new_state(p, spec.tx, config.seed), out_shardings=spec.state_shardings, donate_argnums=0)
     return make(train), frozen

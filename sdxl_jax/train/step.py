@@ -6,7 +6,9 @@ what compiling it needs: one frozen `StepSpec`.
     state, metrics = step(state, frozen, batch)
 
 One step: the objective's loss (`objective.py`) -> gradients -> global-norm clip, the UNet's optimiser
-(AdamW or Muon; `optim.py`), `MultiSteps` accumulation -> EMA -> the next state. A non-finite loss or
+(AdamW or Muon; `optim.py`), `MultiSteps` accumulation -> EMA -> the next state. With LoRA the state's
+params are the adapters: the loss merges them into the frozen kernels inside the step
+(`state.model_params`), so gradients, optimiser state and EMA exist for the adapters alone. A non-finite loss or
 gradient leaves the state as it was (only `step` and the skip counters move).
 
 Everything random comes from `fold_in(state.rng, state.step)`, so a step's result depends on the
@@ -27,11 +29,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sdxl_jax.models import UNet
 from sdxl_jax.sharding import batch_sharding
 from sdxl_jax.train.flops import jaxpr_flops
+from sdxl_jax.train.lora import LoraSpec, spec_from_config
 from sdxl_jax.train.objective import diffusion_loss, encode_batch
 from sdxl_jax.train.optim import ema_decay, make_optimizer
 from sdxl_jax.train.state import (
     Models,
     TrainState,
+    model_params,
     models_from_config,
     state_shardings,
     trainable_components,
@@ -44,7 +48,8 @@ class StepSpec:
     """Everything the compiled step closes over, built once per run (and by the planner, abstractly).
 
     state_shardings: a `TrainState` of `NamedSharding`s; frozen_shardings: `{component: shardings}` of
-    the frozen params; batch_sharding: one `NamedSharding` (batch axis split) for every batch entry.
+    the frozen params; batch_sharding: one `NamedSharding` (batch axis split) for every batch entry;
+    lora: the adapters' spec when the run trains LoRA adapters (None: whole components).
     """
 
     models: Models
@@ -54,6 +59,7 @@ class StepSpec:
     state_shardings: Any
     frozen_shardings: dict
     batch_sharding: NamedSharding
+    lora: LoraSpec | None
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> "StepSpec":
@@ -62,8 +68,9 @@ class StepSpec:
         models = models_from_config(config.model)
         trainable = trainable_components(config, models)
         tx, lr = make_optimizer(config.optimizer, trainable)
-        st_sh, frozen_sh = state_shardings(models, tx, trainable, config.seed, mesh, config.sharding_rules)
-        return cls(models, tx, lr, config, st_sh, frozen_sh, batch_sharding(mesh, config.sharding_rules))
+        st_sh, frozen_sh = state_shardings(config, models, tx, mesh, config.sharding_rules)
+        batches = batch_sharding(mesh, config.sharding_rules)
+        return cls(models, tx, lr, config, st_sh, frozen_sh, batches, spec_from_config(config.lora))
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -72,6 +79,8 @@ class StepSpec:
     @property
     def param_shardings(self) -> dict:
         """`{component: shardings}` of every component's params, trainable and frozen."""
+        if self.lora is not None:
+            return self.frozen_shardings  # every component; the state holds adapters
         return self.state_shardings.params | self.frozen_shardings
 
     def without_remat(self) -> "StepSpec":
@@ -93,7 +102,7 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) 
     k_vae, k_loss = jax.random.split(key)
 
     def loss_fn(params):
-        everything = frozen | params
+        everything = model_params(frozen, params, spec.lora, config.lora.dropout, jax.random.fold_in(key, 2))
         x0, cond = encode_batch(models, everything, batch, k_vae)
         unet = lambda x_t, t, c: UNet(models.unet).apply({"params": everything["unet"]}, x_t, t, c.context, c.y)
         return diffusion_loss(unet, config.diffusion, x0, cond, k_loss)
