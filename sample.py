@@ -3,7 +3,7 @@
     python sample.py --config configs/sdxl_base.py --config.checkpoint=PATH --prompt "a cat" \
         [--prompts_file F] [--negative_prompt ...] [--n 4] [--steps 30] [--guidance 5.0] [--sampler euler] \
         [--seed 0] [--width 1024 --height 1024] [--refiner PATH --denoising_end 0.8] \
-        [--lora style.safetensors:0.8 ...] --outdir out/
+        [--lora style.safetensors:0.8 ...] [--vae sdxl_vae.safetensors] --outdir out/
 
 The flags are shorthands for the config fields of the same meaning (`--config.steps` etc. work too).
 Image k (counting over all prompts and their n copies) uses seed `seed + k`, recorded in its PNG, so any
@@ -39,7 +39,7 @@ _LORA = flags.DEFINE_multi_string(
 )
 # Shorthand flags for the config fields of the same name (--guidance: guidance_scale), by type.
 _SHORTHANDS = {
-    flags.DEFINE_string: ("negative_prompt", "sampler", "schedule", "refiner"),
+    flags.DEFINE_string: ("negative_prompt", "sampler", "schedule", "refiner", "vae"),
     flags.DEFINE_integer: ("n", "steps", "seed", "width", "height", "batch_size"),
     flags.DEFINE_float: ("guidance", "denoising_end"),
 }
@@ -121,6 +121,12 @@ def round_sizes(config, multiple: int) -> None:
             setattr(config, name, valid)
 
 
+def vae_name(location) -> str:
+    """A VAE's name for the PNG: its file or folder name, with the parent's for a pipeline's `vae/`."""
+    p = storage.path(location)
+    return f"{p.parent.name}/{p.name}" if p.name == "vae" else p.name
+
+
 def infotext(config, prompt: str, seed: int, model: str) -> str:
     """The `parameters` PNG text chunk in the SD web UIs' format."""
     fields = {"Steps": config.steps, "Sampler": WEBUI_SAMPLERS[config.sampler]}
@@ -132,6 +138,8 @@ def infotext(config, prompt: str, seed: int, model: str) -> str:
         "Size": f"{config.width}x{config.height}",
         "Model": model,
     }
+    if config.vae:  # as the web UIs record a VAE chosen by hand
+        fields["VAE"] = vae_name(config.vae)
     if config.refiner and config.denoising_end > 0:
         fields |= {"Refiner": storage.path(config.refiner).name, "Refiner switch at": config.denoising_end}
     fields["Version"] = f"sdxl_jax {__version__}"
@@ -168,13 +176,14 @@ def main(argv):
     try:
         pipe = pipeline_lib.Pipeline.load(
             config.checkpoint, refiner=config.refiner or None, dtype=config.dtype,
-            loras=parse_loras(config.loras), lora_strict=config.lora_strict,
+            loras=parse_loras(config.loras), lora_strict=config.lora_strict, vae=config.vae or None,
         )  # fmt: skip
     except (FileNotFoundError, storage.StorageError, ConversionError) as e:
         raise app.UsageError(str(e)) from None
     loras = "".join(f" + LoRA {path} x {scale:g}" for path, scale in parse_loras(config.loras))
+    vae = f" + VAE {config.vae}" if config.vae else ""
     print(
-        f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''}{loras} "
+        f"loaded {config.checkpoint}{' + ' + config.refiner if config.refiner else ''}{loras}{vae} "
         f"in {time.perf_counter() - start:.1f} s"
     )
     round_sizes(config, pipe.size_multiple)

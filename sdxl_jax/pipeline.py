@@ -45,6 +45,7 @@ from sdxl_jax.convert.pipeline_weights import (
     PipelineWeights,
     Placement,
     load_pipeline_weights,
+    swap_vae,
 )
 from sdxl_jax.diffusion import schedules
 from sdxl_jax.generation import SCHEDULES, make_schedule  # noqa: F401  (part of this module's interface)
@@ -174,6 +175,7 @@ class Pipeline:
         dtype: str = "bf16",
         loras: Sequence[tuple[str, float]] = (),
         lora_strict: bool = True,
+        vae: str | Path | None = None,
         **kwargs,
     ) -> "Pipeline":
         """Load from anything `convert.load_pipeline_weights` accepts (this project's checkpoint, a diffusers
@@ -181,7 +183,9 @@ class Pipeline:
         `zero_terminal_snr` default to what the checkpoint's metadata records (train.py's exports do),
         else SDXL's (epsilon, no). loras: `(path, scale)` LoRA files (kohya, diffusers, ComfyUI) merged
         into the base's UNet and text encoders once, here (`convert.lora`); lora_strict=False skips
-        modules this model lacks with a warning."""
+        modules this model lacks with a warning. vae: another VAE instead of the checkpoint's (a diffusers
+        AutoencoderKL or pipeline folder, or an original-layout file such as `sdxl_vae.safetensors`;
+        `convert.pipeline_weights.load_vae_for`), with the same latent channels, downsampling and scaling."""
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         start = time.perf_counter()
@@ -190,6 +194,8 @@ class Pipeline:
         shardings = shardings_on(mesh, kwargs.get("param_sharding", "replicated"))
         placement = Placement(shardings, dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), DTYPES[dtype]))
         base = merge_loras(load_pipeline_weights(path, model="base", placement=placement), loras, lora_strict)
+        if vae is not None:
+            base = swap_vae(base, vae, placement)
         ref = load_pipeline_weights(refiner, model="refiner", placement=placement) if refiner is not None else None
         kwargs = objective_from_metadata(base.metadata) | kwargs
         pipe = cls.from_weights(
@@ -197,9 +203,10 @@ class Pipeline:
         )
         release_freed_memory()
         log.info(
-            "loaded %s%s in %.1f s (%s)",
+            "loaded %s%s%s in %.1f s (%s)",
             path,
             f" + refiner {refiner}" if refiner else "",
+            f" + VAE {vae}" if vae is not None else "",
             time.perf_counter() - start,
             dtype,
         )

@@ -125,6 +125,7 @@ def sample_config(options: SamplingOptions | None = None, **settings) -> ml_coll
     c.dtype = "bf16"  # UNet + text encoders (the VAE decodes in fp32)
     c.loras = ""  # LoRA files merged into the base when loading: "PATH[:SCALE],..." (sample.py --lora, repeatable)
     c.lora_strict = True  # False: a LoRA's modules this model lacks are skipped with a warning, not an error
+    c.vae = ""  # another VAE instead of the checkpoint's: a diffusers folder or an sdxl_vae.safetensors (--vae)
     # height, width, steps, sampler, schedule, guidance_scale, guidance_rescale, aesthetic_score,
     # negative_aesthetic_score, prompt_mode; denoising_end > 0: the base stops there and the refiner
     # finishes (ensemble of experts); refiner_strength > 0: instead the refiner re-noises the base's image

@@ -26,7 +26,7 @@ import numpy as np
 from sdxl_jax import storage
 from sdxl_jax.convert.components import COMPONENTS, load_component
 from sdxl_jax.convert.files import Prefetch, atomic_output, whole_files
-from sdxl_jax.convert.mapping import ConversionError, LeafPlacer, check_tree
+from sdxl_jax.convert.mapping import ConversionError, LeafPlacer, check_tree, shape_of
 from sdxl_jax.models import pixel_space
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.unet import UNetConfig
@@ -312,3 +312,79 @@ def load_pipeline_weights(
             raise ConversionError(f"{path} holds an SDXL {weights.model}, not a {model}")
         return weights
     return load_single_file(path, model, dtype, placement=placement)
+
+
+# ---- another VAE ---------------------------------------------------------------------------------------
+
+SINGLE_FILE_VAE_PREFIX = "first_stage_model."  # where a whole single file keeps its VAE
+
+
+def vae_interface_differences(cfg, like) -> list[str]:
+    """How the VAE `cfg` differs from `like` (a pipeline's VAE) in what the UNet sees: the latent's channels,
+    its downsampling and the scaling (and shift) into the UNet's latent space; empty when they agree."""
+    fields = ("latent_channels", "downsample_factor", "scaling_factor", "shift_factor")
+    return [f"{f} {getattr(cfg, f)} (the model's VAE: {getattr(like, f)})" for f in fields
+            if getattr(cfg, f) != getattr(like, f)]  # fmt: skip
+
+
+def load_vae_for(path, like, placement: Placement | None = None) -> tuple[VAEConfig, Any]:
+    """(config, params) of a VAE to use instead of a pipeline's VAE `like`: a diffusers AutoencoderKL folder
+    (`config.json` + weights), a diffusers pipeline folder (its `vae/`), or one weights file in the original
+    ldm / sgm layout (Stability's `sdxl_vae.safetensors`; also a whole single file's `first_stage_model.`
+    VAE), whose architecture is taken to be `like`'s since such a file records none (nor a scaling factor).
+
+    Read strictly, like every checkpoint; placement as for the pipeline. The VAE must give the latents the
+    UNet was trained on: a different latent interface (`vae_interface_differences`) or a pixel-space model
+    is a ConversionError of one line. This project's checkpoints hold whole pipelines only (no VAE-only
+    export exists), so a project folder is refused.
+    """
+    from sdxl_jax.convert.files import open_state_dict, stored_dtype
+    from sdxl_jax.convert.single_file import vae_file_to_diffusers
+
+    path = storage.check_readable(path, "VAE")
+    if not isinstance(like, VAEConfig):
+        raise ConversionError(f"the VAE {path}: this model works in pixel space; it has no VAE to replace")
+    if path.is_dir():
+        if is_project(path):
+            what = f"this {FORMAT_NAME} checkpoint holds a whole pipeline (sdxl-convert exports its vae/)"
+            raise ConversionError(f"{path}: a VAE is read from a diffusers folder or a weights file; {what}")
+        folder = path / "vae" if is_diffusers_folder(path) else path
+        if not (folder / "config.json").is_file():
+            neither = "neither a diffusers AutoencoderKL folder (config.json) nor a pipeline folder with vae/"
+            raise ConversionError(f"{path} is {neither}")
+        cfg = COMPONENTS["vae"].config_from_torch(json.loads((folder / "config.json").read_text()))
+        if differences := vae_interface_differences(cfg, like):
+            raise ConversionError(f"the VAE {folder} does not fit the model: {'; '.join(differences)}")
+        return load_component("vae", folder, placement=placement)
+    state = open_state_dict(path)
+    prefix = SINGLE_FILE_VAE_PREFIX if any(k.startswith(SINGLE_FILE_VAE_PREFIX) for k in state.keys()) else ""
+    if differences := _vae_file_differences(state, prefix, like):
+        raise ConversionError(f"the VAE {path} does not fit the model: {'; '.join(differences)}")
+    diffusers_state = vae_file_to_diffusers(state, like, prefix)
+    cfg = like.replace(param_dtype=stored_dtype(diffusers_state))
+    place = None if placement is None else placement.placer("vae", cfg)
+    with Prefetch(whole_files([path])):
+        return cfg, COMPONENTS["vae"].params_from_torch(diffusers_state, cfg, place)
+
+
+def _vae_file_differences(state, prefix: str, like: VAEConfig) -> list[str]:
+    """The latent channels and levels of an original-layout VAE file, where they differ from `like`'s (the
+    tensor-by-tensor check that follows names every other difference)."""
+    levels = {k[len(prefix) :].split(".")[2] for k in state.keys() if k.startswith(f"{prefix}encoder.down.")}
+    conv_in = f"{prefix}decoder.conv_in.weight"  # [C, latent, 3, 3]
+    if conv_in not in state.keys() or not levels:
+        return [f"not a VAE in the original layout (no {conv_in}, no {prefix}encoder.down.*)"]
+    differences = []
+    if (latent := shape_of(state, conv_in)[1]) != like.latent_channels:
+        differences.append(f"latent_channels {latent} (the model's VAE: {like.latent_channels})")
+    if len(levels) != len(like.block_out_channels):
+        factor, want = 2 ** (len(levels) - 1), like.downsample_factor
+        differences.append(f"downsample_factor {factor} (the model's VAE: {want})")
+    return differences
+
+
+def swap_vae(weights: PipelineWeights, path, placement: Placement | None = None) -> PipelineWeights:
+    """`weights` with the VAE read from `path` (`load_vae_for`) instead of its own, recorded in the
+    metadata as `vae`."""
+    components = dict(weights.components, vae=load_vae_for(path, weights.config("vae"), placement))
+    return PipelineWeights(weights.model, components, dict(weights.metadata, vae=str(path)))

@@ -186,10 +186,16 @@ def single_file_plan(
     if set(shapes) != set(layout.components):
         have = sorted(shapes)
         raise ConversionError(f"an SDXL {layout.model} single file has {layout.components}; shapes for {have}")
-    prefixes, tables = component_prefixes(layout.model), layout.name_tables()
+    return _plan(layout.name_tables(), component_prefixes(layout.model), shapes)
+
+
+def _plan(
+    tables: Mapping[str, NameTable], prefixes: Mapping[str, str], shapes: Mapping[str, Mapping[str, Sequence[int]]]
+) -> list[Op]:
+    """The ops of the components `tables` names, each component's single-file names under its prefix."""
     groups: dict[str, tuple[str, str, dict[int, tuple[str, Shape]]]] = {}
     problems = []
-    for component in layout.components:
+    for component in tables:
         for key, given in _canonical_names(component, shapes[component]).items():
             if component in TEXT_COMPONENTS and key == POSITION_IDS:
                 continue
@@ -305,6 +311,24 @@ def single_file_to_diffusers(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Component -> diffusers state dict, from a single-file state dict (see `iter_single_file_to_diffusers`)."""
     return {c: dict(tensors) for c, tensors in iter_single_file_to_diffusers(state, model, shapes=shapes)}
+
+
+def vae_file_to_diffusers(state: Mapping[str, np.ndarray], cfg: VAEConfig, prefix: str = "") -> "ComponentState":
+    """The diffusers state dict of a VAE stored in the original (ldm / sgm) layout, strictly, for the VAE
+    `cfg` describes (such a file records no architecture).
+
+    state: a VAE-only file (Stability's `sdxl_vae.safetensors`: `encoder.down.0.block.0...`, `prefix` "")
+    or any state dict holding one under `prefix` (a single file's `first_stage_model.`; its other tensors
+    are not looked at). Missing, unexpected and mis-shaped tensors are reported before any is read; the
+    result is lazy like `iter_single_file_to_diffusers`'.
+    """
+    shapes = torch_shapes(COMPONENTS["vae"].abstract_params(cfg), COMPONENTS["vae"].torch_key(cfg))
+    ops = _plan({"vae": vae_names(cfg)}, {"vae": prefix}, {"vae": shapes})
+    have = {key: shape_of(state, key) for key in state.keys() if key.startswith(prefix)}
+    notes = {op.single_file: f" (for vae {', '.join(op.diffusers)})" for op in ops}
+    want = {op.single_file: op.single_file_shape for op in ops}
+    check_tensors("the VAE file does not match the model's VAE", have, want, notes=notes)
+    return ComponentState(state, ops)
 
 
 def diffusers_to_single_file(
