@@ -20,11 +20,12 @@ from sdxl_jax.train.step import StepSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING = {
-    "tiny": ["", "refiner", "latents", "refiner,latents", "folder"],
+    "tiny": ["", "refiner", "latents", "refiner,latents", "folder", "lora", "lora,refiner"],
     "sdxl_pretrain_256": ["", "none", "full"],
     "sdxl_pretrain_512": [""],
     "sdxl_finetune_1024": ["", "minimal"],
     "sdxl_refiner": [""],
+    "sdxl_lora_1024": ["", "te,bf16,conv,minimal"],
 }
 
 

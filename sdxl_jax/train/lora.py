@@ -81,18 +81,24 @@ class LoraSpec:
         return torch_module.endswith(suffixes)
 
 
-def init_adapters(
-    key: jax.Array, kernels: dict[str, jax.ShapeDtypeStruct], spec: LoraSpec, dtype=jnp.float32, stacked=frozenset()
-):
+def init_adapters(key: jax.Array, kernels: dict, spec: LoraSpec, dtype=jnp.float32, stacked=frozenset()):
     """`{name: {"down", "up"}}` for the named kernels (shapes only are read): down kaiming-uniform, up 0.
-    Names in `stacked` are scanned layers' kernels `[layers, ...]`: one adapter per layer."""
+    Names in `stacked` are scanned layers' kernels `[layers, ...]`: one adapter per layer. A kernel boxed
+    with its logical axes (`nn.Partitioned`, as `abstract_params` gives them) gets boxed adapters: down
+    takes the kernel's input axes, up its output axis, so they shard along with it (rank: replicated)."""
     out = {}
     for k, (name, kernel) in zip(jax.random.split(key, max(len(kernels), 1)), sorted(kernels.items())):
-        lead, shape = (kernel.shape[:1], kernel.shape[1:]) if name in stacked else ((), kernel.shape)
+        names = kernel.names if isinstance(kernel, nn.Partitioned) else None
+        full = nn.meta.unbox(kernel).shape
+        lead, shape = (full[:1], full[1:]) if name in stacked else ((), full)
         rank, _ = spec.rank_alpha(shape)
         bound = 1 / math.sqrt(math.prod(shape[:-1]))
         down = jax.random.uniform(k, (*lead, *shape[:-1], rank), dtype, -bound, bound)
-        out[name] = {"down": down, "up": jnp.zeros((*lead, rank, shape[-1]), dtype)}
+        up = jnp.zeros((*lead, rank, shape[-1]), dtype)
+        if names is not None:
+            down = nn.Partitioned(down, names=(*names[:-1], None))
+            up = nn.Partitioned(up, names=(*names[: len(lead)], None, names[-1]))
+        out[name] = {"down": down, "up": up}
     return out
 
 
@@ -142,14 +148,14 @@ def flat_adapters(adapters: dict) -> dict[str, dict]:
 
 
 def target_kernels(models, spec: LoraSpec, components: tuple[str, ...], params: dict) -> tuple[dict, frozenset]:
-    """(`{"component/flax/path/kernel": kernel}` of the kernels in `params` (the models' own tree: a
-    scanned UNet's stacked) that `spec` puts an adapter on, the names of the stacked ones)."""
+    """(`{"component/flax/path/kernel": kernel}` of the kernels in `params` (the models' own tree, boxed
+    or not: a scanned UNet's stacked) that `spec` puts an adapter on, the names of the stacked ones)."""
     from sdxl_jax.convert.lora import modules
     from sdxl_jax.convert.pipeline_weights import PipelineWeights
 
     weights = PipelineWeights(models.kind, {n: (models.config(n), None) for n in models.components})
     scanned = models.unet.scan_layers
-    flat = {c: flax.traverse_util.flatten_dict(nn.meta.unbox(params[c])) for c in components}
+    flat = {c: flax.traverse_util.flatten_dict(params[c]) for c in components}  # boxed or not
     kernels, stacked = {}, set()
     for m in modules(weights):
         if m.component not in components or not spec.targets_module(m.component, m.torch_key.removesuffix(".weight")):
@@ -166,28 +172,39 @@ def target_kernels(models, spec: LoraSpec, components: tuple[str, ...], params: 
 
 def init_lora(models, spec: LoraSpec, components: tuple[str, ...], params: dict, key: jax.Array) -> dict:
     """The adapter tree of a run (fp32, up 0: the run starts at `params`' model); params: the components'
-    params (arrays or abstract: only shapes are read)."""
+    params (arrays or abstract, boxed or not: only shapes and logical axes are read)."""
     kernels, stacked = target_kernels(models, spec, components, params)
     flat = init_adapters(key, kernels, spec, stacked=stacked)
     return flax.traverse_util.unflatten_dict({tuple(name.split("/")): a for name, a in flat.items()})
 
 
-def with_adapters(params: dict, adapters: dict, spec: LoraSpec, dropout: float = 0.0, key=None) -> dict:
+def with_adapters(
+    params: dict, adapters: dict, spec: LoraSpec, dropout: float = 0.0, key=None, dtypes=None, shardings=None
+) -> dict:
     """`params` (`{component: params}`) with every adapter merged into its kernel: what the models run with.
 
     dropout > 0 (training; needs `key`): rank dropout, each adapter's rank components kept with
     probability 1 - dropout and scaled by 1 / (1 - dropout), one draw per adapter per step (kohya's
-    `rank_dropout` draws per example; a merged kernel is shared by the batch)."""
+    `rank_dropout` draws per example; a merged kernel is shared by the batch).
+
+    Inside the train step: dtypes (`{component: dtype}`) casts each merged kernel to the component's
+    compute dtype right away (the model casts it there anyway, so nothing changes numerically, but the
+    merged copies and their gradients take half the memory in bf16); shardings (`{component: tree of
+    NamedSharding}`, the frozen params') lays each merged kernel out like its base kernel — without it
+    XLA may keep the merged kernels whole on every device."""
     out = dict(params)
     for i, (component, tree) in enumerate(sorted(adapters.items())):
         flat = flax.traverse_util.flatten_dict(params[component])
+        dtype = None if dtypes is None else dtypes[component]
+        layout = None if shardings is None else flax.traverse_util.flatten_dict(shardings[component])
         for j, (path, adapter) in enumerate(sorted(flax.traverse_util.flatten_dict(tree, is_leaf=_is_adapter).items())):
             if dropout:
                 k = jax.random.fold_in(jax.random.fold_in(key, i), j)
                 keep = jax.random.bernoulli(k, 1.0 - dropout, adapter["up"].shape[:-1])
                 adapter = {"down": adapter["down"], "up": adapter["up"] * keep[..., None] / (1.0 - dropout)}
             w = flat[path]
-            flat[path] = (w.astype(jnp.float32) + delta(adapter, spec)).astype(w.dtype)
+            w_new = (w.astype(jnp.float32) + delta(adapter, spec)).astype(dtype or w.dtype)
+            flat[path] = w_new if layout is None else jax.lax.with_sharding_constraint(w_new, layout[path])
         out[component] = flax.traverse_util.unflatten_dict(flat)
     return out
 
