@@ -4,6 +4,9 @@ Layout (diffusers' names, which the converters map 1:1): conv_in -> down_blocks_
 attentions_j, downsampler) -> mid_block -> up_blocks_i (resnets_j, attentions_j, upsampler) ->
 conv_norm_out -> conv_out, with the timestep embedding (+ the vector conditioning `y`) fed to every
 resnet and the text context to every transformer.
+
+`UNet.encode_features` runs the encoder alone (conv_in, the down blocks, the middle block) and returns
+its hidden states by name, for a discriminator built on a frozen UNet (`unet_features.py`).
 """
 
 import dataclasses
@@ -217,8 +220,31 @@ class UNet(nn.Module):
         if y is not None and y.shape != (b, cfg.adm_in_channels):
             raise ValueError(f"y shape {y.shape} != ({b}, {cfg.adm_in_channels})")
 
+    def __call__(self, x, timesteps, context, y=None) -> jax.Array:
+        out, _ = self._forward(x, timesteps, context, y, decode=True)
+        return out
+
+    def encode_features(self, x, timesteps, context, y=None) -> dict[str, jax.Array]:
+        """The encoder's hidden states, without running the decoder (same inputs as `__call__`):
+
+            UNet(cfg).apply({"params": p}, x, timesteps, context, y, method="encode_features")
+
+        -> {"down_blocks_{i}": `[B, H / 2^i, W / 2^i, level_channels[i]]` for every level i,
+            "mid_block": `[B, H / 2^(L-1), W / 2^(L-1), level_channels[-1]]`} in the compute dtype.
+
+        A level's feature is its last resnet/transformer output, taken *before* its downsampler: the
+        level's full computation at its own resolution and width (the last skip the decoder reads at
+        that level). After the downsampler it would only be a strided conv of the same thing, which is
+        the next level's input, at half the resolution. The last level has no downsampler, so its feature
+        is the block's output. Parameters are `__call__`'s (the decoder's are simply not read); create
+        them with `init`, not through this method.
+        """
+        _, features = self._forward(x, timesteps, context, y, decode=False)
+        return features
+
     @nn.compact
-    def __call__(self, x, timesteps, context, y=None):
+    def _forward(self, x, timesteps, context, y, decode: bool):
+        """-> (the output, or None without `decode`; the encoder features by name)."""
         cfg = self.cfg
         timesteps = jnp.asarray(timesteps)
         self._check_inputs(x, timesteps, context, y)
@@ -233,18 +259,24 @@ class UNet(nn.Module):
 
         h = conv(cfg.model_channels, name="conv_in", **kw)(x.astype(dtype))
         skips = [h]
+        features = {}
         levels = len(cfg.channel_mult)
         for i in range(levels):
             h, level_skips = DownBlock(cfg, i, name=f"down_blocks_{i}")(h, temb, context)
+            features[f"down_blocks_{i}"] = level_skips[cfg.num_res_blocks - 1]  # before the downsampler
             skips += level_skips
         h = MidBlock(cfg, name="mid_block")(h, temb, context)
+        features["mid_block"] = h
+        if not decode:
+            return None, features
+
         n = cfg.num_res_blocks + 1
         for u, level in enumerate(reversed(range(levels))):
             h = UpBlock(cfg, level, name=f"up_blocks_{u}")(h, skips[len(skips) - n :], temb, context)
             skips = skips[: len(skips) - n]
 
         h = nn.silu(GroupNorm(cfg.norm_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
-        return conv(cfg.out_channels, name="conv_out", **kw)(h)
+        return conv(cfg.out_channels, name="conv_out", **kw)(h), features
 
 
 def unet_param_count(cfg: UNetConfig) -> int:
