@@ -8,6 +8,8 @@ Captions read "a red circle on a blue background". Every image has its own origi
 upscaling of small images and random crops (and with them SDXL's size and crop conditioning) all occur.
 Some (shape, colour, background) triples never appear in training (`HELD_OUT`); the demo's test
 prompts the trained model with them. Images are drawn at 4x and box-downsampled (anti-aliased edges).
+`LORA_SHAPES` (a diamond) are shapes the demo model never saw, for the demo LoRA (`configs/demo_lora.py`)
+to teach; `LORA_HELD_OUT` are their held-out triples.
 """
 
 import itertools
@@ -29,24 +31,30 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 FOREGROUNDS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # the demo model's
+LORA_SHAPES = ("diamond",)  # new to it: what the demo LoRA teaches
 ASPECTS = ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (1, 2), (2, 1))  # (h, w)
 SUPERSAMPLE = 4
 VERSION = 3  # of the generator; a folder written by another version is rewritten
 
 
-def all_triples() -> list[tuple[str, str, str]]:
-    """Every (shape, foreground, background) with different colours: 3 x 6 x 7 = 126."""
-    return [(s, fg, bg) for s, fg, bg in itertools.product(SHAPES, FOREGROUNDS, COLOURS) if fg != bg]
+def all_triples(shapes=SHAPES) -> list[tuple[str, str, str]]:
+    """Every (shape, foreground, background) with different colours: 3 x 6 x 7 = 126 for the demo's shapes."""
+    return [(s, fg, bg) for s, fg, bg in itertools.product(shapes, FOREGROUNDS, COLOURS) if fg != bg]
 
 
 def _held_out(shape: str, fg: str, bg: str) -> bool:
-    s, f, b = SHAPES.index(shape), FOREGROUNDS.index(fg), list(COLOURS).index(bg)
+    s, f, b = (SHAPES + LORA_SHAPES).index(shape), FOREGROUNDS.index(fg), list(COLOURS).index(bg)
     return (s + 2 * f + 3 * b) % 5 == 0
 
 
+def train_triples(shapes=SHAPES) -> tuple[tuple[str, str, str], ...]:
+    return tuple(t for t in all_triples(shapes) if not _held_out(*t))
+
+
 HELD_OUT = tuple(t for t in all_triples() if _held_out(*t))  # 23 of the 126; every shape and colour still seen
-TRAIN_TRIPLES = tuple(t for t in all_triples() if not _held_out(*t))
+TRAIN_TRIPLES = train_triples()
+LORA_HELD_OUT = tuple(t for t in all_triples(LORA_SHAPES) if _held_out(*t))
 
 
 def caption(shape: str, fg: str, bg: str) -> str:
@@ -65,34 +73,43 @@ def render(shape: str, fg: str, bg: str, height: int, width: int, rng: np.random
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[fg])
     elif shape == "square":
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[fg])
-    else:  # upright, base and height 2r: half the bounding box
+    elif shape == "triangle":  # upright, base and height 2r: half the bounding box
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=COLOURS[fg])
+    elif shape == "diamond":  # a square on its corner, diagonals 2r: half the bounding box, symmetric
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=COLOURS[fg])
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES + LORA_SHAPES}")
     return image.resize((width, height), Image.Resampling.BOX)
 
 
-def example(i: int, seed: int) -> tuple[tuple[str, str, str], int, int, np.random.Generator]:
-    """The triple, original (height, width) and the drawing rng of image i."""
+def example(i: int, seed: int, shapes=SHAPES) -> tuple[tuple[str, str, str], int, int, np.random.Generator]:
+    """The triple (of `shapes`' training triples), original (height, width) and the drawing rng of image i."""
     rng = np.random.default_rng([seed, i])
-    triple = TRAIN_TRIPLES[int(rng.integers(len(TRAIN_TRIPLES)))]
+    triples = TRAIN_TRIPLES if shapes == SHAPES else train_triples(shapes)
+    triple = triples[int(rng.integers(len(triples)))]
     ah, aw = ASPECTS[int(rng.integers(len(ASPECTS)))]
     short = int(rng.integers(24, 97))
     unit = short / min(ah, aw)
     return triple, round(ah * unit), round(aw * unit), rng
 
 
-def write_shapes_folder(root: str | Path, num_images: int = 4000, seed: int = 0, progress: bool = True) -> Path:
-    """Write the dataset as an image folder (`NNNNN.png` + `NNNNN.txt`); a complete folder of the same
-    (num_images, seed, version) is left as it is. The marker file is written last."""
+def write_shapes_folder(
+    root: str | Path, num_images: int = 4000, seed: int = 0, progress: bool = True, shapes=SHAPES
+) -> Path:
+    """Write the dataset as an image folder (`NNNNN.png` + `NNNNN.txt`) of `shapes`; a complete folder
+    of the same (num_images, seed, shapes, version) is left as it is. The marker file is written last."""
     root = Path(root)
     marker = root / "shapes.json"
     spec = {"num_images": num_images, "seed": seed, "version": VERSION}
+    if tuple(shapes) != SHAPES:
+        spec["shapes"] = list(shapes)
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     root.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"writing {num_images} procedural images to {root}/ ...", flush=True)
     for i in range(num_images):
-        (shape, fg, bg), h, w, rng = example(i, seed)
+        (shape, fg, bg), h, w, rng = example(i, seed, tuple(shapes))
         render(shape, fg, bg, h, w, rng).save(root / f"{i:05d}.png")
         (root / f"{i:05d}.txt").write_text(caption(shape, fg, bg) + "\n")
     marker.write_text(json.dumps(spec))
@@ -101,12 +118,16 @@ def write_shapes_folder(root: str | Path, num_images: int = 4000, seed: int = 0,
 
 def make_shapes_loader(cfg: ml_collections.ConfigDict, **kwargs):
     """`data.source = "shapes"`: write the folder at `cfg.path` if needed, then read it with the grain
-    loader (`cfg.num_images`, `cfg.shapes_seed` pick the dataset; the rest is the folder loader's config)."""
+    loader (`cfg.num_images`, `cfg.shapes_seed` and `cfg.shapes`, comma-separated, pick the dataset; the
+    rest is the folder loader's config)."""
     from sdxl_jax.data.loader import make_loader
 
     if not cfg.path:
         raise ValueError("data.path: where the demo's shapes folder goes (written once, reused)")
-    write_shapes_folder(cfg.path, cfg.num_images, cfg.shapes_seed)
+    shapes = tuple(s.strip() for s in cfg.shapes.split(","))
+    if unknown := set(shapes) - set(SHAPES + LORA_SHAPES):
+        raise ValueError(f"data.shapes: unknown {sorted(unknown)}; known: {SHAPES + LORA_SHAPES}")
+    write_shapes_folder(cfg.path, cfg.num_images, cfg.shapes_seed, shapes=shapes)
     folder = cfg.copy_and_resolve_references()
     with folder.unlocked():
         folder.source = "folder"
