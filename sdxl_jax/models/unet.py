@@ -6,7 +6,8 @@ conv_norm_out -> conv_out, with the timestep embedding (+ the vector conditionin
 resnet and the text context to every transformer.
 
 `UNet.encode_features` runs the encoder alone (conv_in, the down blocks, the middle block) and returns
-its hidden states by name, for a discriminator built on a frozen UNet (`unet_features.py`).
+its hidden states by name (`feature_names`: each named after the block that computes it), for a
+discriminator built on a frozen UNet (`unet_features.py`).
 """
 
 import dataclasses
@@ -124,6 +125,20 @@ class UNetConfig(ModelConfig):
         return cls(**(fields | overrides))
 
 
+def feature_names(cfg: UNetConfig) -> tuple[str, ...]:
+    """The encoder features `UNet.encode_features` returns, from full resolution down to the middle
+    block, each named after the block that computes it (and holds its parameters): "down_blocks_{i}"
+    per level, then "mid_block"."""
+    return tuple(f"down_blocks_{i}" for i in range(len(cfg.channel_mult))) + ("mid_block",)
+
+
+def check_latent_size(cfg: UNetConfig, height: int, width: int) -> None:
+    """Raise unless a latent of `height` x `width` goes through every downsampler evenly."""
+    f = cfg.downsample_factor
+    if height % f or width % f:
+        raise ValueError(f"latent size {height}x{width} is not a multiple of the UNet's downsampling factor {f}")
+
+
 def _resblock(cfg: UNetConfig, channels: int, name: str) -> nn.Module:
     return maybe_remat(ResBlock, cfg.remat)(channels, cfg.norm_groups, cfg.norm_eps, name=name, **cfg.dtypes)
 
@@ -206,9 +221,7 @@ class UNet(nn.Module):
     def _check_inputs(self, x, timesteps, context, y):
         cfg = self.cfg
         b, h, w, c = x.shape
-        f = cfg.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"latent size {h}x{w} is not a multiple of the UNet's downsampling factor {f}")
+        check_latent_size(cfg, h, w)
         if c != cfg.in_channels:
             raise ValueError(f"x has {c} channels, the UNet expects {cfg.in_channels}")
         if timesteps.shape != (b,):
@@ -230,7 +243,8 @@ class UNet(nn.Module):
             UNet(cfg).apply({"params": p}, x, timesteps, context, y, method="encode_features")
 
         -> {"down_blocks_{i}": `[B, H / 2^i, W / 2^i, level_channels[i]]` for every level i,
-            "mid_block": `[B, H / 2^(L-1), W / 2^(L-1), level_channels[-1]]`} in the compute dtype.
+            "mid_block": `[B, H / 2^(L-1), W / 2^(L-1), level_channels[-1]]`} in the compute dtype,
+        keyed by `feature_names(cfg)`.
 
         A level's feature is its last resnet/transformer output, taken *before* its downsampler: the
         level's full computation at its own resolution and width (the last skip the decoder reads at
@@ -260,13 +274,13 @@ class UNet(nn.Module):
         h = conv(cfg.model_channels, name="conv_in", **kw)(x.astype(dtype))
         skips = [h]
         features = {}
-        levels = len(cfg.channel_mult)
+        levels, names = len(cfg.channel_mult), feature_names(cfg)
         for i in range(levels):
-            h, level_skips = DownBlock(cfg, i, name=f"down_blocks_{i}")(h, temb, context)
-            features[f"down_blocks_{i}"] = level_skips[cfg.num_res_blocks - 1]  # before the downsampler
+            h, level_skips = DownBlock(cfg, i, name=names[i])(h, temb, context)
+            features[names[i]] = level_skips[cfg.num_res_blocks - 1]  # before the downsampler
             skips += level_skips
-        h = MidBlock(cfg, name="mid_block")(h, temb, context)
-        features["mid_block"] = h
+        h = MidBlock(cfg, name=names[-1])(h, temb, context)
+        features[names[-1]] = h
         if not decode:
             return None, features
 

@@ -2,7 +2,7 @@
 distillation: the teacher's own hidden states on re-noised latents feed the heads instead of DINOv2's).
 
 `UNet.encode_features` returns the encoder's maps by name, `[B, h, w, C]`: "down_blocks_{i}" (level i,
-before its downsampler) and "mid_block". The discriminator takes a list of token arrays `[B, N_k, C_k]`,
+before its downsampler) and "mid_block" (`unet.feature_names`). The discriminator takes a list of token arrays `[B, N_k, C_k]`,
 one per head; here a map becomes `[B, h * w, C]` (row-major: token n is pixel (n // w, n % w), so the
 heads' circular 1-D convolution runs along rows and wraps from one row's end into the next), and the
 names chosen, in their order, are the heads:
@@ -20,14 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from sdxl_jax.models.unet import UNet, UNetConfig
-
-MID_BLOCK = "mid_block"
-
-
-def feature_names(cfg: UNetConfig) -> tuple[str, ...]:
-    """Every feature `UNet.encode_features` returns, from full resolution down to the middle block."""
-    return tuple(f"down_blocks_{i}" for i in range(len(cfg.channel_mult))) + (MID_BLOCK,)
+from sdxl_jax.models.unet import UNet, UNetConfig, check_latent_size, feature_names
 
 
 def _level(cfg: UNetConfig, name: str) -> int:
@@ -35,13 +28,17 @@ def _level(cfg: UNetConfig, name: str) -> int:
     names = feature_names(cfg)
     if name not in names:
         raise ValueError(f"{name!r} is not a UNet encoder feature; choose from {names}")
-    return len(cfg.channel_mult) - 1 if name == MID_BLOCK else names.index(name)
+    return len(cfg.channel_mult) - 1 if name == names[-1] else names.index(name)  # the middle block: last level
+
+
+def _check_some(names: Sequence[str]) -> None:
+    if isinstance(names, str) or not names:
+        raise ValueError(f"name at least one UNet encoder feature (a sequence of names), got {names!r}")
 
 
 def check_feature_names(cfg: UNetConfig, names: Sequence[str]) -> None:
     """At least one name, each a feature of `cfg`, none twice."""
-    if isinstance(names, str) or not names:
-        raise ValueError(f"name at least one UNet encoder feature (a sequence of names), got {names!r}")
+    _check_some(names)
     if len(set(names)) != len(names):
         raise ValueError(f"UNet feature names repeat: {tuple(names)}")
     for name in names:
@@ -57,16 +54,13 @@ def feature_channels(cfg: UNetConfig, names: Sequence[str]) -> tuple[int, ...]:
 def feature_token_counts(cfg: UNetConfig, names: Sequence[str], height: int, width: int) -> tuple[int, ...]:
     """Tokens per head (h * w of each named map) for a latent of `height` x `width`."""
     check_feature_names(cfg, names)
-    f = cfg.downsample_factor
-    if height % f or width % f:
-        raise ValueError(f"latent size {height}x{width} is not a multiple of the UNet's downsampling factor {f}")
+    check_latent_size(cfg, height, width)
     return tuple((height >> _level(cfg, n)) * (width >> _level(cfg, n)) for n in names)
 
 
 def feature_tokens(features: Mapping[str, jax.Array], names: Sequence[str]) -> list[jax.Array]:
     """The named maps `[B, h, w, C]` of `UNet.encode_features`, in `names`' order, as tokens `[B, h * w, C]`."""
-    if isinstance(names, str) or not names:
-        raise ValueError(f"name at least one UNet encoder feature (a sequence of names), got {names!r}")
+    _check_some(names)
     missing = [n for n in names if n not in features]
     if missing:
         raise ValueError(f"features {missing} not among the UNet's {tuple(features)}")
