@@ -19,12 +19,11 @@ from sdxl_jax.convert import (
 from sdxl_jax.models import UNet
 from sdxl_jax.tokenizer import ASSETS_DIR
 from tests.helpers.tiny_pipeline import text_encoder
-from tests.helpers.torch_reference import state_dict_numpy
+from tests.helpers.torch_reference import assert_parity, state_dict_numpy
 from tests.helpers.unet_reference import (
     REFINER_TINY,
     SDXL_TINY,
     TIME_ID_DIM,
-    assert_parity,
     make_reference,
     reference_forward,
 )

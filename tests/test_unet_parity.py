@@ -7,13 +7,12 @@ import pytest
 from sdxl_jax.conditioning import vector_conditioning
 from sdxl_jax.convert import load_unet, unet_config_from_diffusers, unet_params_from_diffusers, unet_params_to_diffusers
 from sdxl_jax.models import UNet
-from tests.helpers.torch_reference import state_dict_numpy
+from tests.helpers.torch_reference import assert_parity, state_dict_numpy
 from tests.helpers.unet_reference import (
     REFINER_TINY,
     SD15_TINY,
     SDXL_TINY,
     TIME_ID_DIM,
-    assert_parity,
     make_reference,
     random_inputs,
     reference_forward,

@@ -34,7 +34,7 @@ from sdxl_jax.models.vae import (
 )
 from sdxl_jax.models.vae_tiling import tile_starts, tiled_decode, tiled_encode, tiled_map
 from sdxl_jax.sharding import LOGICAL_AXES, logical_names_in
-from tests.helpers.torch_reference import from_nchw, perturb_, state_dict_numpy, to_nchw
+from tests.helpers.torch_reference import assert_parity, from_nchw, perturb_, state_dict_numpy, to_nchw
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(
@@ -72,13 +72,6 @@ def encode(cfg, params, x):
 @functools.partial(jax.jit, static_argnums=0)
 def decode(cfg, params, z):
     return AutoencoderKL(cfg).apply({"params": params}, z, method=AutoencoderKL.decode)
-
-
-def assert_parity(ours, ref, rel: float = 1e-5):
-    """Max abs error within `rel` of the reference output's scale."""
-    scale = float(np.abs(ref).max())
-    assert scale > 0.1  # a degenerate (near-zero) output would make the comparison vacuous
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=rel * scale)
 
 
 def manifest() -> dict[str, list[int]]:
