@@ -13,7 +13,9 @@ import torch
 from jax.flatten_util import ravel_pytree
 
 from sdxl_jax.models import projected_discriminator as pd
+from sdxl_jax.models.dinov2 import Dinov2Config
 from sdxl_jax.train import adversarial
+from tests.helpers.params import normal_like
 
 F32 = jnp.float32
 
@@ -43,15 +45,10 @@ def _init(module, seed: int, *args, **kwargs):
 
 
 def _variables(module, seed: int, *args, **kwargs):
-    """Random variables in the module's tree, from `eval_shape` (compiling Flax's initialisers, one
-    threefry per parameter, costs seconds on two cores): N(0, 1) parameters, unit spectral vectors."""
-    shapes = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs)))
-    rng = _rng(seed)
-    draw = lambda s, scale=lambda x: x: jnp.asarray(scale(rng.standard_normal(s.shape)), s.dtype)
-    return {
-        "params": jax.tree.map(draw, shapes["params"]),
-        pd.SPECTRAL: jax.tree.map(lambda s: draw(s, lambda x: x / np.linalg.norm(x)), shapes[pd.SPECTRAL]),
-    }
+    """Random variables in the module's tree (`normal_like`): N(0, 1) parameters, unit spectral vectors."""
+    variables = normal_like(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs)), seed)
+    unit = lambda v: v / np.linalg.norm(v).astype(v.dtype)
+    return {"params": variables["params"], pd.SPECTRAL: jax.tree.map(unit, variables[pd.SPECTRAL])}
 
 
 def _apply(module, train: bool, mutable=False):
@@ -153,11 +150,17 @@ def test_local_batch_norm_normalises_each_group_with_its_own_statistics():
         apply(params, jnp.zeros((9, 5, 3)))
 
 
-def test_readout_adds_cls_to_every_patch_token():
+def test_readout_adds_cls_to_every_patch_token_of_the_hooked_hidden_states():
     h = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
     np.testing.assert_array_equal(pd.readout(h), h[:, 1:] + h[:, :1])
-    hidden = [np.full((1, 3, 2), float(i)) for i in range(13)]
-    assert [float(f[0, 0, 0]) for f in pd.head_features(hidden)] == [0.0, 6.0, 12.0, 18.0, 24.0]
+    # StyleGAN-T's hooks: the embeddings and ViT-S's blocks 2, 5, 8, 11; every sixth of ViT-L's 24
+    for cfg, hooked in ((Dinov2Config.vit_s14(), [0, 3, 6, 9, 12]), (Dinov2Config.vit_l14(), [0, 6, 12, 18, 24])):
+        hidden = [np.full((1, 3, 2), float(i)) for i in range(cfg.num_layers + 1)]
+        assert [float(f[0, 0, 0]) for f in pd.head_features(hidden, cfg)] == [2.0 * i for i in hooked]
+        with pytest.raises(ValueError, match=f"has {cfg.num_layers + 1} hidden states, got {cfg.num_layers}"):
+            pd.head_features(hidden[1:], cfg)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        pd.dinov2_hidden_states(Dinov2Config.tiny())  # 2 layers
 
 
 # hand-picked logits of two heads (B = 2, 2 and 3 tokens)
@@ -267,8 +270,10 @@ def test_discriminator_shapes_parameters_and_gradients():
         assert g.shape == f.shape and np.all(np.isfinite(g))
         assert np.all(np.abs(g).sum(axis=(1, 2)) > 0)  # every example's features get a gradient
 
-    # the full-size tree: five heads of 384 channels, conditioned on 1280 + 1024 dims through 64
+    # the full-size tree: five heads of 384 channels (ViT-S/14), conditioned on 1280 (bigG's projection)
+    # + 1024 (ViT-L/14) dims through 64
     full = pd.ProjectedDiscriminatorConfig()
+    assert (full.feature_channels, full.text_embed_dim, full.image_embed_dim) == ((384,) * 5, 1280, 1024)
     c, per_head = 384, 0
     per_head += c * c + c + 2 * c  # conv_0 (kernel 1) + norm_0
     per_head += 9 * c * c + c + 2 * c  # conv_1 (kernel 9) + norm_1
@@ -277,6 +282,13 @@ def test_discriminator_shapes_parameters_and_gradients():
     spectral = pd.abstract_variables(full)[pd.SPECTRAL]["head_0"]
     shapes = {name: (s["u"].shape, s["v"].shape) for name, s in spectral.items()}
     assert shapes == {"conv_0": ((c,), (c,)), "conv_1": ((c,), (9 * c,)), "cls": ((64,), (c,))}
+    # the cached tree (traced once in fp32) is what init gives at another param_dtype: spectral vectors fp32
+    bf16 = cfg.replace(param_dtype="bfloat16")
+    traced = jax.eval_shape(
+        lambda: pd.ProjectedDiscriminator(bf16).init(jax.random.key(0), features, text, image, train=False)
+    )
+    assert pd.abstract_variables(bf16) == traced
+    assert {x.dtype for x in jax.tree.leaves(traced[pd.SPECTRAL])} == {np.dtype("float32")}
 
 
 def test_conditioning_changes_the_logits():

@@ -49,26 +49,40 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdxl_jax.models.config import ModelConfig, check_positive
+from sdxl_jax.models.clip import CLIPTextConfig
+from sdxl_jax.models.config import ModelConfig, abstract_params_of, check_positive
+from sdxl_jax.models.dinov2 import Dinov2Config
 from sdxl_jax.models.layers import Dtype, param_count
 from sdxl_jax.models.patchgan import torch_conv_bias_init
 
 SPECTRAL = "spectral"  # the collection of the power-iteration vectors u, v
-# The DINOv2 hidden states (`Dinov2Output.hidden_states` indices) StyleGAN-T hooks: the embeddings
-# (its `pos_drop` hook) and the outputs of blocks 2, 5, 8, 11 (0-indexed), before the final layernorm.
-DINOV2_HIDDEN_STATES = (0, 3, 6, 9, 12)
+HOOKED_LAYERS = 4  # StyleGAN-T hooks four evenly spaced transformer layers (and the embeddings)
+
+
+def dinov2_hidden_states(cfg: Dinov2Config) -> tuple[int, ...]:
+    """The `Dinov2Output.hidden_states` indices StyleGAN-T hooks: the embeddings (its `pos_drop` hook)
+    and the output of every (num_layers / 4)-th layer, the last included, before the final layernorm
+    (ViT-S/14: 0, 3, 6, 9, 12, i.e. blocks 2, 5, 8, 11 counted from 0)."""
+    if cfg.num_layers % HOOKED_LAYERS:
+        raise ValueError(f"{cfg.num_layers} DINOv2 layers do not split into {HOOKED_LAYERS} evenly spaced hooks")
+    return tuple(range(0, cfg.num_layers + 1, cfg.num_layers // HOOKED_LAYERS))
+
+
+def dinov2_feature_channels(cfg: Dinov2Config) -> tuple[int, ...]:
+    """`ProjectedDiscriminatorConfig.feature_channels` for heads on `cfg`'s hooked hidden states."""
+    return (cfg.hidden_size,) * len(dinov2_hidden_states(cfg))
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectedDiscriminatorConfig(ModelConfig):
-    """Hyper-parameters of the heads. The defaults are ADD-XL's as far as published (ADD.md): five heads
-    on DINOv2 ViT-S/14 (384 channels), conditioned on CLIP ViT-bigG's pooled text embedding (1280) and
-    DINOv2 ViT-L/14's CLS embedding of the real image (1024); 8,245,120 parameters."""
+    """Hyper-parameters of the heads. The defaults are ADD-XL's as far as published (ADD.md): one head per
+    hooked hidden state of DINOv2 ViT-S/14, conditioned on CLIP ViT-bigG's pooled text embedding (its
+    projection) and DINOv2 ViT-L/14's CLS embedding of the real image; 8,245,120 parameters."""
 
-    feature_channels: tuple[int, ...] = (384,) * len(DINOV2_HIDDEN_STATES)  # C of each head's input
+    feature_channels: tuple[int, ...] = dinov2_feature_channels(Dinov2Config.vit_s14())  # C of each head's input
     c_dim: int = 64  # width of the projection conditioning (StyleGAN-T's cmap_dim)
-    text_embed_dim: int = 1280  # 0: no text conditioning
-    image_embed_dim: int = 1024  # 0: no image conditioning
+    text_embed_dim: int = CLIPTextConfig.openclip_vit_bigg14().projection_dim  # 0: no text conditioning
+    image_embed_dim: int = Dinov2Config.vit_l14().hidden_size  # 0: no image conditioning
     kernel_size: int = 9  # the residual block's conv (odd: circular padding kernel // 2 each side)
     group_size: int = 8  # LocalBatchNorm's virtual batch
     negative_slope: float = 0.2
@@ -111,9 +125,12 @@ def readout(hidden_state: jax.Array) -> jax.Array:
     return hidden_state[:, 1:] + hidden_state[:, :1]
 
 
-def head_features(hidden_states: Sequence[jax.Array], indices=DINOV2_HIDDEN_STATES) -> list[jax.Array]:
-    """The heads' inputs from a feature network's hidden states (`Dinov2Output.hidden_states`)."""
-    return [readout(hidden_states[i]) for i in indices]
+def head_features(hidden_states: Sequence[jax.Array], cfg: Dinov2Config) -> list[jax.Array]:
+    """The heads' inputs from the hidden states of a DINOv2 model of `cfg` (`Dinov2Output.hidden_states`:
+    the embeddings and every layer's output)."""
+    if (n := len(hidden_states)) != cfg.num_layers + 1:
+        raise ValueError(f"a {cfg.num_layers}-layer DINOv2 has {cfg.num_layers + 1} hidden states, got {n}")
+    return [readout(hidden_states[i]) for i in dinov2_hidden_states(cfg)]
 
 
 def group_count(batch: int, group_size: int) -> int:
@@ -332,10 +349,15 @@ def _example_inputs(cfg: ProjectedDiscriminatorConfig, batch: int = 1, tokens: i
     return features, text, image
 
 
-@functools.cache
 def abstract_variables(cfg: ProjectedDiscriminatorConfig):
     """`{"params": ..., "spectral": ...}` (params boxed) as `ShapeDtypeStruct`s; nothing is allocated.
-    Cached: read-only."""
+    Cached (`config.abstract_params_of`): read-only. The spectral vectors are in at least fp32."""
+    traced = abstract_params_of(_trace_variables, cfg)  # every leaf in param_dtype
+    vector = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.promote_types(jnp.float32, cfg.param_dtype))
+    return {"params": traced["params"], SPECTRAL: jax.tree.map(vector, traced[SPECTRAL])}
+
+
+def _trace_variables(cfg: ProjectedDiscriminatorConfig):
     features, text, image = _example_inputs(cfg)
     init = lambda: ProjectedDiscriminator(cfg).init(jax.random.key(0), features, text, image, train=False)
     return jax.eval_shape(init)
