@@ -143,8 +143,10 @@ def load_dinov2(path: str | Path, cfg: Dinov2Config | None = None, **config_over
 
     path: a transformers folder (`config.json` + `model.safetensors`, sharded or `.bin`; its config is
     used, and `cfg` must be None), or one weights file (`.safetensors` or a pickle), whose architecture
-    `cfg` must give (e.g. `Dinov2Config.vit_s14()`). The stored dtype becomes `param_dtype` unless
-    config_overrides (Dinov2Config fields: dtype, param_dtype, remat, ...) set it. Leaves are numpy.
+    `cfg` must give (e.g. `Dinov2Config.vit_s14()`). config_overrides: Dinov2Config fields (dtype,
+    param_dtype, remat, ...). A folder's config names no dtype, so the stored one becomes `param_dtype`
+    unless config_overrides set it (as `load_component` does); a `cfg` is honoured as given, its
+    `param_dtype` included. Leaves are numpy, in the config's `param_dtype`.
     """
     path = storage.path(path)
     if path.is_dir():
@@ -159,6 +161,6 @@ def load_dinov2(path: str | Path, cfg: Dinov2Config | None = None, **config_over
         if cfg is None:
             raise ValueError(f"{path} is a weights file without a config: pass cfg (e.g. Dinov2Config.vit_s14())")
         state = open_state_dict(path)
-        cfg = cfg.replace(**({"param_dtype": stored_dtype(state)} | config_overrides))
+        cfg = cfg.replace(**config_overrides)
     with Prefetch(whole_files(source_files(state))):
         return cfg, dinov2_params_from_transformers(state, cfg)

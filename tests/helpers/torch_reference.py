@@ -49,12 +49,12 @@ def from_nchw(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def assert_parity(ours, ref, rel: float = 1e-5):
-    """Max abs error within `rel` of the reference output's scale."""
+def assert_parity(ours, ref, rel: float = 1e-5, name: str = ""):
+    """Max abs error within `rel` of the reference output's scale (`name`: the output, for the message)."""
     ref = np.asarray(ref)
     scale = float(np.abs(ref).max())
-    assert scale > 0.1  # a degenerate (near-zero) output would make the comparison vacuous
-    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=rel * scale)
+    assert scale > 0.1, name  # a degenerate (near-zero) output would make the comparison vacuous
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=rel * scale, err_msg=name)
 
 
 # torchvision stand-in. The PyPI torchvision wheels do not load against the CPU torch build (their
