@@ -1,8 +1,12 @@
 """The first-stage (KL autoencoder) loss: each term against its closed form on small hand-made inputs, the
-adaptive weight through `jax.grad` of a tiny last layer, and the whole of both steps against a PyTorch
-transcription of ldm's `LPIPSWithDiscriminator.forward` (ldm/modules/losses/contperceptual.py)."""
+adaptive weight through `jax.grad` of a tiny last layer, and the whole of both steps against ldm's
+`LPIPSWithDiscriminator.forward` (ldm/modules/losses/contperceptual.py): its GAN pieces are taming's
+functions, which ldm imports and the test calls (`pip install --no-deps taming-transformers`); its NLL
+and KL lines, which no installable package ships, are transcribed."""
 
 import dataclasses
+import importlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 
 from sdxl_jax.models.vae import DiagonalGaussian
 from sdxl_jax.train import autoencoder_losses as al
+from tests.helpers.torch_reference import torchvision_stand_in
 
 CFG = al.AutoencoderLossConfig()
 
@@ -92,12 +97,19 @@ def test_adaptive_weight_is_the_clamped_gradient_norm_ratio():
 
 # A tiny "decoder last layer": x_rec = tanh(h @ K + b), and a fixed linear "discriminator" D(x) = x @ w.
 B, H, W, CIN, C = 2, 3, 3, 5, 3
-RNG = np.random.default_rng(0)
-FEATURES = RNG.standard_normal((B, H, W, CIN)).astype(np.float32)
-KERNEL = (0.3 * RNG.standard_normal((CIN, C))).astype(np.float32)
-BIAS = (0.1 * RNG.standard_normal(C)).astype(np.float32)
-D_W = RNG.standard_normal((C, 1)).astype(np.float32)
-X = np.tanh(RNG.standard_normal((B, H, W, C))).astype(np.float32)
+
+
+def _last_layer_setup(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((B, H, W, CIN)).astype(np.float32)
+    kernel = (0.3 * rng.standard_normal((CIN, C))).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(C)).astype(np.float32)
+    d_w = rng.standard_normal((C, 1)).astype(np.float32)
+    x = np.tanh(rng.standard_normal((B, H, W, C))).astype(np.float32)
+    return features, kernel, bias, d_w, x
+
+
+FEATURES, KERNEL, BIAS, D_W, X = _last_layer_setup()
 LPIPS = np.array([0.2, 0.7], np.float32)
 LOGVAR = np.float32(0.4)
 
@@ -132,13 +144,26 @@ def test_adaptive_weight_from_jax_grad_through_a_last_layer_matches_the_formula(
     assert np.abs(unstopped - (d_nll + want * d_g)).max() > 1e-3
 
 
-# ---- against ldm's forward, transcribed to PyTorch (NCHW) ---------------------------------------------
+# ---- against ldm's forward ------------------------------------------------------------------------------
+
+
+def taming_losses() -> types.ModuleType:
+    """taming's `vqperceptual`: `hinge_d_loss`, `vanilla_d_loss`, `adopt_weight` and
+    `VQLPIPSWithDiscriminator.calculate_adaptive_weight`, which ldm's `LPIPSWithDiscriminator` imports and
+    shares. The module imports taming's LPIPS, hence torchvision (the stand-in where it does not load)."""
+    pytest.importorskip("taming", reason="pip install --no-deps taming-transformers")
+    with torchvision_stand_in():
+        return importlib.import_module("taming.modules.losses.vqperceptual")
 
 
 def ldm_autoencoder_step(x, kernel, moments, p_loss, logvar, step, cfg, weights=None):
     """ldm's LPIPSWithDiscriminator.forward, optimizer_idx 0, with the tiny last layer and discriminator."""
+    taming = taming_losses()
     feats = torch.from_numpy(FEATURES).permute(0, 3, 1, 2)
     recon = torch.tanh(F.conv2d(feats, kernel.T[:, :, None, None], torch.from_numpy(BIAS)))
+    # Transcribed from ldm's LPIPSWithDiscriminator.forward (no package ships it): the reconstruction
+    # term, the NLL with one log-variance and optional weights, the KL of DiagonalGaussianDistribution.kl
+    # (logvar clamped to [-30, 20]), the generator's loss.
     rec = torch.abs(x - recon)
     if cfg.perceptual_weight > 0:
         rec = rec + cfg.perceptual_weight * p_loss  # p_loss [B, 1, 1, 1]
@@ -152,14 +177,13 @@ def ldm_autoencoder_step(x, kernel, moments, p_loss, logvar, step, cfg, weights=
     kl = torch.sum(kl) / kl.shape[0]
     logits_fake = F.conv2d(recon, torch.from_numpy(D_W).T[:, :, None, None])
     g_loss = -torch.mean(logits_fake)
+    # taming's own functions from here on
     if cfg.disc_factor > 0:
-        nll_grads = torch.autograd.grad(nll, kernel, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, kernel, retain_graph=True)[0]
-        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-        d_weight = torch.clamp(d_weight, 0.0, 1e4).detach() * cfg.disc_weight
+        loss_module = types.SimpleNamespace(discriminator_weight=cfg.disc_weight)  # all the method reads of self
+        d_weight = taming.VQLPIPSWithDiscriminator.calculate_adaptive_weight(loss_module, nll, g_loss, kernel)
     else:
         d_weight = torch.tensor(0.0)
-    disc_factor = cfg.disc_factor if step >= cfg.disc_start else 0.0
+    disc_factor = taming.adopt_weight(cfg.disc_factor, step, threshold=cfg.disc_start)
     loss = weighted + cfg.kl_weight * kl + d_weight * disc_factor * g_loss
     log = dict(total_loss=loss, logvar=logvar, kl_loss=kl, nll_loss=nll, rec_loss=rec.mean(), d_weight=d_weight,
                disc_factor=torch.tensor(disc_factor), g_loss=g_loss)  # fmt: skip
@@ -167,11 +191,10 @@ def ldm_autoencoder_step(x, kernel, moments, p_loss, logvar, step, cfg, weights=
 
 
 def ldm_discriminator_step(logits_real, logits_fake, step, cfg):
-    if cfg.disc_loss == "hinge":
-        d = 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
-    else:
-        d = 0.5 * (torch.mean(F.softplus(-logits_real)) + torch.mean(F.softplus(logits_fake)))
-    return (cfg.disc_factor if step >= cfg.disc_start else 0.0) * d
+    """ldm's LPIPSWithDiscriminator.forward, optimizer_idx 1: taming's functions."""
+    taming = taming_losses()
+    d_loss = {"hinge": taming.hinge_d_loss, "vanilla": taming.vanilla_d_loss}[cfg.disc_loss]
+    return taming.adopt_weight(cfg.disc_factor, step, threshold=cfg.disc_start) * d_loss(logits_real, logits_fake)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +207,8 @@ def ldm_discriminator_step(logits_real, logits_fake, step, cfg):
     ],
 )
 def test_both_steps_match_ldm(cfg, step, weighted):
-    moments = RNG.standard_normal((B, 2, 2, 8)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    moments = rng.standard_normal((B, 2, 2, 8)).astype(np.float32)
     weights = np.array([1.5, 0.5], np.float32).reshape(B, 1, 1, 1) if weighted else None
 
     def ours(kernel):
@@ -211,7 +235,7 @@ def test_both_steps_match_ldm(cfg, step, weighted):
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
     assert (float(metrics["d_weight"]) > 0) == (cfg.disc_factor > 0)
 
-    real, fake = RNG.standard_normal((B, 2, 2, 1)).astype(np.float32), RNG.standard_normal((B, 2, 2, 1))
+    real, fake = rng.standard_normal((B, 2, 2, 1)).astype(np.float32), rng.standard_normal((B, 2, 2, 1))
     d_loss, d_metrics = al.discriminator_loss(cfg, real, fake.astype(np.float32), step)
     want_d = ldm_discriminator_step(torch.from_numpy(real), torch.from_numpy(fake).float(), step, cfg)
     np.testing.assert_allclose(d_loss, want_d.numpy(), rtol=1e-6)
