@@ -1,11 +1,11 @@
 """A frozen UNet's encoder as the feature network of the projected discriminator (latent adversarial
 distillation: the teacher's own hidden states on re-noised latents feed the heads instead of DINOv2's).
 
-`UNet.encode_features` returns the encoder's maps by name, `[B, h, w, C]`: "down_blocks_{i}" (level i,
-before its downsampler) and "mid_block" (`unet.feature_names`). The discriminator takes a list of token arrays `[B, N_k, C_k]`,
-one per head; here a map becomes `[B, h * w, C]` (row-major: token n is pixel (n // w, n % w), so the
-heads' circular 1-D convolution runs along rows and wraps from one row's end into the next), and the
-names chosen, in their order, are the heads:
+`UNet.encode_features` returns the encoder's maps by name (`unet.feature_names`), `[B, h, w, C]`:
+"down_blocks_{i}" (level i, before its downsampler) and "mid_block". The discriminator takes a list of
+token arrays `[B, N_k, C_k]`, one per head; here a map becomes `[B, h * w, C]` (row-major: token n is
+pixel (n // w, n % w), so the heads' circular 1-D convolution runs along rows and wraps from one row's
+end into the next), and the names chosen, in their order, are the heads:
 
     names = ("down_blocks_1", "down_blocks_2", "mid_block")  # from the run's config
     disc_cfg = ProjectedDiscriminatorConfig(feature_channels=feature_channels(unet_cfg, names), ...)
