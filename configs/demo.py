@@ -78,7 +78,8 @@ def get_config(arg=None):
         source="shapes", path="runs/demo_shapes", buckets="area=32,step=8,ratio=2.0", num_workers=0, caption_dropout=0.1
     )
     with data.unlocked():
-        data.num_images, data.shapes_seed, data.shapes = 4000, 0, ",".join(shapes.SHAPES)
+        data.num_images, data.shapes_seed = 4000, 0
+        data.shapes, data.foregrounds = ",".join(shapes.SHAPES), ",".join(shapes.FOREGROUNDS)
     c = skeleton(models, data)
     c.num_steps = 2200
     c.batch_size = 32  # more, smaller steps learned more in the same 15 minutes than 1300 x 64

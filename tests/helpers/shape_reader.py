@@ -4,29 +4,31 @@ The background is the border's median colour; the foreground is every pixel near
 colour than the background's; its colour is the nearest named colour. Its shape, within its bounding
 box: a triangle (upright) is much narrower in its top quarter than in its bottom quarter; a square
 fills the box's corners; a circle leaves them empty and fills about pi/4 of the box, a diamond (when
-asked to tell one apart: `shapes` includes it) about half.
+asked to tell one apart: `shapes` includes it) about half. Colours are the nearest of those asked for
+(the demo's eight by default; add `shapes.NEW_COLOURS` to read them).
 """
 
 import numpy as np
 
 from sdxl_jax.data import shapes as demo_shapes
 
-NAMES = list(demo_shapes.COLOURS)
-RGB = np.array([demo_shapes.COLOURS[n] for n in NAMES], np.float64)
+
+def nearest_colour(rgb: np.ndarray, names) -> str:
+    palette = np.array([demo_shapes.PALETTE[n] for n in names], np.float64)
+    return names[int(np.argmin(np.linalg.norm(palette - rgb, axis=1)))]
 
 
-def nearest_colour(rgb: np.ndarray) -> str:
-    return NAMES[int(np.argmin(np.linalg.norm(RGB - rgb, axis=1)))]
-
-
-def classify(image: np.ndarray, shapes=demo_shapes.SHAPES) -> tuple[str | None, str | None, str]:
-    """uint8 `[H, W, 3]` -> (shape, foreground colour, background colour); None where no shape stands out."""
+def classify(
+    image: np.ndarray, shapes=demo_shapes.SHAPES, colours=tuple(demo_shapes.COLOURS)
+) -> tuple[str | None, str | None, str]:
+    """uint8 `[H, W, 3]` -> (shape, foreground colour, background colour) among `shapes` and `colours`;
+    None where no shape stands out."""
     img = image.astype(np.float64)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
     rough = np.linalg.norm(img - bg, axis=-1) > 60
     if rough.sum() < 4:
-        return None, None, nearest_colour(bg)
+        return None, None, nearest_colour(bg, colours)
     fg = np.median(img[rough], axis=0)
     direction = fg - bg
     mask = (img - bg) @ direction > 0.5 * direction @ direction  # nearer fg than bg along bg -> fg
@@ -45,7 +47,7 @@ def classify(image: np.ndarray, shapes=demo_shapes.SHAPES) -> tuple[str | None, 
         shape = "diamond"
     else:
         shape = "circle"
-    return shape, nearest_colour(fg), nearest_colour(bg)
+    return shape, nearest_colour(fg, colours), nearest_colour(bg, colours)
 
 
 def score(results, parts) -> tuple[int, str]:
