@@ -40,7 +40,7 @@ PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, highly 
 # ---- y: our assembly through our UNet == diffusers' text_time path ------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["base", "refiner"])
+@pytest.mark.parametrize("layout", ["base", pytest.param("refiner", marks=pytest.mark.slow)])  # test budget
 def test_y_drives_the_unet_like_diffusers_added_cond_kwargs(layout):
     ref_model = make_reference(SDXL_TINY if layout == "base" else REFINER_TINY, seed=3)
     cfg = unet_config_from_diffusers(dict(ref_model.config))

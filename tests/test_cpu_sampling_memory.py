@@ -29,6 +29,7 @@ def test_chunked_attention_is_xla_attention(t, s, causal):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # test budget (~20 s)
 def test_decoding_in_groups_gives_the_same_images():
     cfg = VAEConfig.tiny()
     params = AutoencoderKL(cfg).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]

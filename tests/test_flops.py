@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sdxl_jax.models import UNet, UNetConfig
 from sdxl_jax.models.unet import abstract_params
@@ -50,6 +51,7 @@ def test_scans_count_every_iteration_and_conds_their_costlier_branch():
     assert flops_of(branchy, True, x, ws[0]) == 2 * 2 * 8 * 32 * 32
 
 
+@pytest.mark.slow  # test budget (~15 s); the step's count is tested by default below
 def test_unet_count_does_not_depend_on_scanned_layers_and_matches_xla():
     cfg = UNetConfig.tiny()
     batch, latent = 2, (16, 16)

@@ -45,6 +45,7 @@ def lora_run(tmp_path_factory):
     return config, workdir, train(config, workdir)
 
 
+@pytest.mark.slow  # test budget (~60 s); train.py trains and exports a LoRA in test_train_run by default
 def test_a_lora_run_trains_the_adapters_alone_and_exports_what_it_trained(lora_run, base):
     config, workdir, state = lora_run
     models = tiny_models(refiner=False)
@@ -225,3 +226,21 @@ def test_a_trained_lora_loaded_by_diffusers_gives_the_outputs_of_the_model_it_tr
         plain, _ = text_outputs(name, base[name], theirs)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=name)
         assert np.abs(got - plain).max() > 1e-3 * np.abs(want).max(), name
+
+
+def test_a_lora_runs_state_is_the_adapters_laid_out_with_their_kernels():
+    """The spec of a LoRA run, from eval_shape alone: the state holds adapters (boxed with their kernels'
+    logical axes, so they shard with them), the frozen params every component whole."""
+    from sdxl_jax.sharding import make_mesh
+    from sdxl_jax.train.state import abstract_trained_and_frozen, models_from_config
+    from sdxl_jax.train.step import StepSpec
+
+    config = tiny_config("lora")
+    spec = StepSpec.build(config, make_mesh(config.mesh))
+    assert set(spec.frozen_shardings) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert set(spec.state_shardings.params) == {"unet", "text_encoder", "text_encoder_2"}
+    adapters, _ = abstract_trained_and_frozen(config, models_from_config(config.model))
+    flat = lora.flat_adapters(adapters)
+    q = flat["unet/down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel"]
+    assert q["down"].names == ("embed", None) and q["up"].names == (None, "heads")
+    assert jax.tree.structure(spec.state_shardings.params) == jax.tree.structure(nn.meta.unbox(adapters))

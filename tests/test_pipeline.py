@@ -190,6 +190,7 @@ def test_new_prompts_seeds_guidance_do_not_recompile(ours, caplog):
     assert len(reports) == 1 and "temporaries" in reports[0], reports  # what `sample.py -v 0` shows
 
 
+@pytest.mark.slow  # test budget: a third sampler's compile (~25 s)
 def test_an_image_depends_only_on_its_seed(ours):
     """Image i of a call with seed s equals the single image made with seed s + i (stochastic sampler)."""
     kw = dict(height=H, width=W, steps=4, sampler="euler_a", return_latents=True)

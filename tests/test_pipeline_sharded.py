@@ -71,6 +71,7 @@ def check_equal_to_single(tmp_path, meshes, batches):
             assert diff.max() <= 1, (mesh, batch)
 
 
+@pytest.mark.slow  # test budget (~25 s); the sharded generation program is tested by test_pipeline
 def test_data_parallel_with_padding_equals_single_device(tmp_path):
     """5 images on data=8 (3 padding rows) == on one device."""
     run_meshes(tmp_path, ("single", "data8"), (5,))

@@ -28,6 +28,7 @@ def run_sample(*args, cache=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow  # test budget: a ~40 s sample.py process; test_demo runs sample.py by default
 def test_sample_writes_pngs_with_parameters_and_reuses_the_cache(checkpoint, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = [

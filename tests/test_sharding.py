@@ -120,19 +120,15 @@ def test_activation_layouts_do_not_depend_on_rule_order(spec):
     assert tuple(nn.logical_to_mesh_axes(spec, tuple(reversed(FSDP_RULES)))) == want
 
 
-@pytest.fixture(scope="module")
-def on_8_devices():
-    return run_parts({"fsdp": SCRIPT, "constrained": CONSTRAINED_SCRIPT}, devices=8)
-
-
-def test_full_base_unet_fsdp_on_8_fake_devices(on_8_devices):
-    part = on_8_devices["fsdp"]
+@pytest.mark.slow  # test budget: the full base's abstract state on 8 devices (~40 s)
+def test_full_base_unet_fsdp_on_8_fake_devices():
+    part = run_parts({"fsdp": SCRIPT}, devices=8)["fsdp"]
     assert part["status"] == "ok", part["stdout"] + part["status"]
     print(part["stdout"])
 
 
-def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device(on_8_devices):
-    part = on_8_devices["constrained"]
+def test_constrained_transformer_on_a_2x2x2_mesh_matches_one_device():
+    part = run_parts({"constrained": CONSTRAINED_SCRIPT}, devices=8)["constrained"]
     assert part["status"] == "ok", part["stdout"] + part["status"]
 
 
