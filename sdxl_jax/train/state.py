@@ -222,16 +222,17 @@ def trained_and_frozen(config, models: Models, params: dict, key: jax.Array) -> 
     return lora.init_lora(models, spec, trainable_components(config, models), params, key), params
 
 
-def model_params(frozen: dict, trained: dict, spec: "lora.LoraSpec | None", dropout: float = 0.0, key=None) -> dict:
+def model_params(frozen: dict, trained: dict, spec: "lora.LoraSpec | None", **merge) -> dict:
     """`{component: params}` the models run with: the frozen and trained components together, or with
-    LoRA (`spec`) the frozen ones with the adapters merged in (`lora.with_adapters`)."""
+    LoRA (`spec`) the frozen ones with the adapters merged in (`lora.with_adapters`, which takes `merge`:
+    dropout, key, dtypes, shardings)."""
     if spec is None:
         return frozen | trained
-    return lora.with_adapters(frozen, trained, spec, dropout, key)
+    return lora.with_adapters(frozen, trained, spec, **merge)
 
 
 def abstract_trained_and_frozen(config, models: Models) -> tuple[dict, dict]:
-    """`trained_and_frozen` from `eval_shape` alone: boxed `ShapeDtypeStruct`s (adapters unboxed)."""
+    """`trained_and_frozen` from `eval_shape` alone: boxed `ShapeDtypeStruct`s (adapters too)."""
     params = abstract_params(models)
     if lora.spec_from_config(config.lora) is None:
         return split_params(params, trainable_components(config, models))
@@ -240,7 +241,7 @@ def abstract_trained_and_frozen(config, models: Models) -> tuple[dict, dict]:
 
 
 def state_shardings(config, models: Models, tx, mesh, rules):
-    """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone (adapters replicated)."""
+    """(`TrainState` shardings, frozen-params shardings), from `eval_shape` alone."""
     train, frozen = abstract_trained_and_frozen(config, models)
     abstract_state = jax.eval_shape(lambda p: new_state(p, tx, config.seed), train)
     return param_shardings(abstract_state, mesh, rules), param_shardings(frozen, mesh, rules)
@@ -269,9 +270,8 @@ def create_sharded_state(spec) -> tuple[TrainState, dict]:
         params = jax.jit(init, out_shardings=spec.param_shardings)(jax.random.key(config.seed))
     if spec.lora is None:
         train, frozen = split_params(params, trainable_components(config, models))
-    else:  # the adapters, created on their devices; only the kernels' shapes are read
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        init = lambda key: trained_and_frozen(config, models, shapes, key)[0]
+    else:  # the adapters, created on their devices (sharded like their kernels); shapes and axes only are read
+        init = lambda key: nn.meta.unbox(trained_and_frozen(config, models, abstract_params(models), key)[0])
         train, frozen = jax.jit(init, out_shardings=spec.state_shardings.params)(lora_key(config.seed)), params
     make = jax.jit(lambda p: new_state(p, spec.tx, config.seed), out_shardings=spec.state_shardings, donate_argnums=0)
     return make(train), frozen

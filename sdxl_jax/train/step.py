@@ -102,7 +102,10 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) 
     k_vae, k_loss = jax.random.split(key)
 
     def loss_fn(params):
-        everything = model_params(frozen, params, spec.lora, config.lora.dropout, jax.random.fold_in(key, 2))
+        everything = model_params(
+            frozen, params, spec.lora, dropout=config.lora.dropout, key=jax.random.fold_in(key, 2),
+            dtypes={n: models.config(n).dtype for n in models.components}, shardings=spec.frozen_shardings,
+        )  # fmt: skip
         x0, cond = encode_batch(models, everything, batch, k_vae)
         unet = lambda x_t, t, c: UNet(models.unet).apply({"params": everything["unet"]}, x_t, t, c.context, c.y)
         return diffusion_loss(unet, config.diffusion, x0, cond, k_loss)
