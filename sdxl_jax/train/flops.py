@@ -9,7 +9,9 @@ the activation constraints. The jaxpr is the program before partitioning, with e
 length known. Elementwise work (norms, activations, softmax, the optimiser) is left out, as in the
 usual MFU definitions. Rematerialised forward passes are counted where a program has them (they are
 in its jaxpr); `step.model_flops` traces the step without remat, so MFU leaves them out. Kernels
-behind custom calls (a cuDNN or Pallas attention) are invisible here and count 0.
+behind custom calls (a cuDNN or Pallas attention) are invisible here and count 0. Equations whose
+results nothing uses are not counted, as XLA drops them (the autoencoder step applies its VAE pullback
+three times and reads only the last layer's gradient from two of them).
 """
 
 import math
@@ -41,12 +43,23 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(v)
 
 
+def live_equations(jaxpr) -> list:
+    """The equations of a `Jaxpr` that its outputs depend on (or that have effects), in order."""
+    used = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in used for v in eqn.outvars):
+            live.append(eqn)
+            used.update(v for v in eqn.invars if isinstance(v, core.Var))
+    return live[::-1]
+
+
 def jaxpr_flops(jaxpr) -> float:
-    """FLOPs of a `Jaxpr` or `ClosedJaxpr`: dot_general + conv, scans times their length, the costlier
-    branch of a cond, while loops once (their trip count is not in the jaxpr)."""
+    """FLOPs of a `Jaxpr` or `ClosedJaxpr`: dot_general + conv of its live equations, scans times their
+    length, the costlier branch of a cond, while loops once (their trip count is not in the jaxpr)."""
     jaxpr = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
     total = 0.0
-    for eqn in jaxpr.eqns:
+    for eqn in live_equations(jaxpr):
         name = eqn.primitive.name
         if name == "dot_general":
             total += _dot_general(eqn)
