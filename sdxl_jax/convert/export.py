@@ -2,6 +2,8 @@
 
     export_diffusers(weights, "out/")                   # StableDiffusionXL[Img2Img]Pipeline.from_pretrained
     export_single_file(weights, "out.safetensors")      # from_single_file, ComfyUI, the SD web UIs
+    export_vae_diffusers(cfg, params, "vae/")           # a VAE alone: AutoencoderKL.from_pretrained
+    export_vae_file(cfg, params, "vae.safetensors")     # a VAE alone in the ldm layout (sdxl_vae.safetensors)
 
 Both are the exact inverses of the loaders (`load_diffusers`, `load_single_file`): the same key tables
 run backwards, so PyTorch -> JAX -> PyTorch gives every tensor back bit for bit in the same dtype.
@@ -33,7 +35,7 @@ from sdxl_jax.convert.components import COMPONENTS
 from sdxl_jax.convert.files import atomic_output, refuse_existing, stored_dtype
 from sdxl_jax.convert.mapping import ConversionError, key_table
 from sdxl_jax.convert.pipeline_weights import DTYPES, PipelineWeights, check_params
-from sdxl_jax.convert.single_file import SingleFileLayout, diffusers_to_single_file
+from sdxl_jax.convert.single_file import SingleFileLayout, diffusers_to_single_file, diffusers_to_vae_file
 from sdxl_jax.convert.single_file_keys import component_prefixes
 from sdxl_jax.convert.text_encoder import text_encoder_config_to_transformers
 from sdxl_jax.convert.unet import unet_config_to_diffusers, unstack_scanned_blocks
@@ -317,6 +319,47 @@ def export_single_file(
     with atomic_output(out_file, folder=False) as tmp:
         write_safetensors(tmp, single_file, dict(format="pt") | metadata, dtype=dtype, on_tensor=tally)
     return Written(out_file, tally.tensors, _num_parameters({"": single_file}), tally.bytes)
+
+
+def _vae_metadata(state, metadata: Mapping[str, str], dtype: str | None) -> dict[str, str]:
+    written = sorted({target_dtype(dtype, np.dtype(v.dtype)).name for v in state.values()})
+    exported = dict(model="vae", dtype=",".join(written), sdxl_jax_version=__version__,
+                    exported=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+    return {str(k): str(v) for k, v in metadata.items()} | exported
+
+
+def export_vae_diffusers(
+    cfg, params, out_dir: str | Path, metadata: Mapping[str, str] | None = None, dtype: str | None = None
+) -> Written:
+    """Write one VAE as a diffusers `AutoencoderKL` folder (`config.json`, the weights, and
+    `sdxl_jax_export.json` with `metadata`), atomically; `out_dir` must not exist. What
+    `AutoencoderKL.from_pretrained(out_dir)`, `Pipeline.load(vae=out_dir)` and `sample.py --vae` read."""
+    refuse_existing(out_dir)
+    state = torch_state("vae", cfg, params)
+    tally = _Tally({"vae": state}, dtype, None)
+    with atomic_output(out_dir, folder=True, last=("config.json",)) as tmp:
+        write_safetensors(tmp / WEIGHTS_FILES["vae"], state, dict(format="pt"), dtype=dtype, on_tensor=tally)
+        _write_json(tmp / METADATA_FILE, _vae_metadata(state, metadata or {}, dtype))
+        _write_json(tmp / "config.json", dict(vae_config_to_diffusers(cfg), _diffusers_version=DIFFUSERS_VERSION))
+    return Written(Path(out_dir), tally.tensors, _num_parameters({"vae": state}), tally.bytes)
+
+
+def export_vae_file(
+    cfg, params, out_file: str | Path, metadata: Mapping[str, str] | None = None, dtype: str | None = None
+) -> Written:
+    """Write one VAE as a `.safetensors` file in the original ldm / sgm layout, unprefixed (the layout of
+    Stability's `sdxl_vae.safetensors`, which the web UIs and `load_vae_for` read), `metadata` in its
+    header, atomically; `out_file` must not exist. The file records no architecture: it is `cfg`'s."""
+    out_file = storage.path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise ValueError(f"{out_file}: a VAE file is written as .safetensors")
+    refuse_existing(out_file)
+    state = diffusers_to_vae_file(torch_state("vae", cfg, params), cfg)
+    tally = _Tally({"vae": state}, dtype, None)
+    with atomic_output(out_file, folder=False) as tmp:
+        header = dict(format="pt") | _vae_metadata(state, metadata or {}, dtype)
+        write_safetensors(tmp, state, header, dtype=dtype, on_tensor=tally)
+    return Written(out_file, tally.tensors, _num_parameters({"vae": state}), tally.bytes)
 
 
 def _write_json(path: Path, obj) -> None:

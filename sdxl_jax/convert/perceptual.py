@@ -5,7 +5,7 @@ every parameter produced once, offenders named).
 - `load_lpips(vgg16, heads)`: a torchvision VGG16 state dict (`features.{i}.weight/bias`; the
   classifier's keys, `VGG16_CLASSIFIER_KEYS`, are ignored by name) and lpips' heads file
   (`lpips/weights/v0.1/vgg.pth`, or taming's identical `vgg.pth`: `lin{s}.model.1.weight`) ->
-  `Lpips` params.
+  `Lpips` params; `load_lpips_heads(heads)` the heads alone.
 - `load_patch_discriminator(source, cfg)`: a bare `NLayerDiscriminator` state dict (`main.{i}.*`) or an
   ldm/taming autoencoder checkpoint, whose discriminator sits under `loss.discriminator.` (its other
   keys belong to other components and are left alone) -> `{"params", "batch_stats"}`.
@@ -123,6 +123,14 @@ def load_lpips(vgg16_path: str | Path, heads_path: str | Path):
     """`Lpips` params from torchvision's VGG16 weights (e.g. `vgg16-397923af.pth`, or a safetensors
     file of the same keys) and lpips' heads file (`lpips/weights/v0.1/vgg.pth`)."""
     return lpips_params_from_torch(open_weights(vgg16_path), open_weights(heads_path))
+
+
+def load_lpips_heads(heads_path: str | Path):
+    """The five heads alone (`{"lin0": ..., ..., "lin4": ...}` of `Lpips` params) from lpips' heads file:
+    what a random VGG16 trunk is paired with when no VGG16 weights are at hand."""
+    target = {name: tree for name, tree in meta.unbox(lpips.abstract_params()).items() if name != "vgg"}
+    heads = open_weights(heads_path)
+    return torch_to_flax(heads, target, lpips_head_key, ignorable=(), what="LPIPS heads state dict")
 
 
 # The PatchGAN discriminator: taming's NLayerDiscriminator

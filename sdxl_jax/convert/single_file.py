@@ -331,6 +331,16 @@ def vae_file_to_diffusers(state: Mapping[str, np.ndarray], cfg: VAEConfig, prefi
     return ComponentState(state, ops)
 
 
+def diffusers_to_vae_file(state: Mapping[str, np.ndarray], cfg: VAEConfig) -> dict[str, np.ndarray]:
+    """A VAE's state dict in the original (ldm / sgm) layout, unprefixed (Stability's `sdxl_vae.safetensors`),
+    from its diffusers state dict: the exact inverse of `vae_file_to_diffusers` (the same ops, backward),
+    every tensor checked against `cfg` first."""
+    shapes = torch_shapes(COMPONENTS["vae"].abstract_params(cfg), COMPONENTS["vae"].torch_key(cfg))
+    check_tensors("the VAE state dict does not match its config", {k: np.shape(v) for k, v in state.items()}, shapes)
+    ops = _plan({"vae": vae_names(cfg)}, {"vae": ""}, {"vae": shapes})
+    return {op.single_file: op.inverse([np.asarray(state[k]) for k in op.diffusers]) for op in ops}
+
+
 def diffusers_to_single_file(
     components: Mapping[str, Mapping[str, np.ndarray]], model: str | SingleFileLayout, *, shapes=None
 ) -> dict[str, np.ndarray]:
