@@ -6,9 +6,13 @@
     python train.py --config configs/tiny.py:folder --workdir /tmp/tiny_folder \
         --config.data.path=/data/images                                            # the grain loader, 32² crops
     python train.py --config configs/tiny.py:lora --workdir /tmp/tiny_lora         # LoRA adapters (rank 4)
+    python train.py --config configs/tiny.py:autoencoder --workdir /tmp/tiny_vae   # the VAE alone, GAN on
 
-Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way), `folder` or `lora`
-(adapters on the UNet's transformers and every text encoder, exported as a kohya LoRA file).
+Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way), `folder`, `lora`
+(adapters on the UNet's transformers and every text encoder, exported as a kohya LoRA file) or
+`autoencoder` (the tiny VAE trained by the autoencoder objective, with a narrow PatchGAN switched on at
+step 3 and LPIPS on a random VGG16; validation reconstructs 4 synthetic images; exports an
+AutoencoderKL folder and an ldm-layout file).
 """
 
 import ml_collections
@@ -31,14 +35,45 @@ def tiny_models(refiner: bool) -> Models:
         context_dim=WIDTH_G + (0 if refiner else WIDTH_L), adm_in_channels=POOLED + n_ids * TIME_ID_DIM,
         time_id_embed_dim=TIME_ID_DIM,
     )  # fmt: skip
-    vae = VAEConfig.tiny(block_out_channels=(8, 8, 16, 16), layers_per_block=1)
+    vae = tiny_vae()
     return Models("refiner" if refiner else "base", unet, vae, text_l, text_g)
+
+
+def tiny_vae() -> VAEConfig:
+    return VAEConfig.tiny(block_out_channels=(8, 8, 16, 16), layers_per_block=1)
+
+
+def autoencoder_config(switches: set) -> ml_collections.ConfigDict:
+    """The tiny VAE alone, with every part of ldm's loss on from step 3 (`disc_start` 2: batches 0, 1
+    without the adversarial terms)."""
+    if switches != {"autoencoder"}:
+        raise ValueError(f"autoencoder takes no other switch, got {sorted(switches)}")
+    data = ml_collections.ConfigDict({
+        "source": "synthetic", "num_examples": 32, "buckets": ((32, 32), (32, 48)), "caption_dropout": 0.0,
+        "cached_latents": False, "context_dim": 8, "pooled_dim": 8,
+    })  # fmt: skip
+    c = skeleton(Models("autoencoder", None, tiny_vae(), None, None), data)
+    c.update(num_steps=4, batch_size=4, log_every=1, checkpoint_every=2)
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=0, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip_norm=0.0)
+    c.ema.decay = 0.99
+    ae = c.autoencoder
+    ae.loss.update(disc_start=2, perceptual_weight=1.0)
+    ae.lpips_random_vgg = True
+    ae.discriminator.update(channels=8)
+    ae.discriminator_optimizer.learning_rate = 1e-3
+    validation = ml_collections.ConfigDict(dict(data) | {"buckets": ((32, 32),), "num_examples": 4})
+    c.validation.update(every=4, num_images=4, data=validation)
+    c.export_on_finish = "diffusers,single_file"
+    c.peak_flops_per_device = 1e12
+    return c
 
 
 def get_config(arg=None):
     switches = set(filter(None, (arg or "").split(",")))
-    if unknown := switches - {"refiner", "latents", "folder", "lora"}:
-        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder, lora")
+    if unknown := switches - {"refiner", "latents", "folder", "lora", "autoencoder"}:
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder, lora, autoencoder")
+    if "autoencoder" in switches:
+        return autoencoder_config(switches)
     refiner = "refiner" in switches
     models = tiny_models(refiner)
     data = ml_collections.ConfigDict({

@@ -20,12 +20,14 @@ from sdxl_jax.train.step import StepSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAINING = {
-    "tiny": ["", "refiner", "latents", "refiner,latents", "folder", "lora", "lora,refiner"],
+    "tiny": ["", "refiner", "latents", "refiner,latents", "folder", "lora", "lora,refiner", "autoencoder"],
     "sdxl_pretrain_256": ["", "none", "full"],
     "sdxl_pretrain_512": [""],
     "sdxl_finetune_1024": ["", "minimal"],
     "sdxl_refiner": [""],
     "sdxl_lora_1024": ["", "te,bf16,conv,minimal"],
+    "sdxl_vae": ["", "finetune", "decoder_only"],
+    "demo_vae": ["", "gan"],
 }
 
 
@@ -57,10 +59,15 @@ def test_config_builds(name, arg):
     for key in ("num_steps", "batch_size", "seed", "log_every", "checkpoint_every", "mesh", "data"):
         assert key in c
     assert c.data.source in DATA_SOURCES
-    f = models.vae.downsample_factor * models.unet.downsample_factor
+    if models.kind == "autoencoder":  # the VAE alone: images only, in buckets of its own factor
+        assert c.objective == "autoencoder" and models.components == ("vae",)
+        f = models.vae.downsample_factor
+    else:
+        f = models.vae.downsample_factor * models.unet.downsample_factor
     if c.data.source == "synthetic":
-        assert c.data.context_dim == models.unet.context_dim
-        assert c.data.pooled_dim == models.text_encoder_2.projection_dim
+        if models.kind != "autoencoder":  # the text conditioning's widths
+            assert c.data.context_dim == models.unet.context_dim
+            assert c.data.pooled_dim == models.text_encoder_2.projection_dim
         buckets = c.data.buckets
     else:
         buckets = [(b.h, b.w) for b in bucket_table(c.data.buckets)]

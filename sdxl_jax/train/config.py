@@ -7,6 +7,10 @@ Every entry is present in every training config (the trainer never calls `config
 so any run can be shortened or redirected from the command line: `--config.num_steps=10
 --config.mesh.fsdp=8 --config.data.source=synthetic`. `check(config)` rejects inconsistent values
 before anything is built.
+
+`objective` picks what the run trains (`step.OBJECTIVES`): "diffusion" (the UNet, with `diffusion`,
+`lora`, `train_text_encoders`) or "autoencoder" (the VAE alone, `model.kind = "autoencoder"`, with
+`autoencoder`: ldm's first-stage losses, a PatchGAN discriminator with its own optimiser, LPIPS).
 """
 
 import dataclasses
@@ -15,14 +19,19 @@ import ml_collections
 
 from sdxl_jax.diffusion.losses import WEIGHTINGS
 from sdxl_jax.diffusion.parameterisation import PARAMETERISATIONS
+from sdxl_jax.models import PatchDiscriminatorConfig
 from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import FSDP_RULES, check_rules
+from sdxl_jax.train.autoencoder_losses import AutoencoderLossConfig
+from sdxl_jax.train.data import DATA_SOURCES
 from sdxl_jax.train.lora import spec_from_config, text_encoders
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from sdxl_jax.train.state import Models
+from sdxl_jax.train.step import OBJECTIVES
 
 PREDICTIONS = tuple(PARAMETERISATIONS)
 EXPORT_FORMATS = ("none", "project", "diffusers", "single_file", "lora")
+AUTOENCODER_EXPORT_FORMATS = ("none", "diffusers", "single_file")  # an AutoencoderKL folder, an ldm-layout file
 LORA_FORMATS = ("kohya", "diffusers")
 
 
@@ -68,6 +77,27 @@ def lora_defaults() -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
+def autoencoder_defaults() -> ml_collections.ConfigDict:
+    """`config.autoencoder` (read when `objective` is "autoencoder"): ldm's KL-f8 loss (`loss`: the fields
+    of `AutoencoderLossConfig`), taming's PatchGAN (`discriminator`: `PatchDiscriminatorConfig`'s) with
+    ldm's Adam (betas 0.5, 0.9, no weight decay, no clipping) at ldm's base LR for one example (ldm
+    multiplies it by the batch size), and no LPIPS weights: a config that keeps `perceptual_weight` > 0
+    names them, or asks for a random VGG16 (`lpips_random_vgg`), explicitly."""
+    discriminator_optimizer = optimizer_defaults()
+    discriminator_optimizer.update(learning_rate=4.5e-6, b1=0.5, b2=0.9, weight_decay=0.0, grad_clip_norm=0.0)
+    return ml_collections.ConfigDict({
+        "decoder_only": False,  # train decoder + post_quant_conv only (the encoder, hence the latents, stay)
+        "sample_posterior": True,  # decode a posterior sample (ldm), not its mean
+        "loss": dataclasses.asdict(AutoencoderLossConfig()),
+        "lpips_vgg16": "",  # torchvision's VGG16 weights (vgg16-397923af.pth or a safetensors of its keys)
+        "lpips_heads": "",  # lpips' heads file (lpips/weights/v0.1/vgg.pth, shipped in the lpips package)
+        "lpips_random_vgg": False,  # no VGG16 weights: a random trunk (heads from lpips_heads, or random >= 0)
+        "discriminator": dataclasses.asdict(PatchDiscriminatorConfig()),
+        "discriminator_init": "",  # a taming/ldm checkpoint (loss.discriminator.*) or a bare one; "" = random
+        "discriminator_optimizer": discriminator_optimizer,
+    })  # fmt: skip
+
+
 def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A complete training config with neutral values (uniform weighting, constant LR, no offset noise)."""
     c = ml_collections.ConfigDict()
@@ -88,11 +118,15 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.distributed = ml_collections.ConfigDict(
         {"enabled": False, "coordinator_address": "", "num_processes": 1, "process_id": 0}
     )
+    c.objective = "autoencoder" if models.kind == "autoencoder" else "diffusion"  # a key of step.OBJECTIVES
     c.model = model_entries(models)
-    c.init_from = ""  # a PipelineWeights path (diffusers folder, single file, project folder); "" = random init
+    # a PipelineWeights path (diffusers folder, single file, project folder); "" = random init. The
+    # autoencoder's: a VAE (a diffusers AutoencoderKL folder, a pipeline folder's vae/, an ldm-layout file)
+    c.init_from = ""
     c.train_text_encoders = False
     c.lora = lora_defaults()
     c.diffusion = diffusion_defaults()
+    c.autoencoder = autoencoder_defaults()
     c.optimizer = optimizer_defaults()
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup": True})
     c.data = data
@@ -100,8 +134,10 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
         "every": 0, "prompts": ("a photo of a cat",), "steps": 20, "sampler": "euler", "schedule": "leading",
         "guidance_scale": 5.0,
         "height": 1024, "width": 1024, "seed": 0, "aesthetic_score": 6.0,
+        # the autoencoder's: the first `num_images` images of this data config (one bucket) reconstructed
+        "data": None, "num_images": 8,
     })  # fmt: skip
-    c.export_on_finish = "none"
+    c.export_on_finish = "none"  # one of EXPORT_FORMATS or several, comma-separated
     c.export_ema = True
     c.peak_flops_per_device = 197e12  # TPU v5e bf16; MFU is reported against it
     c.malloc_huge_pages = False  # restart train.py with malloc on huge pages (train/huge_pages.py; CPU runs)
@@ -110,7 +146,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
 
 def lora_errors(c: ml_collections.ConfigDict) -> list[str]:
     lo, errors = c.lora, []
-    if c.export_on_finish == "lora" and not lo.rank:
+    if "lora" in export_formats(c) and not lo.rank:
         errors.append("export_on_finish=lora needs lora.rank > 0")
     if lo.format not in LORA_FORMATS:
         errors.append(f"lora.format {lo.format!r} not in {LORA_FORMATS}")
@@ -131,9 +167,60 @@ def lora_errors(c: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
+def export_formats(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`export_on_finish` as a tuple of formats ("none": empty)."""
+    formats = tuple(f.strip() for f in c.export_on_finish.split(","))
+    return () if formats == ("none",) else formats
+
+
+def autoencoder_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """What does not fit the autoencoder objective (or fits it outside one)."""
+    if c.objective != "autoencoder":
+        return ["model.kind 'autoencoder' trains with objective 'autoencoder'"] if c.model.kind == "autoencoder" else []
+    ae, errors = c.autoencoder, []
+    if c.model.kind != "autoencoder":
+        errors.append(f"objective 'autoencoder' trains a VAE alone: model.kind 'autoencoder', not {c.model.kind!r}")
+    if c.lora.rank or c.train_text_encoders:
+        errors.append("objective 'autoencoder' has no LoRA, no text encoders (lora.rank 0, train_text_encoders False)")
+    if bad := [f for f in export_formats(c) if f not in AUTOENCODER_EXPORT_FORMATS]:
+        errors.append(f"export_on_finish {bad} not for an autoencoder; formats: {AUTOENCODER_EXPORT_FORMATS}")
+    for name, make in (("loss", AutoencoderLossConfig), ("discriminator", PatchDiscriminatorConfig)):
+        try:
+            make(**ae[name].to_dict())
+        except (TypeError, ValueError) as e:
+            errors.append(f"autoencoder.{name}: {e}")
+    lpips_paths = [k for k in ("lpips_vgg16", "lpips_heads") if ae[k]]
+    if ae.loss.perceptual_weight == 0:
+        if lpips_paths or ae.lpips_random_vgg:
+            errors.append(f"autoencoder.loss.perceptual_weight is 0 (LPIPS off): {lpips_paths or 'lpips_random_vgg'} "
+                          "would be ignored; unset them, or give the perceptual term a weight")  # fmt: skip
+    elif ae.lpips_random_vgg and ae.lpips_vgg16:
+        errors.append("autoencoder.lpips_random_vgg and autoencoder.lpips_vgg16 both set: pick one")
+    elif not ae.lpips_random_vgg and lpips_paths != ["lpips_vgg16", "lpips_heads"]:
+        errors.append(f"autoencoder.loss.perceptual_weight {ae.loss.perceptual_weight} needs LPIPS: set "
+                      "autoencoder.lpips_vgg16 and lpips_heads, or lpips_random_vgg=True, "
+                      "or perceptual_weight=0")  # fmt: skip
+    if ae.decoder_only and not c.init_from:
+        errors.append("autoencoder.decoder_only fine-tunes a trained VAE's decoder: set init_from")
+    opt = ae.discriminator_optimizer
+    if opt.name not in OPTIMIZERS or opt.schedule not in LR_SCHEDULES or opt.accumulation_steps < 1:
+        errors.append(f"autoencoder.discriminator_optimizer: name {opt.name!r} (in {sorted(OPTIMIZERS)}), "
+                      f"schedule {opt.schedule!r} (in {sorted(LR_SCHEDULES)}), accumulation_steps >= 1")  # fmt: skip
+    if c.validation.every:
+        v = c.validation.data
+        if not isinstance(v, ml_collections.ConfigDict) or v.get("source") not in DATA_SOURCES:
+            errors.append("validation.every > 0: validation.data must be a data config (a source of "
+                          f"{sorted(DATA_SOURCES)}) holding the validation images")  # fmt: skip
+        if c.validation.num_images < 1:
+            errors.append(f"validation.num_images must be >= 1, got {c.validation.num_images}")
+    return errors
+
+
 def check(c: ml_collections.ConfigDict) -> None:
     """Loud errors for values that would otherwise fail deep inside a run (or, worse, not at all)."""
     errors = []
+    if c.objective not in OBJECTIVES:
+        errors.append(f"objective {c.objective!r} not in {sorted(OBJECTIVES)}")
     if c.diffusion.prediction not in PREDICTIONS:
         errors.append(f"diffusion.prediction {c.diffusion.prediction!r} not in {PREDICTIONS}")
     if c.diffusion.weighting not in WEIGHTINGS:
@@ -148,10 +235,14 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"optimizer.schedule {c.optimizer.schedule!r} not in {sorted(LR_SCHEDULES)}")
     if c.optimizer.accumulation_steps < 1:
         errors.append(f"optimizer.accumulation_steps must be >= 1, got {c.optimizer.accumulation_steps}")
-    if c.export_on_finish not in EXPORT_FORMATS:
-        errors.append(f"export_on_finish {c.export_on_finish!r} not in {EXPORT_FORMATS}")
+    if c.optimizer.grad_clip_norm < 0:
+        errors.append(f"optimizer.grad_clip_norm must be >= 0 (0: no clipping), got {c.optimizer.grad_clip_norm}")
+    formats = export_formats(c)
+    if not formats and c.export_on_finish != "none" or any(f not in EXPORT_FORMATS[1:] for f in formats):
+        errors.append(f"export_on_finish {c.export_on_finish!r}: 'none' or some of {EXPORT_FORMATS[1:]}")
     errors += lora_errors(c)
-    if c.validation.every:
+    errors += autoencoder_errors(c)
+    if c.validation.every and c.objective == "diffusion":
         try:
             SamplingOptions.from_config(c.validation)
         except ValueError as e:

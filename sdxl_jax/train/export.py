@@ -1,13 +1,18 @@
-"""A run's result as a checkpoint others can open: the trained UNet (EMA by default) with the frozen parts.
+"""A run's result as a checkpoint others can open: the trained UNet (EMA by default) with the frozen parts,
+or the trained VAE.
 
     export_run(spec, state, frozen, workdir)   # -> WORKDIR/export/{sdxl_jax,diffusers,sdxl.safetensors,...}
 
-`config.export_on_finish`: "none"; "project" (this project's format: what `sample.py` and `Pipeline.load`
-read fastest, and the only one for a pixel-space model such as the demo's); "diffusers" (a
-`StableDiffusionXLPipeline` / `Img2Img` folder); "single_file" (the original sgm layout the web UIs open);
-"lora" (a LoRA run's adapters alone, as the file kohya / diffusers / ComfyUI load: `lora.safetensors` in
-kohya's format or `pytorch_lora_weights.safetensors` in diffusers', per `config.lora.format`). A LoRA
-run's other exports hold the base with the adapters merged in.
+`config.export_on_finish` (one format, or several comma-separated): "none"; "project" (this project's
+format: what `sample.py` and `Pipeline.load` read fastest, and the only one for a pixel-space model such
+as the demo's); "diffusers" (a `StableDiffusionXLPipeline` / `Img2Img` folder); "single_file" (the
+original sgm layout the web UIs open); "lora" (a LoRA run's adapters alone, as the file kohya / diffusers
+/ ComfyUI load: `lora.safetensors` in kohya's format or `pytorch_lora_weights.safetensors` in diffusers',
+per `config.lora.format`). A LoRA run's other exports hold the base with the adapters merged in.
+The autoencoder objective exports its VAE (the decoder-only run's with the encoder it kept):
+"diffusers" as an `AutoencoderKL` folder (`export/vae/`), "single_file" as an ldm-layout file
+(`export/vae.safetensors`); both are what `Pipeline.load(vae=...)` / `sample.py --vae` read, the folder
+also `AutoencoderKL.from_pretrained`.
 An existing export is never overwritten: a later one, at another step, goes to `NAME-stepN`. Every
 process takes part in gathering the sharded params; process 0 writes.
 """
@@ -19,15 +24,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sdxl_jax import storage
-from sdxl_jax.convert.export import export_diffusers, export_single_file
+from sdxl_jax.convert.export import export_diffusers, export_single_file, export_vae_diffusers, export_vae_file
 from sdxl_jax.convert.lora import save_lora
 from sdxl_jax.convert.pipeline_weights import PipelineWeights, save_project
 from sdxl_jax.train import lora
+from sdxl_jax.train.config import export_formats
 from sdxl_jax.train.state import model_params
 
 EXPORT_PATHS = {"project": "export/sdxl_jax", "diffusers": "export/diffusers", "single_file": "export/sdxl.safetensors"}
 LORA_PATHS = {"kohya": "export/lora.safetensors", "diffusers": "export/pytorch_lora_weights.safetensors"}
 EXPORTERS = {"project": save_project, "diffusers": export_diffusers, "single_file": export_single_file}
+VAE_PATHS = {"diffusers": "export/vae", "single_file": "export/vae.safetensors"}
+VAE_EXPORTERS = {"diffusers": export_vae_diffusers, "single_file": export_vae_file}
 
 
 def host_params(tree) -> dict:
@@ -76,19 +84,37 @@ def lora_metadata(config, state) -> dict[str, str]:
     }  # fmt: skip
 
 
-def export_run(spec, state, frozen: dict, workdir):
-    """Write the export named by `config.export_on_finish` (into a bucket too: staged locally, uploaded
-    with its index last); returns its path (None for "none")."""
+def trained_vae(spec, state, frozen: dict, use_ema: bool):
+    """(config, numpy params) of an autoencoder run's VAE, whole (a decoder-only run's with its frozen
+    encoder side)."""
+    trained = state.ema_params if use_ema else state.params
+    return spec.models.vae, host_params(model_params(frozen, {"vae": trained["vae"]}, None)["vae"])
+
+
+def export_run(spec, state, frozen: dict, workdir) -> list:
+    """Write the exports named by `config.export_on_finish` (into a bucket too: staged locally, uploaded
+    with its index last); returns their paths (none for "none")."""
+    return [export_one(spec, state, frozen, workdir, fmt) for fmt in export_formats(spec.config)]
+
+
+def export_one(spec, state, frozen: dict, workdir, fmt: str):
+    """Write one export format; returns its path."""
     config = spec.config
-    fmt = config.export_on_finish
-    if fmt == "none":
-        return None
-    out = storage.path(workdir) / (LORA_PATHS[config.lora.format] if fmt == "lora" else EXPORT_PATHS[fmt])
+    autoencoder = config.objective == "autoencoder"
+    paths = VAE_PATHS if autoencoder else {**EXPORT_PATHS, "lora": LORA_PATHS[config.lora.format]}
+    out = storage.path(workdir) / paths[fmt]
     if out.exists():  # a finished run started again, or extended: keep the earlier export
         out = out.with_name(f"{out.stem}-step{int(state.step)}{out.suffix}")
         if out.exists():
             print(f"export {out} exists (this step's); not written again")
             return out
+    if autoencoder:
+        cfg, params = trained_vae(spec, state, frozen, config.export_ema)
+        source = "ema" if config.export_ema else "params"
+        metadata = {"source": f"sdxl_jax train.py autoencoder ({source}, step {int(state.step)})"}
+        if jax.process_index() == 0:
+            VAE_EXPORTERS[fmt](cfg, params, out, metadata)
+        return out
     if fmt == "lora":
         adapters = host_params(state.ema_params if config.export_ema else state.params)
         models = spec.models

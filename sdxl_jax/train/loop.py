@@ -2,10 +2,11 @@
 
     state = train(config, "runs/x")     # what train.py calls; tests call it in-process
 
-processes joined -> mesh -> `StepSpec` (models, optimiser, shardings) -> sharded state (or the newest
+processes joined -> mesh -> `StepSpec` (models, optimiser, objective, shardings) -> sharded state (or the newest
 complete checkpoint) -> data -> the loop (step, log, validate, checkpoint; SIGTERM saves and stops) ->
 final checkpoint -> export. Outputs in WORKDIR: checkpoints/, metrics.jsonl, config.json, tensorboard/,
-validation/, export/ (with `export_on_finish`).
+validation/, export/ (with `export_on_finish`). Every objective (`config.objective`: diffusion, LoRA,
+the autoencoder) runs this same loop; what differs lives in its step, state, validation and export.
 """
 
 import time
@@ -50,7 +51,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
         f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es), seed {config.seed}"
     )
     step_fn = CompiledSteps(spec, lambda: tracing_context(config, mesh))
-    validate = make_validation(spec.models, config, mesh, spec.lora) if config.validation.every else None
+    validate = make_validation(spec) if config.validation.every else None
 
     saved = restored_step
     with checkpoint.PreemptionWatch() as preemption:
@@ -67,7 +68,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> TrainState:
                     f"gradients (max_consecutive_skips={config.max_consecutive_skips}); stopping"
                 )
             if validate is not None and step % config.validation.every == 0:
-                writer.images(step, "validation", validate(frozen, state.ema_params))
+                images, scalars = validate(frozen, state.ema_params)
+                writer.images(step, "validation", images)
+                writer.scalars(step, "validation", scalars)
             if step % config.checkpoint_every == 0:
                 checkpoint.save(manager, step, state, data)
                 saved = step

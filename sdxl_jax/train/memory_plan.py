@@ -6,6 +6,7 @@ no weights, no data and no accelerator, and print the compiler's own accounting 
     python -m sdxl_jax.plan --config configs/sdxl_finetune_1024.py --target tpu:v6e:2x4 --program sample \
         [--steps 20 --guidance_scale 5]
     python -m sdxl_jax.plan --config configs/tiny.py --target cpu:4 --mesh data=1,fsdp=4,tensor=1
+    python -m sdxl_jax.plan --config configs/sdxl_vae.py --target cpu:8     # the autoencoder objective's step
 
 The program is lowered with abstract inputs (`ShapeDtypeStruct`s carrying the run's shardings) and
 compiled for the target (`targets.py`: a TPU topology through libtpu, or fake XLA:CPU devices) at the
@@ -47,9 +48,8 @@ from sdxl_jax.train.hlo_traffic import memory_traffic
 from sdxl_jax.train.state import (
     Models,
     abstract_params,
-    abstract_trained_and_frozen,
+    abstract_state,
     models_from_config,
-    new_state,
     xla_attention,
 )
 from sdxl_jax.train.step import StepSpec, make_train_step, model_flops
@@ -93,9 +93,14 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def abstract_batch(models, batch: int, height: int, width: int, cached: bool, sharding) -> dict:
-    """`ShapeDtypeStruct`s of one global batch (the data contract), sharded like the run's batches."""
+    """`ShapeDtypeStruct`s of one global batch (the data contract), sharded like the run's batches; an
+    autoencoder's batch is its images alone (what its step reads)."""
     f = models.vae.downsample_factor
     s = lambda shape, dtype: jax.ShapeDtypeStruct((batch, *shape), np.dtype(dtype), sharding=sharding)
+    if models.kind == "autoencoder":
+        if cached:
+            raise ValueError("--cached_latents: an autoencoder trains on images")
+        return {"images": s((height, width, 3), "uint8")}
     out = {"ids_l": s((77,), "int32"), "ids_g": s((77,), "int32"), "eot_l": s((), "int32"), "eot_g": s((), "int32"),
            "original_size": s((2,), "int32"), "crop_top_left": s((2,), "int32"), "target_size": s((2,), "int32"),
            "drop_text": s((), "bool"), "aesthetic_score": s((), "float32")}  # fmt: skip
@@ -118,12 +123,14 @@ def abstract_step(
     config, mesh_sizes: dict[str, int], batch_per_device: int, height: int, width: int, cached: bool, devices=None
 ):
     """What compiling the step needs, all abstract: (`StepSpec`, (state, frozen, batch)) as
-    `ShapeDtypeStruct`s carrying the run's shardings, on a mesh of `devices` (default: this host's)."""
+    `ShapeDtypeStruct`s carrying the run's shardings, on a mesh of `devices` (default: this host's).
+    The state is the objective's (`state.abstract_state`: an autoencoder's with its discriminator, its
+    frozen params with LPIPS)."""
     config.mesh.update(mesh_sizes)
     mesh = make_mesh(config.mesh, devices)
     spec = StepSpec.build(config, mesh)
-    train, frozen = nn.meta.unbox(abstract_trained_and_frozen(config, spec.models))
-    state = _with_shardings(jax.eval_shape(lambda p: new_state(p, spec.tx, config.seed), train), spec.state_shardings)
+    state, frozen = nn.meta.unbox(abstract_state(config, spec.models, spec.tx, spec.objective))
+    state = _with_shardings(state, spec.state_shardings)
     frozen = _with_shardings(frozen, spec.frozen_shardings)
     global_batch = batch_per_device * batch_shards(mesh, config.sharding_rules)
     batch = abstract_batch(spec.models, global_batch, height, width, cached, spec.batch_sharding)
@@ -205,7 +212,7 @@ def compile_step(
     with tracing_context(config, spec.mesh):
         lowered = make_train_step(spec).lower(*inputs)
         flops = model_flops(spec, *inputs)
-    batch = inputs[2]["ids_g"].shape[0]
+    batch = inputs[2]["images" if spec.models.kind == "autoencoder" else "ids_g"].shape[0]
     path = hlo_dir and os.path.join(hlo_dir, f"train_batch{batch}.hlo.txt")
     return _measure(lowered, flops, spec.mesh.size, batch, start, path)
 
@@ -328,6 +335,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     target, config = parse_target(FLAGS.target), FLAGS.config
+    autoencoder = config.model.kind == "autoencoder"
+    if autoencoder and (FLAGS.remat or FLAGS.attention or FLAGS.program == "sample"):
+        raise app.UsageError("an autoencoder config plans its train step only (no UNet: no --remat, --attention)")
     if FLAGS.remat is not None:
         config.model.unet.remat = FLAGS.remat
     if FLAGS.attention is not None:
@@ -338,7 +348,9 @@ def main(argv):
         devices = _devices(target, target.cpu_devices or sizes["data"] * sizes["fsdp"] * sizes["tensor"])
         shape = (height, width, FLAGS.cached_latents)
         compile_at = lambda b: compile_step(config, sizes, b, *shape, devices, FLAGS.hlo_dir)
-        what = f"train step {height}x{width}, mesh {sizes}, remat {config.model.unet.remat}"
+        what = f"train step {height}x{width}, mesh {sizes}, " + (
+            "autoencoder" if autoencoder else f"remat {config.model.unet.remat}"
+        )
         unit = "example"
     else:
         devices = _devices(target, target.cpu_devices or 1)

@@ -3,11 +3,13 @@
     writer = MetricsWriter(workdir, config, enabled=jax.process_index() == 0)
     writer.step(step, metrics, bucket, seconds, flops, timed)   # every step; logs every log_every
     writer.images(step, "validation", imgs)  # uint8 [N, H, W, 3] -> PNGs + TensorBoard
+    writer.scalars(step, "validation", {"psnr": 31.2})   # -> console, validation/metrics.jsonl, TensorBoard
 
 The run's config goes to `config.json` (the seed included). One JSON object per logged step: `step`,
 `loss`, `lr`, `grad_norm`, `images_per_s`, `step_time_s`, `eta_s`, `skipped_total`, and, once known,
 `flops_per_step` (model FLOPs of all devices: `step.model_flops`) and `mfu` (against
-`config.peak_flops_per_device`). Only process 0 writes.
+`config.peak_flops_per_device`). The console line adds an adversarial objective's discriminator and
+generator losses (`d_loss`, `g_loss`) when the metrics have them. Only process 0 writes.
 """
 
 import json
@@ -65,6 +67,8 @@ class MetricsWriter:
             f"step {step}/{self.num_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
             f"grad_norm {record['grad_norm']:.3f}"
         )
+        if "d_loss" in record:
+            line += f" d_loss {record['d_loss']:.4f} g_loss {record['g_loss']:.4f}"
         if "step_time_s" in record:
             line += f" {record['images_per_s']:.2f} img/s {record['step_time_s']:.3f} s/step ETA {record['eta_s']:.0f}s"
         if "mfu" in record:
@@ -85,6 +89,19 @@ class MetricsWriter:
         for i, image in enumerate(images):
             (folder / f"{i:02d}.png").write_bytes(png(image))
             self._tb.image(step, f"{name}/{i}", image)
+        self._tb.flush()
+
+    def scalars(self, step: int, name: str, values: dict[str, float]) -> None:
+        """Scalars of a pass such as validation: one console line, a row of `NAME/metrics.jsonl`,
+        TensorBoard's `NAME/<key>`. Nothing for an empty dict."""
+        if not self.enabled or not values:
+            return
+        print(f"step {step} {name}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+        storage.make_dirs(self.workdir / name)
+        rows = storage.AppendFile(self.workdir / name / "metrics.jsonl")
+        rows.write(json.dumps({"step": step, **values}) + "\n")
+        rows.close()
+        self._tb.scalars(step, {f"{name}/{k}": v for k, v in values.items()})
         self._tb.flush()
 
     def message(self, text: str) -> None:

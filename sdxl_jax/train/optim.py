@@ -1,11 +1,16 @@
-"""The optimiser of a run: the UNet's AdamW or Muon, the text encoders' AdamW, the LR schedule, EMA decay.
+"""The optimiser of a run: the main network's AdamW or Muon, the text encoders' AdamW, the LR schedule,
+EMA decay, and the update every objective's step ends with.
 
     tx, lr_schedule = make_optimizer(config.optimizer, trainable)   # trainable: ("unet", ...) components
-    decay = ema_decay(config.ema, state.updates)
+    params, opt_state, moved = optimiser_step(tx, params, opt_state, grads)
+    state, metrics = advance(state, finite, params, opt_state, moved, config.ema)
 
-`config.optimizer.name` picks the UNet's optimiser from `OPTIMIZERS`; `schedule` the LR curve from
-`LR_SCHEDULES` (after a linear warmup). Gradients are clipped by their global norm over every trainable
-component first; `accumulation_steps > 1` wraps the whole in `optax.MultiSteps`.
+`config.optimizer.name` picks the main network's optimiser (the UNet's; the VAE's for the autoencoder
+objective) from `OPTIMIZERS`; `schedule` the LR curve from `LR_SCHEDULES` (after a linear warmup).
+Gradients are clipped by their global norm over every trainable component first (`grad_clip_norm` 0:
+not clipped, as ldm trains its autoencoder); `accumulation_steps > 1` wraps the whole in
+`optax.MultiSteps`. A discriminator (the autoencoder objective's) gets its own `make_optimizer` from
+its own optimiser config.
 """
 
 import jax
@@ -77,13 +82,15 @@ def _muon(opt, schedule):
     )
 
 
-OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # the UNet's; the text encoders always take AdamW
+OPTIMIZERS = {"adamw": _adamw, "muon": _muon}  # the main network's; the text encoders always take AdamW
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, trainable: tuple[str, ...]):
-    """(GradientTransformation over `{component: params}`, the UNet's LR schedule).
+    """(GradientTransformation over `{name: params}`, the main network's LR schedule).
 
-    Global-norm clipping over all trainable params, then the UNet's `opt.name` (AdamW or Muon) and
+    Global-norm clipping over all trainable params (unless `grad_clip_norm` is 0), then `opt.name`
+    (AdamW or Muon) for every entry but the text encoders (the UNet; the VAE and its log-variance) and
     AdamW for the text encoders with their own LR (their largest params are token-embedding tables,
     looked up row by row, not the matrices Muon is made for), wrapped in `optax.MultiSteps` when
     `accumulation_steps > 1` (one update per that many batches; the accumulator costs one more copy
@@ -91,15 +98,18 @@ def make_optimizer(opt: ml_collections.ConfigDict, trainable: tuple[str, ...]):
     """
     if opt.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name {opt.name!r} not in {sorted(OPTIMIZERS)}")
+    if opt.grad_clip_norm < 0:
+        raise ValueError(f"optimizer.grad_clip_norm must be >= 0 (0: no clipping), got {opt.grad_clip_norm}")
     schedule = lr_schedule(opt, opt.learning_rate)
-    unet = OPTIMIZERS[opt.name](opt, schedule)
-    if trainable == ("unet",):
-        inner = unet
+    main = OPTIMIZERS[opt.name](opt, schedule)
+    if not any(name in TEXT_ENCODERS for name in trainable):
+        inner = main
     else:
         text = _adamw(opt, lr_schedule(opt, opt.text_encoder_learning_rate))
-        labels = {name: "unet" if name == "unet" else "text" for name in trainable}
-        inner = optax.partition({"unet": unet, "text": text}, labels)
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), inner)
+        # the main group's label is "unet", the name it has in the checkpoints of text-encoder runs
+        labels = {name: "text" if name in TEXT_ENCODERS else "unet" for name in trainable}
+        inner = optax.partition({"unet": main, "text": text}, labels)
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), inner) if opt.grad_clip_norm else inner
     if opt.accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.accumulation_steps)
     return tx, schedule
@@ -111,3 +121,43 @@ def ema_decay(ema: ml_collections.ConfigDict, updates: jax.Array) -> jax.Array:
         return jnp.float32(ema.decay)
     n = updates.astype(jnp.float32)
     return jnp.minimum(jnp.float32(ema.decay), (1.0 + n) / (10.0 + n))
+
+
+# ---- the end of every step ---------------------------------------------------------------------------
+
+
+def optimiser_step(tx: optax.GradientTransformation, params, opt_state, grads):
+    """(params, opt_state, moved) after one `tx` update; `moved` (bool []) is False while `MultiSteps`
+    only accumulates (its window not yet closed)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    moved = opt_state.mini_step == 0 if isinstance(tx, optax.MultiSteps) else jnp.bool_(True)
+    return params, opt_state, moved
+
+
+def select(keep_new, new, old):
+    """`new` where `keep_new` (bool []), else `old`, leaf by leaf (trees of one structure)."""
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
+
+
+def advance(state, finite, params, opt_state, moved, ema: ml_collections.ConfigDict):
+    """The next `TrainState` (any objective's) after one batch, and its bookkeeping metrics.
+
+    `params`, `opt_state`: the optimiser's result (`optimiser_step`) for `state.params`; the EMA moves
+    when the params did. A non-finite step (`finite` False) keeps params, optimiser state and EMA as
+    they were; only `step` and the skip counters move."""
+    applied = finite & moved
+    decay = ema_decay(ema, state.updates)
+    ema_params = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), state.ema_params, params)
+    new = state.replace(
+        step=state.step + 1,
+        updates=state.updates + applied.astype(jnp.int32),
+        params=select(finite, params, state.params),
+        opt_state=select(finite, opt_state, state.opt_state),
+        ema_params=select(applied, ema_params, state.ema_params),
+        skipped=jnp.where(finite, 0, state.skipped + 1),
+        skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {"finite": finite, "updates": new.updates, "skipped": new.skipped,
+               "skipped_total": new.skipped_total, "ema_decay": decay}  # fmt: skip
+    return new, metrics

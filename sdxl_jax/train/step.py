@@ -1,15 +1,24 @@
 """The training step as a pure function, (state, frozen params, global batch) -> (state, metrics), and
 what compiling it needs: one frozen `StepSpec`.
 
-    spec = StepSpec.build(config, mesh)          # models, optimiser, LR schedule, config, shardings
+    spec = StepSpec.build(config, mesh)          # models, optimiser, LR schedule, config, shardings, objective
     step = CompiledSteps(spec, lambda: tracing_context(config, mesh))
     state, metrics = step(state, frozen, batch)
 
-One step: the objective's loss (`objective.py`) -> gradients -> global-norm clip, the UNet's optimiser
-(AdamW or Muon; `optim.py`), `MultiSteps` accumulation -> EMA -> the next state. With LoRA the state's
-params are the adapters: the loss merges them into the frozen kernels inside the step
-(`state.model_params`), so gradients, optimiser state and EMA exist for the adapters alone. A non-finite loss or
-gradient leaves the state as it was (only `step` and the skip counters move).
+`config.objective` picks the step from `OBJECTIVES`:
+
+- "diffusion" (`diffusion_step`): the diffusion loss (`objective.py`) -> gradients -> global-norm
+  clip, the UNet's optimiser (AdamW or Muon; `optim.py`), `MultiSteps` accumulation -> EMA -> the next
+  state. With LoRA the state's params are the adapters: the loss merges them into the frozen kernels
+  inside the step (`state.model_params`), so gradients, optimiser state and EMA exist for the adapters
+  alone.
+- "autoencoder" (`autoencoder.autoencoder_step`): the VAE's update then the discriminator's, on the
+  same batch, as ldm trains its first stage; its static part (`StepSpec.objective`, an
+  `AutoencoderObjective`) holds the loss weights and the discriminator's optimiser, and tells the state
+  what else to hold (`state.AdversarialState`).
+
+Every objective ends in `optim.advance`: a non-finite loss or gradient leaves the state as it was (only
+`step` and the skip counters move).
 
 Everything random comes from `fold_in(state.rng, state.step)`, so a step's result depends on the
 state and the batch alone: resuming from a checkpoint replays the same steps bit for bit, and with
@@ -18,7 +27,8 @@ JAX's partitionable threefry the numbers do not depend on how the batch is shard
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +38,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sdxl_jax.models import UNet
 from sdxl_jax.sharding import batch_sharding
+from sdxl_jax.train.autoencoder import AutoencoderObjective, autoencoder_step
 from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.train.lora import LoraSpec, spec_from_config
 from sdxl_jax.train.objective import diffusion_loss, encode_batch
-from sdxl_jax.train.optim import ema_decay, make_optimizer
+from sdxl_jax.train.optim import advance, make_optimizer, optimiser_step
 from sdxl_jax.train.state import (
     Models,
     TrainState,
@@ -47,9 +58,10 @@ from sdxl_jax.train.state import (
 class StepSpec:
     """Everything the compiled step closes over, built once per run (and by the planner, abstractly).
 
-    state_shardings: a `TrainState` of `NamedSharding`s; frozen_shardings: `{component: shardings}` of
+    state_shardings: a `TrainState` of `NamedSharding`s; frozen_shardings: `{name: shardings}` of
     the frozen params; batch_sharding: one `NamedSharding` (batch axis split) for every batch entry;
-    lora: the adapters' spec when the run trains LoRA adapters (None: whole components).
+    lora: the adapters' spec when the run trains LoRA adapters (None: whole components); objective:
+    the objective's static part (`OBJECTIVES`; None for diffusion, whose settings are `config.diffusion`).
     """
 
     models: Models
@@ -60,17 +72,22 @@ class StepSpec:
     frozen_shardings: dict
     batch_sharding: NamedSharding
     lora: LoraSpec | None
+    objective: Any = None
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> "StepSpec":
         """The spec of `config`'s run on `mesh`: models from `config.model`, the optimiser over the
-        trainable components, every sharding from `eval_shape` alone (nothing is allocated)."""
+        trainable components, the objective's own part, every sharding from `eval_shape` alone (nothing
+        is allocated)."""
+        if config.objective not in OBJECTIVES:
+            raise ValueError(f"objective {config.objective!r} not in {sorted(OBJECTIVES)}")
         models = models_from_config(config.model)
         trainable = trainable_components(config, models)
         tx, lr = make_optimizer(config.optimizer, trainable)
-        st_sh, frozen_sh = state_shardings(config, models, tx, mesh, config.sharding_rules)
+        objective = OBJECTIVES[config.objective].static(config)
+        st_sh, frozen_sh = state_shardings(config, models, tx, mesh, config.sharding_rules, objective)
         batches = batch_sharding(mesh, config.sharding_rules)
-        return cls(models, tx, lr, config, st_sh, frozen_sh, batches, spec_from_config(config.lora))
+        return cls(models, tx, lr, config, st_sh, frozen_sh, batches, spec_from_config(config.lora), objective)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -78,27 +95,26 @@ class StepSpec:
 
     @property
     def param_shardings(self) -> dict:
-        """`{component: shardings}` of every component's params, trainable and frozen."""
+        """`{component: shardings}` of every component's params (each whole), trainable and frozen."""
         if self.lora is not None:
-            return self.frozen_shardings  # every component; the state holds adapters
-        return self.state_shardings.params | self.frozen_shardings
+            return {name: self.frozen_shardings[name] for name in self.models.components}  # the state holds adapters
+        merged = model_params(self.frozen_shardings, self.state_shardings.params, None)
+        return {name: merged[name] for name in self.models.components}
 
     def without_remat(self) -> "StepSpec":
         """The same step keeping every activation, with XLA attention: the program whose FLOPs are the
         model FLOPs (MFU does not count the forward passes that remat repeats, and a Pallas kernel's
         matmuls are invisible to `jaxpr_flops`)."""
-        models = xla_attention(dataclasses.replace(self.models, unet=self.models.unet.replace(remat="none")))
-        return dataclasses.replace(self, models=models)
+        models = self.models
+        if models.unet is not None:
+            models = dataclasses.replace(models, unet=models.unet.replace(remat="none"))
+        return dataclasses.replace(self, models=xla_attention(models))
 
 
-def _select(keep_new, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
-
-
-def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) -> tuple[TrainState, dict]:
-    """One batch. Returns the next state and scalar metrics (loss, grad_norm, lr, finite, updates, skipped, ...)."""
+def diffusion_step(state: TrainState, frozen: dict, batch: dict, key: jax.Array, spec: StepSpec):
+    """One batch of the diffusion objective (with LoRA, through the adapters). Returns the next state
+    and scalar metrics (loss, grad_norm, lr, finite, updates, skipped, ...)."""
     models, tx, config = spec.models, spec.tx, spec.config
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_vae, k_loss = jax.random.split(key)
 
     def loss_fn(params):
@@ -113,29 +129,35 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    applied = finite
-    if isinstance(tx, optax.MultiSteps):
-        applied = finite & (opt_state.mini_step == 0)  # the accumulation window closed: params moved
-    decay = ema_decay(config.ema, state.updates)
-    ema = jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), state.ema_params, params)
-    new = state.replace(
-        step=state.step + 1,
-        updates=state.updates + applied.astype(jnp.int32),
-        params=_select(finite, params, state.params),
-        opt_state=_select(finite, opt_state, state.opt_state),
-        ema_params=_select(applied, ema, state.ema_params),
-        skipped=jnp.where(finite, 0, state.skipped + 1),
-        skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
-    )
+    params, opt_state, moved = optimiser_step(tx, state.params, state.opt_state, grads)
+    new, common = advance(state, finite, params, opt_state, moved, config.ema)
     metrics = {
-        "loss": loss, "grad_norm": grad_norm, "lr": spec.lr_schedule(state.updates), "finite": finite,
-        "updates": new.updates, "skipped": new.skipped, "skipped_total": new.skipped_total,
-        "ema_decay": decay, "t_mean": aux["t"].astype(jnp.float32).mean(),
+        "loss": loss, "grad_norm": grad_norm, "lr": spec.lr_schedule(state.updates), **common,
+        "t_mean": aux["t"].astype(jnp.float32).mean(),
     }  # fmt: skip
     return new, metrics
+
+
+class Objective(NamedTuple):
+    """One training objective: its static part from the config (what `StepSpec.objective` holds) and
+    its step `(state, frozen, batch, key, spec) -> (state, metrics)`."""
+
+    static: Callable[[ml_collections.ConfigDict], Any]
+    step: Callable
+
+
+# config.objective -> the objective. Diffusion (and LoRA, its variant) reads config.diffusion and needs
+# no static part; the autoencoder's is an `AutoencoderObjective`.
+OBJECTIVES = {
+    "diffusion": Objective(lambda config: None, diffusion_step),
+    "autoencoder": Objective(AutoencoderObjective.from_config, autoencoder_step),
+}
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, spec: StepSpec) -> tuple[TrainState, dict]:
+    """One batch of the run's objective; everything random in it comes from `fold_in(state.rng, state.step)`."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return OBJECTIVES[spec.config.objective].step(state, frozen, batch, key, spec)
 
 
 def make_train_step(spec: StepSpec):
@@ -168,7 +190,7 @@ class CompiledSteps:
     def __init__(self, spec: StepSpec, context):
         self.spec, self.context = spec, context
         self.jitted = make_train_step(spec)
-        self.has_remat = spec.models.unet.remat != "none"
+        self.has_remat = spec.models.unet is not None and spec.models.unet.remat != "none"
         self.compiled, self.flops = {}, {}
         self.last_flops, self.last_compiled = None, False
 
