@@ -123,6 +123,7 @@ def test_the_full_size_state_from_eval_shape():
     assert count(state.params) + count(frozen["vae"]) == 83_653_863 and count(state.params) > count(frozen["vae"])
 
 
+@pytest.mark.slow  # test budget (~30 s): CI took 12 min on a shared machine with it
 def test_vae_exports_read_back_exactly(tmp_path):
     """An AutoencoderKL folder and an ldm-layout file of the same params: `load_vae_for` (what
     `Pipeline.load(vae=)` and `init_from` read) gives them back bit for bit, and diffusers reads both
