@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from sdxl_jax.convert import ConversionError, load_lpips, load_patch_discriminator, patch_discriminator_to_torch
-from sdxl_jax.convert.perceptual import VGG16_CLASSIFIER_KEYS, lpips_params_from_torch, open_weights
+from sdxl_jax.convert.files import open_state_dict
+from sdxl_jax.convert.perceptual import VGG16_CLASSIFIER_KEYS, lpips_params_from_torch
 from sdxl_jax.models.lpips import STAGES, Lpips, unit_normalize
 from sdxl_jax.models.patchgan import PatchDiscriminator, PatchDiscriminatorConfig, discriminator_param_count
 from tests.helpers.torch_reference import assert_parity, from_nchw, state_dict_numpy, to_nchw, torchvision_stand_in
@@ -115,7 +116,7 @@ def test_unit_normalize_has_a_finite_gradient_at_zero_features():
 
 def test_lpips_conversion_is_strict():
     _, vgg16 = lpips_reference()
-    heads = dict(open_weights(heads_path()))
+    heads = dict(open_state_dict(heads_path()))
     params = lpips_params_from_torch(vgg16, heads)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     assert len(flat) == 2 * 13 + 5 == len(vgg16) + len(heads)  # every used key consumed once

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -28,8 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 class TorchPickle(Mapping):
     """A `.bin`/`.ckpt`/`.pt` state dict, unpickled with `weights_only=True` (tensors and plain containers
-    only; a pickle that needs arbitrary code to load is refused) and memory-mapped, so a tensor's bytes
-    are read when it is asked for. Lightning-style `{"state_dict": ...}` wrappers are unwrapped;
+    only; a pickle that needs arbitrary code to load is refused) and, in torch's zip format, memory-mapped,
+    so a tensor's bytes are read when it is asked for. Lightning-style `{"state_dict": ...}` wrappers are unwrapped;
     non-tensor entries (step counters) are left out. bf16 tensors come back as fp32 numpy (numpy has
     no bfloat16 of its own in torch's export), which the caller may cast back."""
 
@@ -41,7 +42,9 @@ class TorchPickle(Mapping):
             raise ConversionError(f"{self.path}: reading a PyTorch pickle needs torch (pip install torch); "
                                   "safetensors files need no torch") from e  # fmt: skip
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            # memory-mapped where torch allows it (the zip format, torch >= 1.6); a legacy pickle (torchvision's
+            # VGG16, lpips' heads) is read whole
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
         except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
             raise ConversionError(f"{self.path}: refused or unreadable as a weights-only PyTorch pickle "
                                   f"(code payloads are never executed): {str(e).splitlines()[0]}") from e  # fmt: skip

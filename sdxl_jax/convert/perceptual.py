@@ -12,7 +12,6 @@ every parameter produced once, offenders named).
   `patch_discriminator_to_torch` is the inverse (a bare state dict).
 """
 
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import jax
 import numpy as np
 from flax.linen import meta
 
-from sdxl_jax import storage
-from sdxl_jax.convert.files import PICKLE_SUFFIXES, open_state_dict
+from sdxl_jax.convert.files import open_state_dict
 from sdxl_jax.convert.mapping import ConversionError, check_tree, flax_to_torch, shape_of, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _NORM_SCALE, LeafRule
 from sdxl_jax.models import lpips, patchgan
@@ -48,31 +46,8 @@ def _rule(path: tuple[str, ...]) -> LeafRule:
     return _LEAF_RULES[path[-1]]
 
 
-def open_weights(path) -> Mapping[str, np.ndarray]:
-    """`files.open_state_dict`, except that a local PyTorch pickle in the legacy (pre-1.6, not zip) format
-    is read whole, tensors mapped to the CPU: `TorchPickle` memory-maps, which only the zip format allows,
-    and torchvision's VGG16 and lpips' heads files are legacy ones (the heads saved from CUDA tensors)."""
-    legacy = not storage.is_remote(path) and Path(path).suffix in PICKLE_SUFFIXES and Path(path).is_file()
-    if not legacy or zipfile.is_zipfile(path):
-        return open_state_dict(path)
-    try:
-        import torch
-    except ModuleNotFoundError as e:
-        raise ConversionError(f"{path}: reading a PyTorch pickle needs torch (pip install torch)") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise ConversionError(f"{path}: refused or unreadable as a weights-only PyTorch pickle "
-                              f"(code payloads are never executed): {str(e).splitlines()[0]}") from e  # fmt: skip
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a state dict, found a {type(obj).__name__}")
-    return {key: value.detach().float().numpy() for key, value in obj.items() if isinstance(value, torch.Tensor)}
-
-
 def _state(source: Source) -> Mapping[str, np.ndarray]:
-    return source if isinstance(source, Mapping) else open_weights(source)
+    return source if isinstance(source, Mapping) else open_state_dict(source)
 
 
 class _Renamed(Mapping):
@@ -122,14 +97,14 @@ def lpips_params_from_torch(vgg16: Mapping[str, np.ndarray], heads: Mapping[str,
 def load_lpips(vgg16_path: str | Path, heads_path: str | Path):
     """`Lpips` params from torchvision's VGG16 weights (e.g. `vgg16-397923af.pth`, or a safetensors
     file of the same keys) and lpips' heads file (`lpips/weights/v0.1/vgg.pth`)."""
-    return lpips_params_from_torch(open_weights(vgg16_path), open_weights(heads_path))
+    return lpips_params_from_torch(open_state_dict(vgg16_path), open_state_dict(heads_path))
 
 
 def load_lpips_heads(heads_path: str | Path):
     """The five heads alone (`{"lin0": ..., ..., "lin4": ...}` of `Lpips` params) from lpips' heads file:
     what a random VGG16 trunk is paired with when no VGG16 weights are at hand."""
     target = {name: tree for name, tree in meta.unbox(lpips.abstract_params()).items() if name != "vgg"}
-    heads = open_weights(heads_path)
+    heads = open_state_dict(heads_path)
     return torch_to_flax(heads, target, lpips_head_key, ignorable=(), what="LPIPS heads state dict")
 
 
