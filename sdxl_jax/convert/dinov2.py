@@ -25,7 +25,7 @@ from flax.linen import meta
 from sdxl_jax import storage
 from sdxl_jax.convert.files import Prefetch, component_weights, open_state_dict, source_files, stored_dtype, whole_files
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
-from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
+from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule, kept
 from sdxl_jax.models.dinov2 import Dinov2Config, abstract_params
 from sdxl_jax.models.layers import ACTIVATIONS
 
@@ -33,11 +33,10 @@ from sdxl_jax.models.layers import ACTIVATIONS
 LEGACY_ATTENTION = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value",
                     "o_proj": "output.dense"}  # fmt: skip
 _LEGACY_MARK = re.compile(r"\.attention\.(attention\.(query|key|value)|output\.dense)\.")
-_KEPT = lambda name: (name, lambda a: a, lambda a: a)  # a tensor with the same name and shape on both sides
 _LEAF_RULES: dict[str, LeafRule] = {
     "bias": _IDENTITY,
     "scale": _NORM_SCALE,
-    **{name: _KEPT(name) for name in ("lambda1", "cls_token", "mask_token", "position_embeddings")},
+    **{name: kept(name) for name in ("lambda1", "cls_token", "mask_token", "position_embeddings")},
 }
 _LAYER = re.compile(r"^layers_(\d+)$")
 

@@ -21,7 +21,7 @@ from flax.linen import meta
 
 from sdxl_jax.convert.files import open_state_dict
 from sdxl_jax.convert.mapping import ConversionError, check_tree, flax_to_torch, shape_of, torch_to_flax
-from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _NORM_SCALE, LeafRule
+from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _NORM_SCALE, LeafRule, kept
 from sdxl_jax.models import lpips, patchgan
 from sdxl_jax.models.patchgan import PatchDiscriminatorConfig
 
@@ -33,9 +33,8 @@ LDM_DISCRIMINATOR_PREFIX = "loss.discriminator."
 # torch BatchNorm's step counter (only used with momentum=None, which taming does not set).
 DISCRIMINATOR_IGNORABLE = ("num_batches_tracked",)
 
-_RUNNING_MEAN: LeafRule = ("running_mean", lambda a: a, lambda a: a)
-_RUNNING_VAR: LeafRule = ("running_var", lambda a: a, lambda a: a)
-_LEAF_RULES = {"bias": _IDENTITY, "scale": _NORM_SCALE, "kernel": _CONV, "mean": _RUNNING_MEAN, "var": _RUNNING_VAR}
+_LEAF_RULES = {"bias": _IDENTITY, "scale": _NORM_SCALE, "kernel": _CONV, "mean": kept("running_mean"),
+               "var": kept("running_var")}  # fmt: skip
 
 Source = str | Path | Mapping[str, np.ndarray]
 

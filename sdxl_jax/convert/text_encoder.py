@@ -16,12 +16,12 @@ import numpy as np
 from flax.linen import meta
 
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
-from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule
+from sdxl_jax.convert.torch_layouts import _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule, kept
 from sdxl_jax.models.clip import ACTIVATIONS, CLIPTextConfig, abstract_params
 
 TEXT_MODEL_PREFIX = "text_model."
 _ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-_EMBEDDING: LeafRule = ("weight", lambda a: a, lambda a: a)  # nn.Embedding and nn.Embed: both `[rows, D]`
+_EMBEDDING: LeafRule = kept("weight")  # nn.Embedding and nn.Embed: both `[rows, D]`
 _LEAF_RULES = {"kernel": _LINEAR, "bias": _IDENTITY, "scale": _NORM_SCALE, "embedding": _EMBEDDING}
 _LAYER = re.compile(r"^layers_(\d+)$")
 # transformers config field -> CLIPTextConfig field, for the fields taken as they are (both directions).

@@ -41,8 +41,15 @@ def diffusers_module_name(module_path: tuple[str, ...]) -> str:
 # A leaf rule: (torch leaf name, torch -> flax, flax -> torch).
 LeafRule = tuple[str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
-_IDENTITY: LeafRule = ("bias", lambda a: a, lambda a: a)
-_NORM_SCALE: LeafRule = ("weight", lambda a: a, lambda a: a)
+
+def kept(torch_leaf: str) -> LeafRule:
+    """A tensor stored as it is on both sides, under `torch_leaf` (a bias, a norm's weight, an embedding
+    table, running statistics, a class token, ...)."""
+    return (torch_leaf, lambda a: a, lambda a: a)
+
+
+_IDENTITY: LeafRule = kept("bias")
+_NORM_SCALE: LeafRule = kept("weight")
 _LINEAR: LeafRule = ("weight", lambda a: a.T, lambda a: a.T)
 _CONV: LeafRule = ("weight", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
 # A 1x1 conv stored in PyTorch, a Dense here (SD 1.x proj_in/proj_out).
