@@ -109,16 +109,16 @@ def spatial_boundary(h: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
 
 
-def _affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
-    """The per-channel `scale` and `bias` of a norm, as fp32 `[C]`."""
+def norm_affine(module: nn.Module, channels: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """The per-channel `scale` (init 1) and `bias` (init 0) of a norm, as `dtype` `[C]`."""
     init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))
     scale = module.param("scale", init(nn.initializers.ones_init()), (channels,), module.param_dtype)
     bias = module.param("bias", init(nn.initializers.zeros_init()), (channels,), module.param_dtype)
-    return scale.astype(jnp.float32), bias.astype(jnp.float32)
+    return scale.astype(dtype), bias.astype(dtype)
 
 
-def _standardize(x32: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
-    """`(x - mean) / sqrt(var + eps)` over `axes`, fp32, with torch's biased variance."""
+def standardize(x32: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """`(x - mean) / sqrt(var + eps)` over `axes`, in x's (fp32 or wider) dtype, with torch's biased variance."""
     mean = x32.mean(axis=axes, keepdims=True)
     var = jnp.square(x32 - mean).mean(axis=axes, keepdims=True)
     return (x32 - mean) * jax.lax.rsqrt(var + epsilon)
@@ -141,10 +141,10 @@ class GroupNorm(nn.Module):
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
-        scale, bias = _affine(self, c)
+        scale, bias = norm_affine(self, c)
         grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         reduce_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all spatial axes + channels in group
-        normed = _standardize(grouped, reduce_axes, self.epsilon).reshape(x.shape)
+        normed = standardize(grouped, reduce_axes, self.epsilon).reshape(x.shape)
         return (normed * scale + bias).astype(self.dtype)
 
 
@@ -158,8 +158,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: `[..., C]` -> same shape."""
-        scale, bias = _affine(self, x.shape[-1])
-        y = _standardize(x.astype(jnp.float32), (-1,), self.epsilon)
+        scale, bias = norm_affine(self, x.shape[-1])
+        y = standardize(x.astype(jnp.float32), (-1,), self.epsilon)
         return (y * scale + bias).astype(self.dtype)
 
 

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from sdxl_jax.models.clip import CLIPTextConfig
 from sdxl_jax.models.config import ModelConfig, abstract_params_of, check_positive
 from sdxl_jax.models.dinov2 import Dinov2Config
-from sdxl_jax.models.layers import Dtype, param_count
+from sdxl_jax.models.layers import Dtype, norm_affine, param_count, standardize
 from sdxl_jax.models.patchgan import torch_conv_bias_init
 
 SPECTRAL = "spectral"  # the collection of the power-iteration vectors u, v
@@ -221,16 +221,12 @@ class LocalBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, c = x.shape[0], x.shape[-1]
-        norm = lambda init: nn.with_logical_partitioning(init, ("norm",))
-        scale = self.param("scale", norm(nn.initializers.ones_init()), (c,), self.param_dtype)
-        bias = self.param("bias", norm(nn.initializers.zeros_init()), (c,), self.param_dtype)
         stat = jnp.promote_types(jnp.float32, x.dtype)
+        scale, bias = norm_affine(self, c, stat)
         groups = group_count(b, self.group_size)
         g = x.astype(stat).reshape(groups, b // groups, *x.shape[1:])
-        mean = g.mean(axis=(1, 2), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale.astype(stat) + bias.astype(stat)).astype(self.dtype)
+        y = standardize(g, (1, 2), self.epsilon).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
 
 
 class ConditionMapper(nn.Module):
