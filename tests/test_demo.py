@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import demo
 from sdxl_jax.data import shapes
-from tests.helpers.shape_reader import classify, score
+from tests.helpers.shape_reader import classify, generate, score
 
 ROOT = Path(__file__).parent.parent
 
@@ -67,21 +67,6 @@ def pipe():
     from sdxl_jax.pipeline import Pipeline
 
     return Pipeline.load(demo.SHIPPED, dtype="fp32")
-
-
-def generate(pipe, prompts, seed=0, **micro):
-    s = demo.sampling()
-    return pipe.generate(
-        prompts,
-        seed=seed,
-        height=s.height,
-        width=s.width,
-        steps=s.steps,
-        sampler=s.sampler,
-        schedule=s.schedule,
-        guidance_scale=s.guidance_scale,
-        **micro,
-    )
 
 
 @pytest.fixture(scope="module")

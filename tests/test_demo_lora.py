@@ -13,18 +13,15 @@ import pytest
 
 from configs import demo, demo_lora
 from sdxl_jax.data import shapes
-from tests.helpers.shape_reader import classify, score
+from tests.helpers.shape_reader import classify, generate, score
 
 SEEDS = (100, 200, 300, 400, 500)  # per prompt
 NEW = shapes.held_out(shapes.SHAPES, tuple(shapes.NEW_COLOURS))  # the 5 held-out pink triples
 
 
 def read_back(pipe, triples) -> list:
-    s = demo.sampling()
     prompts = [shapes.caption(*t) for t in triples for _ in SEEDS]
-    seeds = [seed + i for i in range(len(triples)) for seed in SEEDS]
-    images = pipe.generate(prompts, seed=seeds, height=s.height, width=s.width, steps=s.steps, sampler=s.sampler,
-                           schedule=s.schedule, guidance_scale=s.guidance_scale)  # fmt: skip
+    images = generate(pipe, prompts, seed=[seed + i for i in range(len(triples)) for seed in SEEDS])
     wanted = [t for t in triples for _ in SEEDS]
     return [
         (p, t, classify(image, shapes.SHAPES, tuple(shapes.PALETTE))) for p, t, image in zip(prompts, wanted, images)

@@ -118,7 +118,7 @@ def export_one(spec, state, frozen: dict, workdir, fmt: str):
     if fmt == "lora":
         adapters = host_params(state.ema_params if config.export_ema else state.params)
         models = spec.models
-        configs_only = PipelineWeights(models.kind, {n: (models.config(n), None) for n in models.components})
+        configs_only = lora.configs_only(models)
         if jax.process_index() == 0:
             flat = lora.flat_adapters(lora.unstacked(adapters))
             save_lora(flat, spec.lora, configs_only, out, config.lora.format, lora_metadata(config, state))

@@ -147,13 +147,19 @@ def flat_adapters(adapters: dict) -> dict[str, dict]:
     return {"/".join(path): adapter for path, adapter in flat.items()}
 
 
+def configs_only(models):
+    """`models` as a `PipelineWeights` without params: what LoRA module tables and writers read."""
+    from sdxl_jax.convert.pipeline_weights import PipelineWeights
+
+    return PipelineWeights(models.kind, {n: (models.config(n), None) for n in models.components})
+
+
 def target_kernels(models, spec: LoraSpec, components: tuple[str, ...], params: dict) -> tuple[dict, frozenset]:
     """(`{"component/flax/path/kernel": kernel}` of the kernels in `params` (the models' own tree, boxed
     or not: a scanned UNet's stacked) that `spec` puts an adapter on, the names of the stacked ones)."""
     from sdxl_jax.convert.lora import modules
-    from sdxl_jax.convert.pipeline_weights import PipelineWeights
 
-    weights = PipelineWeights(models.kind, {n: (models.config(n), None) for n in models.components})
+    weights = configs_only(models)
     scanned = models.unet.scan_layers
     flat = {c: flax.traverse_util.flatten_dict(params[c]) for c in components}  # boxed or not
     kernels, stacked = {}, set()

@@ -10,6 +10,7 @@ asked to tell one apart: `shapes` includes it) about half. Colours are the neare
 
 import numpy as np
 
+from configs import demo
 from sdxl_jax.data import shapes as demo_shapes
 
 
@@ -55,3 +56,10 @@ def score(results, parts) -> tuple[int, str]:
     right = [[got[i] for i in parts] == [want[i] for i in parts] for _, want, got in results]
     report = "\n".join(f"{'ok ' if ok else 'BAD'} {p!r}: got {got}" for (p, _, got), ok in zip(results, right))
     return sum(right), report
+
+
+def generate(pipe, prompts, seed=0, **micro) -> np.ndarray:
+    """uint8 `[N, 32, 32, 3]`: `prompts` sampled as the demo samples (`configs/demo.py` OPTIONS)."""
+    s = demo.sampling()
+    return pipe.generate(prompts, seed=seed, height=s.height, width=s.width, steps=s.steps, sampler=s.sampler,
+                         schedule=s.schedule, guidance_scale=s.guidance_scale, **micro)  # fmt: skip
