@@ -7,8 +7,9 @@
 Starts from the checkpoint shipped in `sdxl_jax/assets/demo` (frozen) and trains rank-8 adapters on the
 UNet's transformers and both text encoders (`train/lora.py`) on the demo's shapes drawn in pink (a third
 of the images) and in the six colours the model knows (so their prompts keep working), with the demo's
-objective and buckets. Exports a kohya-format LoRA file. What it learns, how fast, and why not a new
-shape (a diamond did not come in this time, not even with every weight trained): README, "LoRA".
+objective, in one square 32² bucket (the size the demo samples at; one compiled step, not three).
+Exports a kohya-format LoRA file. What it learns, how fast, and why not a new shape (a diamond did not
+come in this time, not even with every weight trained): README, "LoRA".
 """
 
 from configs import demo
@@ -23,15 +24,18 @@ def get_config(arg=None):
     c.train_text_encoders = False  # frozen; adapters instead
     c.lora.update(rank=8, alpha=8.0, targets="transformer", text_encoders="text_encoder,text_encoder_2")
     pink = ("pink",) * 3  # a third of the triples
-    c.data.update(path="runs/demo_lora_shapes", foregrounds=",".join(pink + shapes.FOREGROUNDS), num_images=2000)
-    c.update(num_steps=400, checkpoint_every=200, log_every=50)
+    c.data.update(
+        path="runs/demo_lora_shapes", foregrounds=",".join(pink + shapes.FOREGROUNDS), num_images=2000,
+        buckets="area=32,step=8,ratio=1.0",
+    )  # fmt: skip
+    c.update(num_steps=300, checkpoint_every=150, log_every=50)
     c.optimizer.update(
         name="adamw", learning_rate=3e-3, text_encoder_learning_rate=3e-3, schedule="cosine", warmup_steps=20,
-        decay_steps=400, end_factor=0.1, weight_decay=0.0,
+        decay_steps=300, end_factor=0.1, weight_decay=0.0,
     )  # fmt: skip
     c.ema.decay = 0.99
     c.validation.update(
-        every=400, prompts=("a pink triangle on a blue background", "a red circle on a white background")
+        every=300, prompts=("a pink triangle on a blue background", "a red circle on a white background")
     )
     c.export_on_finish = "lora"
     return c

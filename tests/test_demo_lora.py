@@ -29,7 +29,7 @@ def read_back(pipe, triples) -> list:
 
 
 @pytest.mark.slow  # trains the demo LoRA (~3 min) and samples 140 images twice
-def test_the_demo_lora_teaches_a_new_shape_and_keeps_the_old_ones(tmp_path):
+def test_the_demo_lora_teaches_a_new_colour_and_keeps_the_old_prompts(tmp_path):
     from sdxl_jax.pipeline import Pipeline
     from sdxl_jax.train.loop import train
 
