@@ -280,17 +280,23 @@ class ComponentState(Mapping):
     def __init__(self, state: Mapping[str, np.ndarray], ops: Sequence[Op]):
         self._state = state
         self._parts = {key: (op, i) for op in ops for i, key in enumerate(op.diffusers)}  # q, k, v adjacent
-        self._last: tuple[str, dict[str, np.ndarray]] | None = None  # the split op whose parts are being read
+        # split ops read but not yet fully asked for: single-file key -> {diffusers key: part}. Loaders read
+        # from several threads, so parts of two split ops interleave; each source is still read once.
+        self._pending: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def __getitem__(self, key: str) -> np.ndarray:
         op, _ = self._parts[key]
         if len(op.diffusers) == 1:
             return op.forward(np.asarray(self._state[op.single_file]))[key]
-        with self._lock:  # loaders read from several threads
-            if self._last is None or self._last[0] != op.single_file:
-                self._last = (op.single_file, op.forward(np.asarray(self._state[op.single_file])))
-            return self._last[1][key]
+        with self._lock:
+            if op.single_file not in self._pending:
+                self._pending[op.single_file] = dict(op.forward(np.asarray(self._state[op.single_file])))
+            parts = self._pending[op.single_file]
+            part = parts.pop(key) if key in parts else op.forward(np.asarray(self._state[op.single_file]))[key]
+            if not parts:  # every part handed out: drop the source
+                del self._pending[op.single_file]
+            return part
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._parts)
