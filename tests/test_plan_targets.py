@@ -1,8 +1,11 @@
 """The planner's targets, roofline and batch search, without compiling anything."""
 
+import math
+
+import jax
 import pytest
 
-from sdxl_jax.train.memory_plan import Compiled, largest_batch, planned_size
+from sdxl_jax.train.memory_plan import Compiled, _measure, largest_batch, planned_size, report
 from sdxl_jax.train.targets import CHIPS, GiB, Target, parse_target, roofline
 
 
@@ -48,6 +51,8 @@ def _compiled(total: float) -> Compiled:
         (lambda b: 20 + b, 1, 1),  # nothing fits
         (lambda b: 1 + b if b < 5 else 100, 1, 6),  # a cliff (a layout change) below the prediction: bisection
         (lambda b: 8 + b / 8 if b < 20 else 8 + b / 4, 2, 8),  # a kink below the prediction: bisection
+        (lambda b: 6 + 2 * b if b < 4 else math.inf, 1, 4),  # the compiler refuses (no size in its message)
+        (lambda b: math.inf, 2, 2),  # refused from the start
     ],
 )
 def test_largest_batch_search(memory, first, most):
@@ -76,3 +81,28 @@ def test_planned_size_defaults_to_the_config():
     assert planned_size(config, "train", 64, 128) == (64, 128)
     with pytest.raises(Exception, match="together"):
         planned_size(config, "train", 64, None)
+
+
+def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
+    """The TPU compiler stops at its out-of-memory check with an error instead of a plan; the planner
+    reports that (with the temporaries the message names) instead of crashing, and searches on."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(21.30G) exceeds available HBM (15.75G).\nmore detail")  # fmt: skip
+
+    class Lowered:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    c = _measure(Lowered(), flops=8e12, devices=8, global_batch=32, start=0.0)
+    assert c.refused.startswith("RESOURCE_EXHAUSTED") and "\n" not in c.refused
+    assert c.total == c.temporaries == round(21.30 * GiB)
+    text = report(parse_target("tpu:v5e:2x4"), "train step", c, 8)
+    assert "does NOT fit; the compiler refused the program (its temporaries alone 21.30 GiB)" in text
+    assert "roofline" not in text and "FLOPs per step: 8.0 TFLOP" in text
+
+    class Broken:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        _measure(Broken(), 0.0, 1, 1, 0.0)

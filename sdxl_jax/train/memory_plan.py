@@ -20,7 +20,9 @@ against the chip's peaks. These are compiler plans and bounds, not timings.
 """
 
 import dataclasses
+import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -182,15 +184,37 @@ class Compiled:
     traffic: float
     flops_per_device: float
     seconds: float
+    refused: str = ""  # the compiler's out-of-memory message, when it would not compile the program
 
     @property
-    def total(self) -> int:
-        """Bytes live at the peak: arguments + outputs not aliased to (donated) arguments + temporaries."""
+    def total(self) -> float:
+        """Bytes live at the peak: arguments + outputs not aliased to (donated) arguments + temporaries.
+        For a refused program, the temporaries its message names (a lower bound), else infinity."""
+        if self.refused:
+            return self.temporaries or math.inf
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
+# XLA's TPU compiler refuses a program over the chip's memory with e.g. "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (21.30G) exceeds available HBM (15.75G)"
+# (binary units).
+_REFUSED_TEMPORARIES = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _refused(error: Exception, flops: float, devices: int, global_batch: int, start: float) -> Compiled:
+    message = str(error).splitlines()[0]
+    found = _REFUSED_TEMPORARIES.search(str(error))
+    temporaries = int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024) if found else 0
+    return Compiled(global_batch, 0, 0, 0, temporaries, 0.0, flops / devices, time.perf_counter() - start, message)
+
+
 def _measure(lowered, flops: float, devices: int, global_batch: int, start: float, hlo_path=None) -> Compiled:
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _refused(e, flops, devices, global_batch, start)
     text = compiled.as_text()
     if hlo_path:
         os.makedirs(os.path.dirname(hlo_path) or ".", exist_ok=True)
@@ -274,27 +298,35 @@ def _tera(flops: float) -> str:
 
 def report(target: Target, what: str, c: Compiled, devices: int, search=None, per_example: str = "example") -> str:
     """The planner's printout (one figure per line, the units stated)."""
-    lines = [f"{what} on {target} ({devices} devices), global batch {c.global_batch}, compiled in {c.seconds:.0f} s",
-             "per device:"]  # fmt: skip
-    for key in ("arguments", "outputs", "aliased", "temporaries", "total"):
-        value = c.total if key == "total" else getattr(c, key)
-        lines.append(f"  {key:<12} {value / GiB:8.2f} GiB  ({value / 2**20:.1f} MiB)")
+    lines = [f"{what} on {target} ({devices} devices), global batch {c.global_batch}, compiled in {c.seconds:.0f} s"]
+    if c.refused:  # no memory plan exists: the compiler stopped at its out-of-memory check
+        need = f"its temporaries alone {c.temporaries / GiB:.2f} GiB" if c.temporaries else "more than the chip"
+        lines.append(f"per device: does NOT fit; the compiler refused the program ({need}): {c.refused}")
+    else:
+        lines.append("per device:")
+        for key in ("arguments", "outputs", "aliased", "temporaries", "total"):
+            value = c.total if key == "total" else getattr(c, key)
+            lines.append(f"  {key:<12} {value / GiB:8.2f} GiB  ({value / 2**20:.1f} MiB)")
     flops, call = c.flops_per_device * devices, "step" if per_example == "example" else "call"
     lines.append(
         f"FLOPs per {call}: {_tera(flops)} ({_tera(c.flops_per_device)} per device, "
         f"{_tera(flops / c.global_batch)} per {per_example})"
     )
-    lines.append(f"HBM traffic per device: {c.traffic / 1e9:.2f} GB")
+    if not c.refused:
+        lines.append(f"HBM traffic per device: {c.traffic / 1e9:.2f} GB")
     if target.chip is None:
         return "\n".join(lines)
     hbm, peak, bandwidth = target.per_device(devices)
-    verdict = "fits" if c.total <= hbm else f"does NOT fit (over by {(c.total - hbm) / GiB:.2f} GiB)"
-    lines.append(f"HBM per device {hbm / GiB:.2f} GiB: {verdict} ({c.total / hbm:.0%} used)")
+    if not c.refused:
+        verdict = "fits" if c.total <= hbm else f"does NOT fit (over by {(c.total - hbm) / GiB:.2f} GiB)"
+        lines.append(f"HBM per device {hbm / GiB:.2f} GiB: {verdict} ({c.total / hbm:.0%} used)")
     if search is not None:
         best, tried = search
-        shown = ", ".join(f"{b}: {t / GiB:.2f}" for b, t in tried)
+        shown = ", ".join(f"{b}: {t / GiB:.2f}" for b, t in tried)  # a refused program: its lower bound or inf
         at_limit = " (the search limit, --batch_limit)" if best == FLAGS.batch_limit else ""
         lines.append(f"largest batch per device that fits: {best}{at_limit} (compiled, GiB per device: {shown})")
+    if c.refused:
+        return "\n".join(lines)
     r = roofline(c.flops_per_device, c.traffic, peak, bandwidth)
     ms = lambda seconds: f"{seconds * 1e3:.1f}" if seconds >= 1e-3 else f"{seconds * 1e3:.4f}"
     lines.append(
