@@ -11,8 +11,7 @@ would cost more than the VAE), so the loss is ldm's L1 NLL with its KL term (1e-
 the posterior's mean (`sample_posterior` False; ldm decodes a sample, which here ended 1 dB lower,
 29.5 dB). Validation reconstructs 64 held-out images (written from another seed of the same generator:
 none is trained on) and reports their mean PSNR and SSIM; the export is an AutoencoderKL folder and an
-ldm-layout file. Measured on this project's shared 2-core machine: 30.6 dB PSNR, SSIM 0.964, the whole
-command 4 min 29 s (README, "Training the autoencoder").
+ldm-layout file. What it reaches and how fast: README, "The autoencoder (first stage)".
 
 Argument: "" (no adversarial term: `disc_factor` 0, the discriminator never runs) or `gan` (taming's
 PatchGAN with 32 base channels, hinge loss, switched on half way, at step 750, with ldm's adaptive
