@@ -7,12 +7,14 @@
         --config.data.path=/data/images                                            # the grain loader, 32² crops
     python train.py --config configs/tiny.py:lora --workdir /tmp/tiny_lora         # LoRA adapters (rank 4)
     python train.py --config configs/tiny.py:autoencoder --workdir /tmp/tiny_vae   # the VAE alone, GAN on
+    python train.py --config configs/tiny.py:add --workdir /tmp/tiny_add           # ADD: a few-step student
 
 Argument: comma-separated switches, `refiner`, `latents` (synthetic data either way), `folder`, `lora`
 (adapters on the UNet's transformers and every text encoder, exported as a kohya LoRA file) or
 `autoencoder` (the tiny VAE trained by the autoencoder objective, with a narrow PatchGAN switched on at
 step 3 and LPIPS on a random VGG16; validation reconstructs 4 synthetic images; exports an
-AutoencoderKL folder and an ldm-layout file).
+AutoencoderKL folder and an ldm-layout file) or `add` (adversarial diffusion distillation of the tiny
+UNet into itself: teacher CFG 1-3, heads on the teacher's two encoder levels and middle block).
 """
 
 import ml_collections
@@ -70,8 +72,9 @@ def autoencoder_config(switches: set) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     switches = set(filter(None, (arg or "").split(",")))
-    if unknown := switches - {"refiner", "latents", "folder", "lora", "autoencoder"}:
-        raise ValueError(f"unknown switches {sorted(unknown)}; known: refiner, latents, folder, lora, autoencoder")
+    known = ("refiner", "latents", "folder", "lora", "autoencoder", "add")
+    if unknown := switches - set(known):
+        raise ValueError(f"unknown switches {sorted(unknown)}; known: {', '.join(known)}")
     if "autoencoder" in switches:
         return autoencoder_config(switches)
     refiner = "refiner" in switches
@@ -106,4 +109,10 @@ def get_config(arg=None):
         text = "text_encoder_2" if refiner else "text_encoder,text_encoder_2"
         c.lora.update(rank=4, alpha=2.0, text_encoders=text)
         c.export_on_finish = "lora"
+    if "add" in switches:
+        c.objective = "add"
+        c.distillation.update(
+            guidance_min=1.0, guidance_max=3.0, feature_names="down_blocks_0,down_blocks_1,mid_block", c_dim=8,
+            kernel_size=3,
+        )  # fmt: skip
     return c

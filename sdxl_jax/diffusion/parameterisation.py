@@ -101,6 +101,19 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
 }  # fmt: skip
 
 
+def vp_denoised(out, x_t, alpha, s, prediction: str) -> jax.Array:
+    """The x0 estimate from a network output at the variance-preserving `x_t = alpha x0 + s eps` (alpha, s
+    `[B]` or scalars): eps `(x_t - s out) / alpha`, v `alpha x_t - s out`, sample `out`. The same x0 as
+    `to_denoised` in sigma space where alpha > 0; v and sample stay finite at alpha = 0 (zero terminal SNR)."""
+    alpha, s = expand_to(alpha, x_t), expand_to(s, x_t)
+    if prediction == "epsilon":
+        return (x_t - s * out) / alpha
+    if prediction == "v_prediction":
+        return alpha * x_t - s * out
+    get(prediction)
+    return out
+
+
 def get(prediction: str) -> Parameterisation:
     if prediction not in PARAMETERISATIONS:
         raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PARAMETERISATIONS)}")

@@ -108,11 +108,12 @@ class AutoencoderObjective:
 
     # ---- the fixed networks (LPIPS) and the discriminator, abstract and on the devices ----
 
-    def abstract_frozen(self) -> dict:
-        """`{"lpips": boxed ShapeDtypeStructs}`, or `{}` without the perceptual term."""
+    def abstract_frozen(self, abstract_params: dict) -> dict:
+        """`{"lpips": boxed ShapeDtypeStructs}`, or `{}` without the perceptual term (the run's own
+        components, `abstract_params`, are not needed)."""
         return {"lpips": lpips_model.abstract_params()} if self.lpips else {}
 
-    def frozen_params(self, seed: int, shardings: dict) -> dict:
+    def frozen_params(self, seed: int, shardings: dict, params: dict) -> dict:
         """`{"lpips": params}` on the devices: torchvision's VGG16 and lpips' heads from their files, or
         (`lpips_random_vgg`) a random VGG16 from the seed with the heads' file or, without one, random
         non-negative heads (lpips clamps its trained heads at 0; a negative one would reward a

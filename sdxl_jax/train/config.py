@@ -9,8 +9,9 @@ so any run can be shortened or redirected from the command line: `--config.num_s
 before anything is built.
 
 `objective` picks what the run trains (`step.OBJECTIVES`): "diffusion" (the UNet, with `diffusion`,
-`lora`, `train_text_encoders`) or "autoencoder" (the VAE alone, `model.kind = "autoencoder"`, with
-`autoencoder`: ldm's first-stage losses, a PatchGAN discriminator with its own optimiser, LPIPS).
+`lora`, `train_text_encoders`), "autoencoder" (the VAE alone, `model.kind = "autoencoder"`, with
+`autoencoder`: ldm's first-stage losses, a PatchGAN discriminator with its own optimiser, LPIPS) or
+"add" (adversarial diffusion distillation of the UNet into a few-step student, with `distillation`).
 """
 
 import dataclasses
@@ -24,6 +25,8 @@ from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import FSDP_RULES, check_rules
 from sdxl_jax.train.autoencoder_losses import AutoencoderLossConfig
 from sdxl_jax.train.data import DATA_SOURCES
+from sdxl_jax.train.distillation import FEATURE_NETWORKS
+from sdxl_jax.train.distillation import WEIGHTINGS as DISTILL_WEIGHTINGS
 from sdxl_jax.train.lora import spec_from_config, text_encoders
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
 from sdxl_jax.train.state import Models
@@ -98,6 +101,30 @@ def autoencoder_defaults() -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
+def distillation_defaults() -> ml_collections.ConfigDict:
+    """`config.distillation` (read when `objective` is "add", `train/distillation.py`). ADD's published
+    values where there are any (ADD.md): lambda 2.5, R1 gamma 1e-5, 4 student timesteps ending at the
+    last with zero terminal SNR, c(t) = alpha_t; the rest (teacher CFG range, re-noising ranges, the
+    heads' optimiser) are guesses, marked so in README's ADD section."""
+    heads = optimizer_defaults()
+    heads.update(learning_rate=1e-4, b1=0.0, b2=0.999, weight_decay=0.0, grad_clip_norm=0.0)
+    return ml_collections.ConfigDict({
+        "student_timesteps": (249, 499, 749, 999),  # the turbo sampler's trailing 4-step timesteps
+        "zero_terminal_snr": True,  # the student's input at the last timestep is pure noise
+        "teacher_t_min": 0, "teacher_t_max": 1000,  # t of the teacher's re-noising, U[min, max)
+        "guidance_min": 1.0, "guidance_max": 1.0,  # the teacher's CFG scale, U[min, max]; 1 = no CFG
+        "weighting": "exponential",  # c(t): exponential (alpha_t) | sds (alpha_t / (2 s_t))
+        "distill_weight": 2.5,  # lambda
+        "adversarial_weight": 1.0,  # 0: distillation alone (the discriminator is not run)
+        "features": "teacher",  # the discriminator's feature network
+        "feature_names": "down_blocks_1,down_blocks_2,mid_block",  # the teacher UNet's maps, one head each
+        "disc_t_min": 0, "disc_t_max": 1000,  # t of the discriminator's re-noising
+        "r1_gamma": 1e-5,
+        "c_dim": 64, "kernel_size": 9, "group_size": 8,  # the heads (StyleGAN-T's)
+        "discriminator_optimizer": heads,
+    })  # fmt: skip
+
+
 def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A complete training config with neutral values (uniform weighting, constant LR, no offset noise)."""
     c = ml_collections.ConfigDict()
@@ -127,6 +154,7 @@ def skeleton(models: Models, data: ml_collections.ConfigDict) -> ml_collections.
     c.lora = lora_defaults()
     c.diffusion = diffusion_defaults()
     c.autoencoder = autoencoder_defaults()
+    c.distillation = distillation_defaults()
     c.optimizer = optimizer_defaults()
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup": True})
     c.data = data
@@ -216,6 +244,34 @@ def autoencoder_errors(c: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
+def distillation_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """What does not fit the ADD objective."""
+    if c.objective != "add":
+        return []
+    d, errors = c.distillation, []
+    if c.model.kind == "autoencoder" or c.lora.rank or c.train_text_encoders:
+        errors.append("objective 'add' distils a UNet: model.kind base or refiner, no LoRA, frozen text encoders")
+    steps = tuple(d.student_timesteps)
+    if not steps or list(steps) != sorted(set(steps)) or not 0 <= steps[0] or steps[-1] > 999:
+        errors.append(f"distillation.student_timesteps {steps}: increasing, distinct, within [0, 999]")
+    if d.zero_terminal_snr and c.diffusion.zero_terminal_snr and c.diffusion.prediction == "epsilon":
+        errors.append("an epsilon model on a zero-terminal-SNR table has no x0 estimate at the last timestep: "
+                      "diffusion.zero_terminal_snr False (the student's input is still pure noise there)")  # fmt: skip
+    for name in ("teacher", "disc"):
+        lo, hi = d[f"{name}_t_min"], d[f"{name}_t_max"]
+        if not 0 <= lo < hi <= 1000:
+            errors.append(f"need 0 <= distillation.{name}_t_min < {name}_t_max <= 1000, got {lo}, {hi}")
+    if not 0 < d.guidance_min <= d.guidance_max:
+        errors.append(f"need 0 < distillation.guidance_min <= guidance_max, got {d.guidance_min}, {d.guidance_max}")
+    if d.weighting not in DISTILL_WEIGHTINGS:
+        errors.append(f"distillation.weighting {d.weighting!r} not in {DISTILL_WEIGHTINGS} (NFSD is not built)")
+    if d.features not in FEATURE_NETWORKS:
+        errors.append(f"distillation.features {d.features!r} not in {FEATURE_NETWORKS} (DINOv2's is not built)")
+    if d.distill_weight < 0 or d.adversarial_weight < 0 or d.distill_weight + d.adversarial_weight == 0:
+        errors.append("distillation.distill_weight and adversarial_weight: >= 0, not both 0")
+    return errors
+
+
 def check(c: ml_collections.ConfigDict) -> None:
     """Loud errors for values that would otherwise fail deep inside a run (or, worse, not at all)."""
     errors = []
@@ -242,7 +298,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"export_on_finish {c.export_on_finish!r}: 'none' or some of {EXPORT_FORMATS[1:]}")
     errors += lora_errors(c)
     errors += autoencoder_errors(c)
-    if c.validation.every and c.objective == "diffusion":
+    errors += distillation_errors(c)
+    if c.validation.every and c.objective in ("diffusion", "add"):
         try:
             SamplingOptions.from_config(c.validation)
         except ValueError as e:

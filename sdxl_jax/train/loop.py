@@ -6,7 +6,7 @@ processes joined -> mesh -> `StepSpec` (models, optimiser, objective, shardings)
 complete checkpoint) -> data -> the loop (step, log, validate, checkpoint; SIGTERM saves and stops) ->
 final checkpoint -> export. Outputs in WORKDIR: checkpoints/, metrics.jsonl, config.json, tensorboard/,
 validation/, export/ (with `export_on_finish`). Every objective (`config.objective`: diffusion, LoRA,
-the autoencoder) runs this same loop; what differs lives in its step, state, validation and export.
+the autoencoder, ADD) runs this same loop; what differs lives in its step, state, validation and export.
 """
 
 import time

@@ -16,7 +16,10 @@ alone (`Models.kind == "autoencoder"`: no UNet, no text encoders): the state's p
 log-variance also `"logvar"`), and the state is an `AdversarialState`, which adds the discriminator's
 params, running statistics and optimiser state; `frozen` adds the loss's fixed networks (LPIPS). An
 objective with a discriminator supplies those through four methods of its `StepSpec.objective`
-(`abstract_frozen`, `frozen_params`, `abstract_discriminator`, `discriminator_variables`).
+(`abstract_frozen`, `frozen_params`, `abstract_discriminator`, `discriminator_variables`). ADD
+(`config.objective = "add"`, `train/distillation.py`) trains the UNet like a fine-tune, in an
+`AdversarialState` with its discriminator heads; its `frozen` adds `"teacher"`, a copy of the initial
+UNet params, never trained.
 Master weights are the params' dtype (`param_dtype`, fp32 for training); the models compute in
 their `dtype` (bf16 in the full-size configs), so the UNet casts the fp32 master weights on use.
 """
@@ -241,7 +244,7 @@ class DiscriminatorState:
 
 @flax.struct.dataclass
 class AdversarialState(TrainState):
-    """A `TrainState` with a discriminator (the autoencoder objective). A subclass, so the checkpoints
+    """A `TrainState` with a discriminator (the autoencoder and ADD objectives). A subclass, so the checkpoints
     of runs without one keep their tree."""
 
     discriminator: DiscriminatorState
@@ -334,7 +337,7 @@ def abstract_state(config, models: Models, tx, objective=None) -> tuple[TrainSta
     train, frozen = abstract_trained_and_frozen(config, models)
     discriminator = None
     if objective is not None:
-        frozen = frozen | objective.abstract_frozen()
+        frozen = frozen | objective.abstract_frozen(abstract_params(models))
         discriminator = objective.abstract_discriminator()
 
     def make(params, variables):
@@ -379,7 +382,7 @@ def create_sharded_state(spec) -> tuple[TrainState, dict]:
         train, frozen = jax.jit(init, out_shardings=spec.state_shardings.params)(lora_key(config.seed)), params
     objective, variables = spec.objective, None
     if objective is not None:
-        frozen = frozen | objective.frozen_params(config.seed, spec.frozen_shardings)
+        frozen = frozen | objective.frozen_params(config.seed, spec.frozen_shardings, params)
         d = spec.state_shardings.discriminator
         variables = objective.discriminator_variables(config.seed, {"params": d.params, **d.collections})
 

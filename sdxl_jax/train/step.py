@@ -16,6 +16,9 @@ what compiling it needs: one frozen `StepSpec`.
   same batch, as ldm trains its first stage; its static part (`StepSpec.objective`, an
   `AutoencoderObjective`) holds the loss weights and the discriminator's optimiser, and tells the state
   what else to hold (`state.AdversarialState`).
+- "add" (`distillation.distillation_step`): adversarial diffusion distillation; the student's update
+  then the discriminator heads', its static part a `DistillationObjective` (the frozen teacher, the
+  heads and their optimiser).
 
 Every objective ends in `optim.advance`: a non-finite loss or gradient leaves the state as it was (only
 `step` and the skip counters move).
@@ -39,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sdxl_jax.models import UNet
 from sdxl_jax.sharding import batch_sharding
 from sdxl_jax.train.autoencoder import AutoencoderObjective, autoencoder_step
+from sdxl_jax.train.distillation import DistillationObjective, distillation_step
 from sdxl_jax.train.flops import jaxpr_flops
 from sdxl_jax.train.lora import LoraSpec, spec_from_config
 from sdxl_jax.train.objective import diffusion_loss, encode_batch
@@ -147,10 +151,11 @@ class Objective(NamedTuple):
 
 
 # config.objective -> the objective. Diffusion (and LoRA, its variant) reads config.diffusion and needs
-# no static part; the autoencoder's is an `AutoencoderObjective`.
+# no static part; the autoencoder's is an `AutoencoderObjective`, ADD's a `DistillationObjective`.
 OBJECTIVES = {
     "diffusion": Objective(lambda config: None, diffusion_step),
     "autoencoder": Objective(AutoencoderObjective.from_config, autoencoder_step),
+    "add": Objective(DistillationObjective.from_config, distillation_step),
 }
 
 
