@@ -143,8 +143,9 @@ def c_weight(weighting: str, alpha, s) -> jax.Array:
 
 
 def student_inputs(objective: DistillationObjective, table, x0, key):
-    """(x_s, s `[B]`, alpha_s, s_s): the student's noisy input at timesteps drawn from its set; at the
-    last timestep with `zero_terminal_snr`, pure noise. alpha/s are the table's (for the x0 estimate)."""
+    """(x_s fp32 like x0 `[B, h, w, C]`, timesteps s int32 `[B]`, alpha_s `[B]`, sigma_s `[B]`): the
+    student's noisy input at timesteps drawn from its set; at the last timestep with `zero_terminal_snr`,
+    pure noise. alpha and sigma are the table's (what the x0 estimate divides by), not the input's."""
     k_s, k_eps = jax.random.split(key)
     choices = jnp.asarray(objective.student_timesteps, jnp.int32)
     s = choices[jax.random.randint(k_s, (x0.shape[0],), 0, len(choices))]
