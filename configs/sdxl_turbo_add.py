@@ -9,7 +9,7 @@ The student and the frozen teacher both start from `init_from` (any SDXL base ch
 one, or your fine-tune, which is what the student will then imitate). ADD's published settings
 (README, "Distilling SDXL"): 512², lambda 2.5 on the pixel-space distillation loss with c(t) = alpha_t, R1 with
 gamma 1e-5, 4 student timesteps ending at the last (pure noise there); the student samples with the
-turbo schedule (`sample.py --steps 1..4 --sampler euler_a --schedule trailing --guidance_scale 0`).
+turbo schedule (`sample.py --steps 1..4 --sampler euler_a --schedule trailing --guidance 0`).
 Not published, chosen here: the teacher's CFG scale drawn from U[1, 8] per example (as the one public
 ADD script does), the learning rates (AdamW 1e-5 for the student, 1e-4 with betas (0, 0.999) for the
 heads), batch 128, EMA 0.999, and the discriminator's feature network: the frozen teacher's own
