@@ -2,7 +2,7 @@
 that samples in 1 to 4 steps, on a CPU, in minutes.
 
     python train.py --config configs/demo_add.py --workdir runs/demo_add      # reuses runs/demo_shapes/
-    python sample.py --config configs/demo.py --config.checkpoint=runs/demo_add/export/sdxl_jax \
+    python sample.py --config configs/demo.py --config.sample.checkpoint=runs/demo_add/export/sdxl_jax \
         --steps 4 --sampler euler_a --guidance 0 --prompt "a red circle on a blue background"
 
 Student and teacher both start as the checkpoint shipped in `sdxl_jax/assets/demo`; the teacher stays
