@@ -5,7 +5,8 @@ import math
 import jax
 import pytest
 
-from sdxl_jax.train.memory_plan import Compiled, _measure, largest_batch, planned_size, report
+from sdxl_jax.train.memory_plan import planned_size
+from sdxl_jax.train.plan_report import Compiled, largest_batch, measure, report
 from sdxl_jax.train.targets import CHIPS, GiB, Target, parse_target, roofline
 
 
@@ -93,7 +94,7 @@ def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
         def compile(self):
             raise jax.errors.JaxRuntimeError(message)
 
-    c = _measure(Lowered(), flops=8e12, devices=8, global_batch=32, start=0.0)
+    c = measure(Lowered(), flops=8e12, devices=8, global_batch=32, start=0.0)
     assert c.refused.startswith("RESOURCE_EXHAUSTED") and "\n" not in c.refused
     assert c.total == c.temporaries == round(21.30 * GiB)
     text = report(parse_target("tpu:v5e:2x4"), "train step", c, 8)
@@ -105,4 +106,4 @@ def test_a_program_the_compiler_refuses_is_reported_as_not_fitting():
             raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
-        _measure(Broken(), 0.0, 1, 1, 0.0)
+        measure(Broken(), 0.0, 1, 1, 0.0)
