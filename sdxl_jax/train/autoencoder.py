@@ -56,7 +56,7 @@ from sdxl_jax.train.autoencoder_losses import (
     nll_loss,
     reconstruction_loss,
 )
-from sdxl_jax.train.optim import advance, make_optimizer, optimiser_step, select
+from sdxl_jax.train.optim import advance, discriminator_update, make_optimizer, optimiser_step
 from sdxl_jax.train.state import DiscriminatorState, merge_components, place
 
 LAST_LAYER = ("decoder", "conv_out", "kernel")  # ldm's `get_last_layer()`: decoder.conv_out.weight
@@ -255,10 +255,7 @@ def autoencoder_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
     if objective.adversarial:
         x_rec, _ = reconstruct(spec.models, frozen, params["vae"], x, k_discriminator, objective.sample_posterior)
         d_loss, d_grads, d_metrics, collections = discriminator_step(d, collections, x, x_rec, state.step, objective)
-        d_grad_norm = optax.global_norm(d_grads)
-        d_params, d_opt_state, _ = optimiser_step(objective.tx, d.params, d.opt_state, d_grads)
-        finite = finite & jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm)
-        d = select(finite, DiscriminatorState(d_params, collections, d_opt_state), d)
+        d, finite, d_grad_norm = discriminator_update(objective.tx, d, d_grads, collections, d_loss, finite)
         metrics |= {"d_loss": d_loss, "d_grad_norm": d_grad_norm, "d_lr": objective.lr_schedule(state.updates),
                     "logits_real": d_metrics["logits_real"], "logits_fake": d_metrics["logits_fake"]}  # fmt: skip
     new, common = advance(state, finite, params, opt_state, moved, config.ema)

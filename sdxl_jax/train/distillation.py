@@ -56,8 +56,8 @@ from sdxl_jax.train.adversarial import (
     r1_penalty,
 )
 from sdxl_jax.train.objective import alphas_cumprod, encode_batch
-from sdxl_jax.train.optim import advance, make_optimizer, optimiser_step, select
-from sdxl_jax.train.state import DiscriminatorState, model_params, models_from_config
+from sdxl_jax.train.optim import advance, discriminator_update, make_optimizer, optimiser_step, select
+from sdxl_jax.train.state import model_params, models_from_config
 
 DISCRIMINATOR_KEY = 400  # folded into the seed: apart from the components', LoRA's and the autoencoder's keys
 WEIGHTINGS = ("exponential", "sds")
@@ -263,10 +263,7 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
             return hinge + r1, (hinge, r1, accuracy, dict(c))
 
         (d_loss, (hinge, r1, accuracy, collections)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d.params)
-        d_grad_norm = optax.global_norm(d_grads)
-        d_params, d_opt_state, _ = optimiser_step(objective.tx, d.params, d.opt_state, d_grads)
-        finite = finite & jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm)
-        d = select(finite, DiscriminatorState(d_params, collections, d_opt_state), d)
+        d, finite, d_grad_norm = discriminator_update(objective.tx, d, d_grads, collections, d_loss, finite)
         metrics |= {"g_loss": aux["g_loss"], "d_loss": hinge, "r1": r1, "d_grad_norm": d_grad_norm,
                     "d_lr": objective.lr_schedule(state.updates), "d_accuracy_real": accuracy["real"],
                     "d_accuracy_fake": accuracy["fake"]}  # fmt: skip

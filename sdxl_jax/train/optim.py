@@ -140,6 +140,16 @@ def select(keep_new, new, old):
     return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
 
 
+def discriminator_update(tx: optax.GradientTransformation, d, grads, collections: dict, loss, finite):
+    """A discriminator's step beside the model's (the autoencoder's PatchGAN, ADD's heads): its optimiser
+    on `grads`, its collections moved; kept only if it and the model's step (`finite`) are finite.
+    Returns (the next `DiscriminatorState`, the combined finite flag, its gradient norm)."""
+    grad_norm = optax.global_norm(grads)
+    params, opt_state, _ = optimiser_step(tx, d.params, d.opt_state, grads)
+    finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return select(finite, d.replace(params=params, collections=collections, opt_state=opt_state), d), finite, grad_norm
+
+
 def advance(state, finite, params, opt_state, moved, ema: ml_collections.ConfigDict):
     """The next `TrainState` (any objective's) after one batch, and its bookkeeping metrics.
 
