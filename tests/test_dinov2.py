@@ -13,8 +13,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sdxl_jax.convert import ConversionError, load_dinov2
+from sdxl_jax.convert import ConversionError, load_dinov2, save_dinov2
 from sdxl_jax.convert.dinov2 import (
+    dinov2_config_at,
     dinov2_config_from_transformers,
     dinov2_key_fn,
     dinov2_params_from_transformers,
@@ -154,6 +155,21 @@ def test_load_dinov2_from_a_file_and_a_save_pretrained_folder(reference, params,
         load_dinov2(tmp_path / "dinov2.safetensors")
     with pytest.raises(ConversionError, match="missing"):  # a file checked against the wrong architecture
         load_dinov2(tmp_path / "dinov2.safetensors", TINY.replace(num_layers=3))
+
+
+def test_save_dinov2_writes_a_folder_transformers_loads(reference, params, tmp_path):
+    """`save_dinov2`: transformers' `from_pretrained` reads it back to the same weights, and so does
+    `load_dinov2` (config included); `dinov2_config_at` reads the architecture alone."""
+    folder = save_dinov2(tmp_path / "ours", TINY, params)
+    again = transformers.Dinov2Model.from_pretrained(folder)
+    want = state_dict_numpy(reference)
+    assert state_dict_numpy(again).keys() == want.keys()
+    for key, value in state_dict_numpy(again).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    cfg, loaded = load_dinov2(folder)
+    assert cfg == TINY and dinov2_config_at(folder, Dinov2Config.vit_l14()) == TINY
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    assert dinov2_config_at(folder / "model.safetensors", Dinov2Config.vit_l14()) == Dinov2Config.vit_l14()
 
 
 def test_full_size_trees_are_transformers():

@@ -28,6 +28,7 @@ TRAINING = {
     "sdxl_lora_1024": ["", "te,bf16,conv,minimal"],
     "sdxl_vae": ["", "finetune", "decoder_only"],
     "demo_vae": ["", "gan"],
+    "sdxl_turbo_add": ["teacher", "nfsd,teacher,minimal"],  # DINOv2's paths: test_add_features
 }
 
 
@@ -74,6 +75,13 @@ def test_config_builds(name, arg):
     assert all(h % f == 0 and w % f == 0 for h, w in buckets), buckets
     if models.kind == "refiner":
         assert c.diffusion.t_max == 200 and models.text_encoder is None
+
+
+def test_the_turbo_config_asks_for_its_dinov2_weights():
+    c = load("sdxl_turbo_add", "nfsd")
+    assert c.distillation.features == "dinov2" and c.distillation.weighting == "nfsd"
+    with pytest.raises(ValueError, match="needs distillation.dinov2_path"):
+        train_config.check(c)
 
 
 @pytest.mark.parametrize(

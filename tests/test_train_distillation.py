@@ -16,7 +16,7 @@ from sdxl_jax.diffusion import parameterisation
 from sdxl_jax.diffusion.parameterisation import vp_denoised
 from sdxl_jax.sharding import make_mesh
 from sdxl_jax.train.config import check
-from sdxl_jax.train.distillation import c_weight, student_inputs, teacher_x0
+from sdxl_jax.train.distillation import c_weight, nfsd_target, student_inputs, teacher_x0
 from sdxl_jax.train.objective import alphas_cumprod
 from sdxl_jax.train.state import AdversarialState
 from sdxl_jax.train.step import StepSpec
@@ -98,15 +98,39 @@ def test_c_of_t():
     alpha, s = jnp.array([0.9, 0.5]), jnp.array([0.2, 0.8])
     np.testing.assert_allclose(c_weight("exponential", alpha, s), alpha)
     np.testing.assert_allclose(c_weight("sds", alpha, s), alpha / (2 * s))
+    np.testing.assert_allclose(c_weight("nfsd", alpha, s), alpha / (2 * s))
     with pytest.raises(ValueError, match="nfsd"):
-        c_weight("nfsd", alpha, s)
+        c_weight("nfds", alpha, s)
+
+
+def test_the_nfsd_target_is_nfsds_direction_in_eps_space():
+    """From eps-space predictions: x_hat - target = (s_t / alpha_t)(delta_D + w delta_C), delta_C =
+    eps_c - eps_u, delta_D = eps_u below t 200 and eps_u - eps_neg from it; so with c(t) = alpha / (2 s_t)
+    the gradient of c ||x - target||² at x_hat is NFSD's update direction (the added noise left out)."""
+    rng = np.random.default_rng(3)
+    shape = (4, 3, 3, 2)
+    x_hat, noise, eps_c, eps_u, eps_n = (rng.standard_normal(shape) for _ in range(5))
+    t = np.array([50, 199, 200, 900])
+    ab = np.array([0.95, 0.8, 0.79, 0.02])
+    alpha, s, w = np.sqrt(ab), np.sqrt(1 - ab), np.array([7.5, 1.0, 3.0, 7.5])
+    e = lambda v: v[:, None, None, None]
+    x_t = e(alpha) * x_hat + e(s) * noise
+    x0 = {k: (x_t - e(s) * v) / e(alpha) for k, v in (("c", eps_c), ("u", eps_u), ("n", eps_n))}
+    target = np.asarray(nfsd_target(x_hat, x_t, alpha, x0["c"], x0["u"], x0["n"], w, t, 200))
+    delta_d = np.where(e(t < 200), eps_u, eps_u - eps_n)
+    direction = delta_d + e(w) * (eps_c - eps_u)
+    np.testing.assert_allclose(x_hat - target, e(s / alpha) * direction, rtol=1e-6, atol=1e-6)
+    c = np.asarray(c_weight("nfsd", alpha, s))
+    grad = jax.grad(lambda x: jnp.sum(jnp.asarray(e(c)) * jnp.square(x - target)))(jnp.asarray(x_hat))
+    np.testing.assert_allclose(grad, direction, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"distillation.features": "dinov2"}, "DINOv2's is not built"),
-        ({"distillation.weighting": "nfsd"}, "NFSD is not built"),
+        ({"distillation.features": "clip"}, "not in"),
+        ({"distillation.weighting": "snr"}, "not in"),
+        ({"distillation.nfsd_t_switch": 1001}, "nfsd_t_switch"),
         ({"distillation.student_timesteps": (999, 499)}, "increasing"),
         ({"distillation.student_timesteps": (499, 1000)}, "within"),
         ({"diffusion.zero_terminal_snr": True}, "epsilon model on a zero-terminal-SNR table"),
@@ -150,6 +174,24 @@ def test_the_step_traces_with_its_teacher_heads_and_metrics():
     assert jax.tree.structure(nn.meta.unbox(new)) == jax.tree.structure(nn.meta.unbox(state))
 
 
+def test_the_nfsd_step_traces_with_the_negative_prompt():
+    """NFSD: `frozen` holds the negative prompt's embedding (one row, the UNet's context width and the
+    pooled width), and the step traces with its third teacher branch."""
+    import functools
+
+    from sdxl_jax.train.memory_plan import abstract_step
+    from sdxl_jax.train.step import train_step
+
+    config = tiny_config("add", {"distillation.weighting": "nfsd", "distillation.guidance_max": 7.5})
+    spec, (state, frozen, batch) = abstract_step(config, {"data": 1, "fsdp": 1, "tensor": 1}, 8, 32, 32, False,
+                                                 jax.devices()[:1])  # fmt: skip
+    negative = frozen["nfsd_negative"]
+    assert negative["context"].shape == (1, 77, spec.models.unet.context_dim)
+    assert negative["pooled"].shape == (1, spec.objective.pooled_dim)
+    _, metrics = jax.eval_shape(functools.partial(train_step, spec=spec), state, frozen, batch)
+    assert {"distill_loss", "g_loss"} <= set(metrics)
+
+
 @pytest.mark.slow
 def test_a_tiny_add_run(tmp_path):
     """2 steps of `configs/tiny.py:add`: the teacher is the initial UNet throughout, the student and the
@@ -179,6 +221,28 @@ def test_a_tiny_add_run(tmp_path):
     np.testing.assert_equal(_arrays(alone.discriminator.params), heads0)
     rows = [json.loads(line) for line in (tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()]
     assert "g_loss" not in rows[0] and rows[0]["distill_loss"] > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_nfsd_run(tmp_path):
+    """2 steps with NFSD: the negative prompt's embedding in `frozen` is the run's text encoders' output
+    for it, and the losses are finite."""
+    from sdxl_jax.conditioning import encode_text
+    from sdxl_jax.tokenizer import tokenize_pair
+    from sdxl_jax.train.loop import train
+    from sdxl_jax.train.state import create_sharded_state
+
+    config = tiny_config("add", FAST | {"distillation.weighting": "nfsd", "distillation.guidance_max": 7.5})
+    spec = StepSpec.build(config, make_mesh(config.mesh))
+    _, frozen = create_sharded_state(spec)
+    models = spec.models
+    context, pooled = encode_text(models.encoders(frozen), tokenize_pair([config.distillation.nfsd_negative_prompt]))
+    np.testing.assert_allclose(frozen["nfsd_negative"]["context"], context, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(frozen["nfsd_negative"]["pooled"], pooled, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(pooled).max()) > 0
+    train(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "distill_loss", "g_loss", "d_loss"))
 
 
 @pytest.mark.slow

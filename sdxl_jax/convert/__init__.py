@@ -5,7 +5,7 @@
 """
 
 from sdxl_jax.convert.components import COMPONENTS, load_text_encoder, load_unet, load_vae
-from sdxl_jax.convert.dinov2 import load_dinov2
+from sdxl_jax.convert.dinov2 import load_dinov2, save_dinov2
 from sdxl_jax.convert.export import export_diffusers, export_single_file
 from sdxl_jax.convert.files import read_safetensors, read_state_dict
 from sdxl_jax.convert.mapping import ConversionError
@@ -46,6 +46,7 @@ __all__ = [
     "iter_single_file_to_diffusers",
     "load_diffusers",
     "load_dinov2",
+    "save_dinov2",
     "load_lpips",
     "load_patch_discriminator",
     "load_pipeline_weights",

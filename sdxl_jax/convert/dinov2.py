@@ -23,6 +23,7 @@ import numpy as np
 from flax.linen import meta
 
 from sdxl_jax import storage
+from sdxl_jax.convert.export import write_safetensors
 from sdxl_jax.convert.files import Prefetch, component_weights, open_state_dict, source_files, stored_dtype, whole_files
 from sdxl_jax.convert.mapping import ConversionError, flax_to_torch, torch_to_flax
 from sdxl_jax.convert.torch_layouts import _CONV, _IDENTITY, _LINEAR, _NORM_SCALE, LeafRule, kept
@@ -135,6 +136,35 @@ def dinov2_params_to_transformers(params, legacy: bool = True) -> dict[str, np.n
     """A transformers state dict from Flax params (the exact inverse of the import): transformers 4 names
     (`legacy`, what the Hub's files hold and every transformers version loads) or 5's `state_dict()` names."""
     return flax_to_torch(jax.tree.map(np.asarray, meta.unbox(params)), dinov2_key_fn(legacy))
+
+
+def dinov2_config_to_transformers(cfg: Dinov2Config) -> dict:
+    """The transformers `config.json` dict of `cfg` (`dinov2_config_from_transformers` inverts it)."""
+    theirs = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
+    return theirs | dict(model_type="dinov2", architectures=["Dinov2Model"], image_size=cfg.image_size,
+                         patch_size=cfg.patch_size, use_swiglu_ffn=False)  # fmt: skip
+
+
+def save_dinov2(folder: str | Path, cfg: Dinov2Config, params) -> Path:
+    """Write `params` of `cfg` as a local transformers folder (`config.json` + `model.safetensors`,
+    transformers 4 names, the params' dtype), which `load_dinov2` and `Dinov2Model.from_pretrained` read."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors", dinov2_params_to_transformers(params), {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(dinov2_config_to_transformers(cfg), indent=2))
+    return folder
+
+
+def dinov2_config_at(path: str | Path, default: Dinov2Config, **config_overrides) -> Dinov2Config:
+    """The architecture of the DINOv2 weights at `path` without reading them: a transformers folder's
+    `config.json`, or `default` for a bare weights file (which carries no config)."""
+    folder = storage.path(path)
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a transformers DINOv2 folder: no config.json")
+        return dinov2_config_from_transformers(json.loads((folder / "config.json").read_text()), **config_overrides)
+    storage.check_readable(path, "DINOv2 weights")
+    return default.replace(**config_overrides)
 
 
 def load_dinov2(path: str | Path, cfg: Dinov2Config | None = None, **config_overrides) -> tuple[Dinov2Config, dict]:

@@ -23,9 +23,9 @@ from sdxl_jax.diffusion.parameterisation import PARAMETERISATIONS
 from sdxl_jax.models import PatchDiscriminatorConfig
 from sdxl_jax.sampling import SamplingOptions
 from sdxl_jax.sharding import FSDP_RULES, check_rules
+from sdxl_jax.train.add_features import FEATURE_NETWORKS
 from sdxl_jax.train.autoencoder_losses import AutoencoderLossConfig
 from sdxl_jax.train.data import DATA_SOURCES
-from sdxl_jax.train.distillation import FEATURE_NETWORKS
 from sdxl_jax.train.distillation import WEIGHTINGS as DISTILL_WEIGHTINGS
 from sdxl_jax.train.lora import spec_from_config, text_encoders
 from sdxl_jax.train.optim import LR_SCHEDULES, OPTIMIZERS
@@ -101,6 +101,11 @@ def autoencoder_defaults() -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
+NFSD_NEGATIVE_PROMPT = (  # the NFSD paper's
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
+)
+
+
 def distillation_defaults() -> ml_collections.ConfigDict:
     """`config.distillation` (read when `objective` is "add", `train/distillation.py`). ADD's published
     values where there are any (ADD.md): lambda 2.5, R1 gamma 1e-5, 4 student timesteps ending at the
@@ -113,12 +118,17 @@ def distillation_defaults() -> ml_collections.ConfigDict:
         "zero_terminal_snr": True,  # the student's input at the last timestep is pure noise
         "teacher_t_min": 0, "teacher_t_max": 1000,  # t of the teacher's re-noising, U[min, max)
         "guidance_min": 1.0, "guidance_max": 1.0,  # the teacher's CFG scale, U[min, max]; 1 = no CFG
-        "weighting": "exponential",  # c(t): exponential (alpha_t) | sds (alpha_t / (2 s_t))
+        "weighting": "exponential",  # c(t): exponential (alpha_t) | sds, nfsd (alpha_t / (2 s_t); nfsd's target)
+        "nfsd_negative_prompt": NFSD_NEGATIVE_PROMPT,  # nfsd: delta_D's negative prompt (the NFSD paper's)
+        "nfsd_t_switch": 200,  # nfsd: delta_D is eps_u below this t, eps_u - eps_negative from it
         "distill_weight": 2.5,  # lambda
         "adversarial_weight": 1.0,  # 0: distillation alone (the discriminator is not run)
-        "features": "teacher",  # the discriminator's feature network
-        "feature_names": "down_blocks_1,down_blocks_2,mid_block",  # the teacher UNet's maps, one head each
-        "disc_t_min": 0, "disc_t_max": 1000,  # t of the discriminator's re-noising
+        "features": "teacher",  # the discriminator's feature network: teacher | dinov2 (train/add_features.py)
+        "feature_names": "down_blocks_1,down_blocks_2,mid_block",  # teacher: its UNet's maps, one head each
+        "disc_t_min": 0, "disc_t_max": 1000,  # teacher: t of the discriminator's re-noising
+        "dinov2_path": "",  # dinov2: ViT-S/14 weights (a transformers folder, or a file taken as ViT-S/14)
+        "dinov2_image_path": "",  # dinov2: ViT-L/14 for the image embedding ("": the heads see text alone)
+        "dinov2_size": 224,  # dinov2: the side the decoded images are area-resized to (StyleGAN-T's)
         "r1_gamma": 1e-5,
         "c_dim": 64, "kernel_size": 9, "group_size": 8,  # the heads (StyleGAN-T's)
         "discriminator_optimizer": heads,
@@ -264,9 +274,15 @@ def distillation_errors(c: ml_collections.ConfigDict) -> list[str]:
     if not 0 < d.guidance_min <= d.guidance_max:
         errors.append(f"need 0 < distillation.guidance_min <= guidance_max, got {d.guidance_min}, {d.guidance_max}")
     if d.weighting not in DISTILL_WEIGHTINGS:
-        errors.append(f"distillation.weighting {d.weighting!r} not in {DISTILL_WEIGHTINGS} (NFSD is not built)")
+        errors.append(f"distillation.weighting {d.weighting!r} not in {DISTILL_WEIGHTINGS}")
+    if not 0 <= d.nfsd_t_switch <= 1000:
+        errors.append(f"distillation.nfsd_t_switch must be within [0, 1000], got {d.nfsd_t_switch}")
     if d.features not in FEATURE_NETWORKS:
-        errors.append(f"distillation.features {d.features!r} not in {FEATURE_NETWORKS} (DINOv2's is not built)")
+        errors.append(f"distillation.features {d.features!r} not in {FEATURE_NETWORKS}")
+    if d.features == "dinov2" and not d.dinov2_path:
+        errors.append("distillation.features 'dinov2' needs distillation.dinov2_path (DINOv2 ViT-S/14 weights)")
+    if d.dinov2_size <= 0:
+        errors.append(f"distillation.dinov2_size must be > 0, got {d.dinov2_size}")
     if d.distill_weight < 0 or d.adversarial_weight < 0 or d.distill_weight + d.adversarial_weight == 0:
         errors.append("distillation.distill_weight and adversarial_weight: >= 0, not both 0")
     return errors

@@ -18,10 +18,11 @@ is a second copy of those initial weights, never trained and sharded like the st
   3. the distillation loss in pixel space (ADD §3.1): both x0 estimates decoded by the first stage,
      the per-example mean squared difference weighted by c(t): "exponential" alpha_t (ADD's default),
      "sds" alpha_t / (2 s_t); averaged over the batch.
-  4. the adversarial loss (`adversarial_weight` > 0): the discriminator's features are the frozen
-     teacher UNet's encoder maps (`features = "teacher"`, `models/unet_features.py`) on the student's
-     x_theta and on the real x0, both re-noised with the same noise at t_d ~ U[disc_t_min, disc_t_max);
-     the projected heads (`models/projected_discriminator.py`) are conditioned on the pooled text.
+  4. the adversarial loss (`adversarial_weight` > 0): the projected heads
+     (`models/projected_discriminator.py`) on a frozen feature network's view of the student's x_theta
+     and of the real x0 (`train/add_features.py`: `features = "teacher"`, the teacher UNet's encoder on
+     both re-noised alike, or `"dinov2"`, ADD's DINOv2 ViT-S on both decoded, with ViT-L's embedding
+     of the real image), conditioned on the pooled text (and that image embedding).
      The student's loss is `adversarial_weight * L_G + distill_weight * L_distill` (ADD: 1 and 2.5).
   5. the discriminator, after the student's update, on the same batch: the hinge loss on the real
      features and the student's (detached: the features step 4 computed), plus R1 (gamma `r1_gamma`)
@@ -29,9 +30,7 @@ is a second copy of those initial weights, never trained and sharded like the st
 
 The spectral-norm power iteration runs once per training-mode call of the heads, as in torch: the
 student's D(fake) and the discriminator step's D(real) and D(fake) each move it, in that order.
-A non-finite loss or gradient of either update leaves the whole state as it was. What is not built:
-`features = "dinov2"` (the paper's DINOv2 ViT-S on decoded pixels with the ViT-L image embedding; the
-networks exist, `models/dinov2.py`) and the NFSD weighting; both are refused in the config check.
+A non-finite loss or gradient of either update leaves the whole state as it was.
 """
 
 import dataclasses
@@ -42,13 +41,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sdxl_jax.conditioning import encode_text
 from sdxl_jax.diffusion import losses
 from sdxl_jax.diffusion.parameterisation import expand_to, vp_denoised
-from sdxl_jax.models import UNet, UNetConfig, from_latents
+from sdxl_jax.models import UNet, from_latents
 from sdxl_jax.models.pixel_space import first_stage
 from sdxl_jax.models.projected_discriminator import ProjectedDiscriminator, ProjectedDiscriminatorConfig
 from sdxl_jax.models.projected_discriminator import abstract_variables as abstract_heads
-from sdxl_jax.models.unet_features import feature_channels, unet_feature_tokens
+from sdxl_jax.tokenizer import TokenPair, tokenize_pair
+from sdxl_jax.train.add_features import Dinov2Features, TeacherFeatures, feature_network
 from sdxl_jax.train.adversarial import (
     discriminator_accuracy,
     discriminator_hinge_loss,
@@ -57,18 +58,17 @@ from sdxl_jax.train.adversarial import (
 )
 from sdxl_jax.train.objective import alphas_cumprod, encode_batch
 from sdxl_jax.train.optim import advance, discriminator_update, make_optimizer, optimiser_step, select
-from sdxl_jax.train.state import model_params, models_from_config
+from sdxl_jax.train.state import Models, model_params, models_from_config
 
 DISCRIMINATOR_KEY = 400  # folded into the seed: apart from the components', LoRA's and the autoencoder's keys
-WEIGHTINGS = ("exponential", "sds")
-FEATURE_NETWORKS = ("teacher",)
+WEIGHTINGS = ("exponential", "sds", "nfsd")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DistillationObjective:
     """The ADD step's static part (`StepSpec.objective`), from `config.distillation` (`from_config`)."""
 
-    unet: UNetConfig
+    models: Models  # the run's (the teacher and student are its UNet; NFSD reads its text encoders)
     pooled_dim: int  # the pooled text width at the front of y (`conditioning.vector_conditioning`)
     student_timesteps: tuple[int, ...]
     zero_terminal_snr: bool
@@ -77,29 +77,30 @@ class DistillationObjective:
     weighting: str
     distill_weight: float
     adversarial_weight: float
-    feature_names: tuple[str, ...]
-    disc_t: tuple[int, int]
+    features: TeacherFeatures | Dinov2Features  # the discriminator's feature network
     r1_gamma: float
     discriminator: ProjectedDiscriminatorConfig
     tx: optax.GradientTransformation  # the discriminator's
     lr_schedule: optax.Schedule
+    nfsd_t_switch: int = 200
+    negative_tokens: TokenPair | None = None  # NFSD's negative prompt, `[1, 77]` ids (weighting "nfsd")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DistillationObjective":
         d = config.distillation
         models = models_from_config(config.model)
-        unet = models.unet
-        pooled = unet.adm_in_channels - models.num_time_ids * unet.time_id_embed_dim
-        names = tuple(filter(None, d.feature_names.split(",")))
+        pooled = models.unet.adm_in_channels - models.num_time_ids * models.unet.time_id_embed_dim
+        network = feature_network(config)
         heads = ProjectedDiscriminatorConfig(
-            feature_channels=feature_channels(unet, names), c_dim=d.c_dim, text_embed_dim=pooled,
-            image_embed_dim=0, kernel_size=d.kernel_size, group_size=d.group_size,
+            feature_channels=network.channels, c_dim=d.c_dim, text_embed_dim=pooled,
+            image_embed_dim=network.image_embed_dim, kernel_size=d.kernel_size, group_size=d.group_size,
         )  # fmt: skip
         tx, lr = make_optimizer(d.discriminator_optimizer, ("discriminator",))
+        negative = tokenize_pair([d.nfsd_negative_prompt]) if d.weighting == "nfsd" else None
         return cls(
-            unet, pooled, tuple(d.student_timesteps), d.zero_terminal_snr, (d.teacher_t_min, d.teacher_t_max),
-            (d.guidance_min, d.guidance_max), d.weighting, d.distill_weight, d.adversarial_weight, names,
-            (d.disc_t_min, d.disc_t_max), d.r1_gamma, heads, tx, lr,
+            models, pooled, tuple(d.student_timesteps), d.zero_terminal_snr, (d.teacher_t_min, d.teacher_t_max),
+            (d.guidance_min, d.guidance_max), d.weighting, d.distill_weight, d.adversarial_weight, network,
+            d.r1_gamma, heads, tx, lr, d.nfsd_t_switch, negative,
         )  # fmt: skip
 
     @property
@@ -109,14 +110,33 @@ class DistillationObjective:
     # ---- the teacher (frozen) and the heads, abstract and on the devices ----
 
     def abstract_frozen(self, abstract_params: dict) -> dict:
-        """`{"teacher": the UNet's boxed ShapeDtypeStructs}`: sharded like the student."""
-        return {"teacher": abstract_params["unet"]}
+        """`{"teacher": the UNet's boxed ShapeDtypeStructs}` (sharded like the student); with the
+        adversarial term the feature network's own (DINOv2's `"dinov2"`, `"dinov2_image"`); with NFSD
+        `"nfsd_negative"`, the negative prompt's text embedding (`{"context", "pooled"}`, replicated)."""
+        out = {"teacher": abstract_params["unet"]}
+        if self.adversarial:
+            out |= self.features.abstract_frozen()
+        if self.negative_tokens is not None:
+            length = self.negative_tokens.ids_l.shape[1]
+            shapes = {"context": (1, length, self.models.unet.context_dim), "pooled": (1, self.pooled_dim)}
+            out["nfsd_negative"] = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+        return out
 
     def frozen_params(self, seed: int, shardings: dict, params: dict) -> dict:
         """`{"teacher": a copy of the run's initial UNet params}` (the student's starting point), placed
-        like them; the copy is its own buffers, so the student's donation leaves it alone."""
+        like them (the copy is its own buffers, so the student's donation leaves it alone), and what
+        `abstract_frozen` adds: the feature network's weights, NFSD's negative prompt through the run's
+        text encoders."""
         copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["teacher"])
-        return {"teacher": copy(params["unet"])}
+        out = {"teacher": copy(params["unet"])}
+        if self.adversarial:
+            out |= self.features.frozen_params(shardings)
+        if self.negative_tokens is not None:
+            encoders, tokens = self.models.encoders, self.negative_tokens
+            encode = lambda p: dict(zip(("context", "pooled"), encode_text(encoders(p), tokens)))
+            as_f32 = lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), encode(p))
+            out["nfsd_negative"] = jax.jit(as_f32, out_shardings=shardings["nfsd_negative"])(params)
+        return out
 
     def abstract_discriminator(self) -> dict:
         return abstract_heads(self.discriminator)
@@ -126,7 +146,9 @@ class DistillationObjective:
         cfg = self.discriminator
         features = [jnp.zeros((cfg.group_size, 1, c)) for c in cfg.feature_channels]
         text = jnp.zeros((cfg.group_size, cfg.text_embed_dim))
-        init = lambda key: dict(nn.meta.unbox(ProjectedDiscriminator(cfg).init(key, features, text, train=False)))
+        image = jnp.zeros((cfg.group_size, cfg.image_embed_dim)) if cfg.image_embed_dim else None
+        heads = ProjectedDiscriminator(cfg)
+        init = lambda key: dict(nn.meta.unbox(heads.init(key, features, text, image, train=False)))
         return jax.jit(init, out_shardings=shardings)(jax.random.fold_in(jax.random.key(seed), DISCRIMINATOR_KEY))
 
 
@@ -134,10 +156,10 @@ class DistillationObjective:
 
 
 def c_weight(weighting: str, alpha, s) -> jax.Array:
-    """c(t) of the distillation loss, `[B]`: exponential alpha_t, sds alpha_t / (2 s_t)."""
+    """c(t) of the distillation loss, `[B]`: exponential alpha_t, sds and nfsd alpha_t / (2 s_t)."""
     if weighting == "exponential":
         return alpha
-    if weighting == "sds":
+    if weighting in ("sds", "nfsd"):
         return alpha / (2.0 * s)
     raise ValueError(f"weighting {weighting!r} not in {WEIGHTINGS}")
 
@@ -167,17 +189,46 @@ def renoise(x0, t, table, eps):
     return losses.noisy_latents(x0, eps, table[t])
 
 
-def teacher_x0(objective, unet_fn, teacher, x_t, t, table, cond, w, prediction: str):
-    """The guided teacher's x0 estimate at (x_t, t): `x0_u + w (x0_c - x0_u)`, the unconditional branch
-    with the text zeroed (context and the pooled part of y), stop-gradient."""
+def text_branches(objective, cond, negative: dict | None = None) -> list[tuple[jax.Array, jax.Array]]:
+    """The teacher's (context, y) branches: the text; unconditional, the text zeroed (context and the
+    pooled part of y: the model's caption-dropout input); with `negative` (`{"context": [1, L, D],
+    "pooled": [1, P]}`, NFSD's negative prompt) that prompt's, the time ids kept."""
+    p = objective.pooled_dim
+    branches = [(cond.context, cond.y), (jnp.zeros_like(cond.context), cond.y.at[:, :p].set(0.0))]
+    if negative is not None:
+        context = jnp.broadcast_to(negative["context"].astype(cond.context.dtype), cond.context.shape)
+        branches.append((context, cond.y.at[:, :p].set(negative["pooled"].astype(cond.y.dtype))))
+    return branches
+
+
+def teacher_x0s(unet_fn, teacher, x_t, t, table, branches, prediction: str) -> list[jax.Array]:
+    """The teacher's x0 estimates at (x_t, t), one per (context, y) branch, from one batched call,
+    stop-gradient."""
     ab = table[t]
     alpha, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    y_uncond = cond.y.at[:, : objective.pooled_dim].set(0.0)
-    both = jnp.concatenate
-    out = unet_fn(teacher, both([x_t, x_t]), both([t, t]), both([cond.context, jnp.zeros_like(cond.context)]),
-                  both([cond.y, y_uncond]))  # fmt: skip
-    x0_c, x0_u = jnp.split(vp_denoised(out, both([x_t, x_t]), both([alpha, alpha]), both([s, s]), prediction), 2)
-    return jax.lax.stop_gradient(x0_u + expand_to(w, x0_u) * (x0_c - x0_u))
+    n, cat = len(branches), jnp.concatenate
+    out = unet_fn(teacher, cat([x_t] * n), cat([t] * n), cat([c for c, _ in branches]), cat([y for _, y in branches]))
+    x0 = vp_denoised(out, cat([x_t] * n), cat([alpha] * n), cat([s] * n), prediction)
+    return [jax.lax.stop_gradient(part) for part in jnp.split(x0, n)]
+
+
+def teacher_x0(objective, unet_fn, teacher, x_t, t, table, cond, w, prediction: str):
+    """The guided teacher's x0 estimate at (x_t, t): `x0_u + w (x0_c - x0_u)` (`text_branches`), stop-gradient."""
+    x0_c, x0_u = teacher_x0s(unet_fn, teacher, x_t, t, table, text_branches(objective, cond), prediction)
+    return x0_u + expand_to(w, x0_u) * (x0_c - x0_u)
+
+
+def nfsd_target(x_hat, x_t, alpha, x0_c, x0_u, x0_n, scale, t, t_switch: int):
+    """NFSD's target (Katzir et al., noise-free score distillation) in x0 form, all `[B, h, w, C]` but
+    alpha, scale, t `[B]`. NFSD's update direction in eps space is delta_D + scale delta_C with
+    delta_C = eps_c - eps_u and delta_D = eps_u below `t_switch`, eps_u - eps_neg from it (no added-noise
+    term, unlike SDS's eps_cfg - eps); as a distillation target, x_hat - (s_t / alpha_t)(that), which with
+    eps_a - eps_b = -(alpha_t / s_t)(x0_a - x0_b) is
+    x_hat + scale (x0_c - x0_u) + (x0_u - x_t / alpha_t below t_switch, else x0_u - x0_neg).
+    With c(t) = alpha_t / (2 s_t) the latent gradient of c ||x_theta - target||² is NFSD's direction."""
+    e = lambda v: expand_to(v, x_hat)
+    domain = jnp.where(e(t < t_switch), x0_u - x_t / e(alpha), x0_u - x0_n)
+    return x_hat + e(scale) * (x0_c - x0_u) + domain
 
 
 def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
@@ -202,12 +253,6 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
             .astype(jnp.float32)
         )
 
-    def features(x0, t, eps, cond):
-        return unet_feature_tokens(
-            objective.unet, frozen["teacher"], renoise(x0, t, table, eps), t, cond.context, cond.y,
-            objective.feature_names,
-        )  # fmt: skip
-
     def loss_fn(params):
         everything = model_params(frozen, params, None)
         x0, cond = encode_batch(models, everything, batch, k_vae)
@@ -217,25 +262,34 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
         t = jax.random.randint(k_t, (b,), *objective.teacher_t)
         x_t = renoise(jax.lax.stop_gradient(x_theta), t, table, jax.random.normal(k_eps, x0.shape, jnp.float32))
         w = jax.random.uniform(k_w, (b,), minval=objective.guidance[0], maxval=objective.guidance[1])
-        target = teacher_x0(objective, unet_fn, frozen["teacher"], x_t, t, table, cond, w, prediction)
         ab_t = table[t]
+        if objective.weighting == "nfsd":
+            branches = text_branches(objective, cond, frozen["nfsd_negative"])
+            x0_c, x0_u, x0_n = teacher_x0s(unet_fn, frozen["teacher"], x_t, t, table, branches, prediction)
+            target = nfsd_target(jax.lax.stop_gradient(x_theta), x_t, jnp.sqrt(ab_t), x0_c, x0_u, x0_n, w, t,
+                                 objective.nfsd_t_switch)  # fmt: skip
+        else:
+            target = teacher_x0(objective, unet_fn, frozen["teacher"], x_t, t, table, cond, w, prediction)
         c_t = c_weight(objective.weighting, jnp.sqrt(ab_t), jnp.sqrt(1.0 - ab_t))
-        per_example = jnp.mean(jnp.square(pixels(x_theta) - pixels(target)), axis=(1, 2, 3))
+        fake_pixels = pixels(x_theta)
+        per_example = jnp.mean(jnp.square(fake_pixels - pixels(target)), axis=(1, 2, 3))
         distill = jnp.mean(c_t * per_example)
         aux = {"distill_loss": distill, "t_student_mean": s.astype(jnp.float32).mean(),
                "x0": jax.lax.stop_gradient(x0), "x_theta": jax.lax.stop_gradient(x_theta), "cond": cond}  # fmt: skip
         loss = objective.distill_weight * distill
         spectral = d.collections
         if objective.adversarial:
-            t_d = jax.random.randint(k_d, (b,), *objective.disc_t)
-            eps_d = jax.random.normal(k_deps, x0.shape, jnp.float32)
-            fake = features(x_theta, t_d, eps_d, cond)
+            network = objective.features
+            real_pixels = jax.lax.stop_gradient(pixels(x0)) if network.needs_pixels else None
+            image = network.image_embed(frozen, real_pixels, s == objective.student_timesteps[-1])
+            fake = network.features(frozen, x_theta, fake_pixels, cond, (k_d, k_deps))
             pooled = cond.y[:, : objective.pooled_dim]
-            logits, spectral = heads.apply({"params": d.params, **d.collections}, fake, pooled, train=True,
+            logits, spectral = heads.apply({"params": d.params, **d.collections}, fake, pooled, image, train=True,
                                            mutable=list(d.collections))  # fmt: skip
             g_loss = generator_hinge_loss(logits)
             loss = loss + objective.adversarial_weight * g_loss
-            aux |= {"g_loss": g_loss, "t_d": t_d, "eps_d": eps_d, "fake": [jax.lax.stop_gradient(f) for f in fake]}
+            aux |= {"g_loss": g_loss, "real_pixels": real_pixels, "image": image,
+                    "fake": [jax.lax.stop_gradient(f) for f in fake]}  # fmt: skip
         aux["spectral"] = dict(spectral)
         return loss, aux
 
@@ -247,17 +301,18 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
                "distill_loss": aux["distill_loss"], "t_mean": aux["t_student_mean"]}  # fmt: skip
     collections = aux["spectral"]
     if objective.adversarial:
-        real = features(aux["x0"], aux["t_d"], aux["eps_d"], aux["cond"])
-        pooled = aux["cond"].y[:, : objective.pooled_dim]
+        real = objective.features.features(frozen, aux["x0"], aux["real_pixels"], aux["cond"], (k_d, k_deps))
+        pooled, image = aux["cond"].y[:, : objective.pooled_dim], aux["image"]
 
         def d_loss_fn(d_params):
             def logits_fn(f):
-                out, c = heads.apply({"params": d_params, **collections}, f, pooled, train=True,
+                out, c = heads.apply({"params": d_params, **collections}, f, pooled, image, train=True,
                                      mutable=list(collections))  # fmt: skip
                 return out, c
 
             r1, real_logits, c = r1_penalty(logits_fn, real, objective.r1_gamma)
-            fake_logits, c = heads.apply({"params": d_params, **c}, aux["fake"], pooled, train=True, mutable=list(c))
+            fake_logits, c = heads.apply({"params": d_params, **c}, aux["fake"], pooled, image, train=True,
+                                         mutable=list(c))  # fmt: skip
             hinge = discriminator_hinge_loss(real_logits, fake_logits)
             accuracy = discriminator_accuracy(real_logits, fake_logits)
             return hinge + r1, (hinge, r1, accuracy, dict(c))
