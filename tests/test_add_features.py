@@ -64,7 +64,8 @@ def test_heads_inputs_and_image_embedding_are_transformers(folders):
     student's input was pure noise."""
     network = feature_network(tiny_config("add", _dinov2_overrides(folders)))
     assert isinstance(network, Dinov2Features) and network.image_embed_dim == L_TINY.hidden_size
-    frozen = network.frozen_params({"dinov2": None, "dinov2_image": None})  # on the default device
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    frozen = network.frozen_params(jax.tree.map(lambda _: one_device, nn.meta.unbox(network.abstract_frozen())))
     images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
 
     x = F.interpolate(to_nchw((images + 1) / 2), size=(SIZE, SIZE), mode="area")
@@ -109,15 +110,32 @@ def test_dinov2_configs_are_checked():
         feature_network(tiny_config("add", {"distillation.features": "dinov2", "distillation.dinov2_path": "/nope"}))
 
 
+def test_a_dinov2_size_off_the_patch_grid_is_refused(folders):
+    with pytest.raises(ValueError, match="not a multiple"):
+        feature_network(tiny_config("add", _dinov2_overrides(folders) | {"distillation.dinov2_size": 22}))
+
+
 @pytest.mark.slow
 def test_a_tiny_add_run_with_dinov2(folders, tmp_path):
-    """2 steps with DINOv2 features: the networks stay as loaded, the heads move, every metric finite."""
+    """2 steps with DINOv2 features: the heads move, every metric is finite; with the distillation term
+    off the student still gets a gradient, which can only come through DINOv2 on its decoded pixels."""
+    from sdxl_jax.sharding import make_mesh
     from sdxl_jax.train.loop import train
+    from sdxl_jax.train.state import create_sharded_state
+    from sdxl_jax.train.step import StepSpec
 
-    config = tiny_config("add", _dinov2_overrides(folders) | {
-        "num_steps": 2, "validation.every": 0, "export_on_finish": "none", "checkpoint_every": 100})  # fmt: skip
+    run = _dinov2_overrides(folders) | {"num_steps": 2, "validation.every": 0, "export_on_finish": "none",
+                                        "checkpoint_every": 100}  # fmt: skip
+    config = tiny_config("add", run)
+    born, _ = create_sharded_state(StepSpec.build(config, make_mesh(config.mesh)))
     state = train(config, tmp_path / "run")
     assert int(state.step) == 2 and len(state.discriminator.params) == 5
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.discriminator.params, born.discriminator.params)
+    assert all(moved[f"head_{k}"]["cls"]["kernel"] for k in range(5))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = ("loss", "distill_loss", "g_loss", "d_loss", "r1", "d_accuracy_real", "d_accuracy_fake")
     assert all(np.isfinite(r[k]) for r in rows for k in keys) and all(r["r1"] > 0 for r in rows)
+
+    train(tiny_config("add", run | {"distillation.distill_weight": 0.0}), tmp_path / "adversarial_only")
+    rows = [json.loads(line) for line in (tmp_path / "adversarial_only" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)

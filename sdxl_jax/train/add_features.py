@@ -2,18 +2,19 @@
 
     network = feature_network(config)                       # TeacherFeatures | Dinov2Features
     inputs = network.features(frozen, latents, pixels, cond, keys)  # one `[B, N_k, C_k]` per head
-    text, image = network.conditioning(frozen, real_pixels, cond, pure_noise)
+    image = network.image_embed(frozen, real_pixels, pure_noise)    # `[B, D]` or None; text: the pooled
 
 - "teacher": the frozen teacher UNet's own encoder maps (`models/unet_features.py`, the named levels'
   outputs) on latents re-noised at t_d ~ U[disc_t_min, disc_t_max) (latent adversarial distillation's
-  design). Needs no weights of its own; the heads are conditioned on the pooled text alone.
+  design); the same `keys` (two) give fakes and reals the same t_d and noise. Needs no weights of its
+  own; the heads are conditioned on the pooled text alone.
 - "dinov2": ADD's (§3.2): DINOv2 ViT-S/14 on decoded pixels, StyleGAN-T's preprocessing (x in [-1, 1]
   -> [0, 1], `F.interpolate(mode="area")` to `dinov2_size`², ImageNet mean/std), heads on the
   embeddings and every (layers / 4)-th layer's output with the CLS token added to each patch token
   (`projected_discriminator.head_features`). Conditioning: the pooled text and, with
   `dinov2_image_path`, the CLS embedding (`pooled`, after the final layernorm) of DINOv2 ViT-L/14 on the
   real image, zeroed for examples whose student input was pure noise (the student saw nothing of that
-  image; dg845's ADD script does the same). The same `keys` (two) give fakes and reals the same draws.
+  image; dg845's ADD script does the same at its last timestep).
 
 Fakes and reals go through the same decoder (the real latents are decoded too, not the data's pixels),
 so the first stage's reconstruction error is no cue for the heads. The weights come from
@@ -38,7 +39,7 @@ from sdxl_jax.models.dinov2 import abstract_params as abstract_dinov2
 from sdxl_jax.models.projected_discriminator import dinov2_feature_channels, head_features
 from sdxl_jax.models.unet_features import feature_channels, unet_feature_tokens
 from sdxl_jax.train.objective import alphas_cumprod
-from sdxl_jax.train.state import models_from_config
+from sdxl_jax.train.state import models_from_config, place
 
 FEATURE_NETWORKS = ("teacher", "dinov2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -140,7 +141,7 @@ class Dinov2Features:
             loaded_cfg, params = load_dinov2(path, None if _is_folder(path) else cfg, **_frozen_dtypes(cfg))
             if loaded_cfg != cfg:
                 raise ValueError(f"{path} changed while the run started: {loaded_cfg} != {cfg}")
-            out[name] = jax.device_put(params, shardings[name])
+            out[name] = place(params, shardings[name])
         return out
 
     def features(self, frozen: dict, latents, pixels, cond, keys) -> list[jax.Array]:
@@ -177,5 +178,9 @@ def feature_network(config: ml_collections.ConfigDict) -> TeacherFeatures | Dino
         dtypes = {"dtype": unet.dtype, "param_dtype": "float32"}
         network = dinov2_config_at(d.dinov2_path, Dinov2Config.vit_s14(), **dtypes)
         image = dinov2_config_at(d.dinov2_image_path, Dinov2Config.vit_l14(), **dtypes) if d.dinov2_image_path else None
+        for cfg in filter(None, (network, image)):
+            if d.dinov2_size % cfg.patch_size:
+                raise ValueError(f"distillation.dinov2_size {d.dinov2_size} is not a multiple of DINOv2's "
+                                 f"{cfg.patch_size}-pixel patches (the remainder would be dropped)")  # fmt: skip
         return Dinov2Features(network, image, d.dinov2_path, d.dinov2_image_path, d.dinov2_size)
     raise ValueError(f"distillation.features {d.features!r} not in {FEATURE_NETWORKS}")

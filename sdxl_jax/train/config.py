@@ -283,6 +283,11 @@ def distillation_errors(c: ml_collections.ConfigDict) -> list[str]:
         errors.append("distillation.features 'dinov2' needs distillation.dinov2_path (DINOv2 ViT-S/14 weights)")
     if d.dinov2_size <= 0:
         errors.append(f"distillation.dinov2_size must be > 0, got {d.dinov2_size}")
+    if d.features != "dinov2" and (d.dinov2_path or d.dinov2_image_path):
+        errors.append(f"distillation.dinov2_path / dinov2_image_path are read by features 'dinov2', not {d.features!r}")
+    if d.weighting == "nfsd" and c.diffusion.zero_terminal_snr and d.nfsd_t_switch > 999 and d.teacher_t_max > 999:
+        errors.append("nfsd below nfsd_t_switch divides by alpha_t, which is 0 at t 999 of a zero-terminal-SNR "
+                      "table: nfsd_t_switch <= 999 (or teacher_t_max <= 999)")  # fmt: skip
     if d.distill_weight < 0 or d.adversarial_weight < 0 or d.distill_weight + d.adversarial_weight == 0:
         errors.append("distillation.distill_weight and adversarial_weight: >= 0, not both 0")
     return errors

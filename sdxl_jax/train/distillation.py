@@ -14,10 +14,11 @@ is a second copy of those initial weights, never trained and sharded like the st
   2. the teacher target: t ~ U[teacher_t_min, teacher_t_max), x_t = alpha_t sg(x_theta) + s_t eps';
      one teacher evaluation with and without the text (zeros: the model's caption-dropout branch),
      guided in x0 space with w ~ U[guidance_min, guidance_max] (x0_u + w (x0_c - x0_u); the same as
-     guiding eps at a fixed x_t), stop-gradient.
+     guiding eps at a fixed x_t), stop-gradient. With the "nfsd" weighting a third branch on NFSD's
+     negative prompt (`frozen["nfsd_negative"]`), and the target is NFSD's (`nfsd_target`).
   3. the distillation loss in pixel space (ADD §3.1): both x0 estimates decoded by the first stage,
      the per-example mean squared difference weighted by c(t): "exponential" alpha_t (ADD's default),
-     "sds" alpha_t / (2 s_t); averaged over the batch.
+     "sds" and "nfsd" alpha_t / (2 s_t); averaged over the batch.
   4. the adversarial loss (`adversarial_weight` > 0): the projected heads
      (`models/projected_discriminator.py`) on a frozen feature network's view of the student's x_theta
      and of the real x0 (`train/add_features.py`: `features = "teacher"`, the teacher UNet's encoder on
@@ -82,8 +83,8 @@ class DistillationObjective:
     discriminator: ProjectedDiscriminatorConfig
     tx: optax.GradientTransformation  # the discriminator's
     lr_schedule: optax.Schedule
-    nfsd_t_switch: int = 200
-    negative_tokens: TokenPair | None = None  # NFSD's negative prompt, `[1, 77]` ids (weighting "nfsd")
+    nfsd_t_switch: int
+    negative_tokens: TokenPair | None  # NFSD's negative prompt, `[1, 77]` ids (weighting "nfsd")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DistillationObjective":
@@ -225,7 +226,9 @@ def nfsd_target(x_hat, x_t, alpha, x0_c, x0_u, x0_n, scale, t, t_switch: int):
     term, unlike SDS's eps_cfg - eps); as a distillation target, x_hat - (s_t / alpha_t)(that), which with
     eps_a - eps_b = -(alpha_t / s_t)(x0_a - x0_b) is
     x_hat + scale (x0_c - x0_u) + (x0_u - x_t / alpha_t below t_switch, else x0_u - x0_neg).
-    With c(t) = alpha_t / (2 s_t) the latent gradient of c ||x_theta - target||² is NFSD's direction."""
+    With c(t) = alpha_t / (2 s_t) the gradient of c ||x_theta - target||² (a sum over latents) at
+    x_hat is NFSD's direction; the step measures the distance on decoded pixels instead (ADD's choice),
+    which passes it through the decoder's Jacobian and averages rather than sums."""
     e = lambda v: expand_to(v, x_hat)
     domain = jnp.where(e(t < t_switch), x0_u - x_t / e(alpha), x0_u - x0_n)
     return x_hat + e(scale) * (x0_c - x0_u) + domain
@@ -281,7 +284,8 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
         if objective.adversarial:
             network = objective.features
             real_pixels = jax.lax.stop_gradient(pixels(x0)) if network.needs_pixels else None
-            image = network.image_embed(frozen, real_pixels, s == objective.student_timesteps[-1])
+            pure_noise = (s == objective.student_timesteps[-1]) & objective.zero_terminal_snr
+            image = network.image_embed(frozen, real_pixels, pure_noise)
             fake = network.features(frozen, x_theta, fake_pixels, cond, (k_d, k_deps))
             pooled = cond.y[:, : objective.pooled_dim]
             logits, spectral = heads.apply({"params": d.params, **d.collections}, fake, pooled, image, train=True,
