@@ -131,8 +131,15 @@ def test_the_nfsd_target_is_nfsds_direction_in_eps_space():
         ({"distillation.features": "clip"}, "not in"),
         ({"distillation.weighting": "snr"}, "not in"),
         ({"distillation.nfsd_t_switch": 1001}, "nfsd_t_switch"),
-        ({"distillation.weighting": "nfsd", "distillation.nfsd_t_switch": 1000, "diffusion.zero_terminal_snr": True,
-          "diffusion.prediction": "v_prediction"}, "divides by alpha_t"),
+        (
+            {
+                "distillation.weighting": "nfsd",
+                "distillation.nfsd_t_switch": 1000,
+                "diffusion.zero_terminal_snr": True,
+                "diffusion.prediction": "v_prediction",
+            },
+            "divides by alpha_t",
+        ),
         ({"distillation.dinov2_image_path": "/weights/dinov2-large"}, "read by features 'dinov2'"),
         ({"distillation.student_timesteps": (999, 499)}, "increasing"),
         ({"distillation.student_timesteps": (499, 1000)}, "within"),
