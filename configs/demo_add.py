@@ -26,9 +26,9 @@ def get_config(arg=None):
     c.init_from = str(demo.SHIPPED)
     c.train_text_encoders = False
     c.data.update(buckets="area=32,step=8,ratio=1.0", caption_dropout=0.0)
-    c.update(num_steps=400, checkpoint_every=200, log_every=50)
+    c.update(num_steps=300, checkpoint_every=150, log_every=50)
     c.optimizer.update(
-        name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=20, decay_steps=400, end_factor=0.1,
+        name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=20, decay_steps=300, end_factor=0.1,
         weight_decay=0.0,
     )  # fmt: skip
     c.ema.decay = 0.99
@@ -38,6 +38,6 @@ def get_config(arg=None):
     c.distillation.discriminator_optimizer.update(learning_rate=3e-4)
     if arg == "distill_only":
         c.distillation.adversarial_weight = 0.0
-    c.validation.update(every=400, steps=4, sampler="euler_a", schedule="trailing", guidance_scale=0.0)
+    c.validation.update(every=300, steps=4, sampler="euler_a", schedule="trailing", guidance_scale=0.0)
     c.export_on_finish = "project"
     return c

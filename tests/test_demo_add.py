@@ -49,7 +49,7 @@ def train_student(tmp_path, arg: str):
     return Pipeline.load(tmp_path / (arg or "add") / "export" / "sdxl_jax", dtype="fp32"), minutes
 
 
-@pytest.mark.slow  # trains the demo student twice (~7 min each) and samples ~1500 images
+@pytest.mark.slow  # trains the demo student twice (~5 and ~4 min) and samples ~1500 images
 def test_the_distilled_demo_draws_in_few_steps(tmp_path):
     from sdxl_jax.pipeline import Pipeline
 
