@@ -138,7 +138,8 @@ class Dinov2Features:
         """The networks' weights, read from their paths and placed by `shardings[name]`."""
         out = {}
         for name, (cfg, path) in self._networks().items():
-            loaded_cfg, params = load_dinov2(path, None if _is_folder(path) else cfg, **_frozen_dtypes(cfg))
+            as_file = None if storage.path(path).is_dir() else cfg  # a folder's config.json gives it
+            loaded_cfg, params = load_dinov2(path, as_file, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
             if loaded_cfg != cfg:
                 raise ValueError(f"{path} changed while the run started: {loaded_cfg} != {cfg}")
             out[name] = place(params, shardings[name])
@@ -155,14 +156,6 @@ class Dinov2Features:
         net = Dinov2Model(self.image_network)
         cls = net.apply({"params": frozen["dinov2_image"]}, dinov2_pixels(real_pixels, self.size)).pooled
         return jnp.where(pure_noise[:, None], 0.0, jax.lax.stop_gradient(cls).astype(jnp.float32))
-
-
-def _is_folder(path: str) -> bool:
-    return storage.path(path).is_dir()
-
-
-def _frozen_dtypes(cfg: Dinov2Config) -> dict:
-    return {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
 
 
 def feature_network(config: ml_collections.ConfigDict) -> TeacherFeatures | Dinov2Features:

@@ -185,11 +185,6 @@ def student_inputs(objective: DistillationObjective, table, x0, key):
     return x_s, s, alpha, sigma
 
 
-def renoise(x0, t, table, eps):
-    """alpha_t x0 + s_t eps at integer timesteps `t` `[B]`."""
-    return losses.noisy_latents(x0, eps, table[t])
-
-
 def text_branches(objective, cond, negative: dict | None = None) -> list[tuple[jax.Array, jax.Array]]:
     """The teacher's (context, y) branches: the text; unconditional, the text zeroed (context and the
     pooled part of y: the model's caption-dropout input); with `negative` (`{"context": [1, L, D],
@@ -263,7 +258,8 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
         x_theta = vp_denoised(unet_fn(everything["unet"], x_s, s, cond.context, cond.y), x_s, alpha_s, sigma_s,
                               prediction)  # fmt: skip
         t = jax.random.randint(k_t, (b,), *objective.teacher_t)
-        x_t = renoise(jax.lax.stop_gradient(x_theta), t, table, jax.random.normal(k_eps, x0.shape, jnp.float32))
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        x_t = losses.noisy_latents(jax.lax.stop_gradient(x_theta), eps, table[t])
         w = jax.random.uniform(k_w, (b,), minval=objective.guidance[0], maxval=objective.guidance[1])
         ab_t = table[t]
         if objective.weighting == "nfsd":
@@ -278,7 +274,7 @@ def distillation_step(state, frozen: dict, batch: dict, key: jax.Array, spec):
         per_example = jnp.mean(jnp.square(fake_pixels - pixels(target)), axis=(1, 2, 3))
         distill = jnp.mean(c_t * per_example)
         aux = {"distill_loss": distill, "t_student_mean": s.astype(jnp.float32).mean(),
-               "x0": jax.lax.stop_gradient(x0), "x_theta": jax.lax.stop_gradient(x_theta), "cond": cond}  # fmt: skip
+               "x0": jax.lax.stop_gradient(x0), "cond": cond}  # fmt: skip
         loss = objective.distill_weight * distill
         spectral = d.collections
         if objective.adversarial:
